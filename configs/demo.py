@@ -1,0 +1,88 @@
+"""The embedded default: a tiny Llama-style model learns five small instruction tasks on the CPU.
+
+    python -m jsft.main --config configs/demo.py --workdir /tmp/jsft_demo
+
+`configs/demo.py:smoke` shrinks the run to a few steps (used by tests). Every field below can be
+overridden on the command line, e.g. `--config.optim.lr=1e-3`.
+"""
+
+import os
+
+import ml_collections
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "demo")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.train_path = os.path.normpath(os.path.join(DATA_DIR, "train.jsonl"))
+    config.data.val_path = os.path.normpath(os.path.join(DATA_DIR, "val.jsonl"))
+    config.data.tokenizer = ""  # a SentencePiece .model file; empty: train one, cache it in the workdir
+    config.data.vocab_size = 512  # size of the tokenizer trained when none is given
+    config.data.template = "plain"
+    config.data.separator = "\n"
+    config.data.seq_len = 128
+    config.data.batch_size = 32  # rows per global batch (packed examples per row vary)
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "llama"
+    config.model.vocab_size = 0  # 0: the tokenizer's vocabulary size
+    config.model.d_model = 128
+    config.model.n_layers = 4
+    config.model.n_heads = 4
+    config.model.n_kv_heads = 2
+    config.model.head_dim = 32
+    config.model.mlp_dim = 384
+    config.model.rope_theta = 10000.0
+    config.model.norm_eps = 1e-5
+    config.model.tie_embeddings = False
+    config.model.init_std = 0.02
+    config.model.param_dtype = "float32"
+    config.model.compute_dtype = "float32"
+    config.model.remat = "none"
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.lr = 3e-3
+    config.optim.warmup_steps = 50
+    config.optim.decay = "cosine"
+    config.optim.final_lr_ratio = 0.1
+    config.optim.weight_decay = 0.1
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.98
+    config.optim.eps = 1e-8
+    config.optim.clip_norm = 1.0
+    config.optim.grad_accum_steps = 1
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.normalization = "token"
+
+    config.train = ml_collections.ConfigDict()
+    config.train.steps = 600
+    config.train.log_every_steps = 10
+    config.train.eval_every_steps = 150
+    config.train.checkpoint_every_steps = 150
+    config.train.keep_checkpoints = 2
+    config.train.stop_after_steps = 0  # >0: leave after this step (checkpointed); rerun to go on
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.at_start = True
+    config.eval.batch_size = 50
+    config.eval.max_new_tokens = 16
+    config.eval.exact_match_examples = 200
+
+    if arg == "smoke":  # a few seconds: for tests and for checking an install
+        config.train.steps = 6
+        config.train.log_every_steps = 1
+        config.train.eval_every_steps = 3
+        config.train.checkpoint_every_steps = 3
+        config.optim.warmup_steps = 2
+        config.data.batch_size = 8
+        config.eval.exact_match_examples = 8
+        config.eval.batch_size = 8
+        config.eval.max_new_tokens = 8
+    elif arg:
+        raise ValueError(f"configs/demo.py: unknown argument {arg!r} (known: 'smoke')")
+    return config

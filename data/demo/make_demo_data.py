@@ -1,0 +1,61 @@
+"""Generate the bundled demo SFT data (deterministic): `python data/demo/make_demo_data.py`.
+
+Five small instruction tasks whose answers can be checked exactly and that need an algorithm, not
+recall: the validation split uses words and operand pairs that never occur in training. Letters are
+written space-separated so that every letter is its own token whatever the tokenizer.
+"""
+
+import json
+import os
+import random
+import string
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def word(rng: random.Random, lo: int, hi: int) -> str:
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
+
+
+def spaced(s: str) -> str:
+    return " ".join(s)
+
+
+def is_val_key(key: str) -> bool:
+    # A fixed hash split (not Python's salted hash()): about 1 key in 8 is reserved for validation.
+    return sum((i + 1) * ord(c) for i, c in enumerate(key)) % 8 == 0
+
+
+TASKS = {
+    "upper": lambda r: (lambda w: (w, f"upper: {spaced(w)}", spaced(w.upper())))(word(r, 3, 7)),
+    "reverse": lambda r: (lambda w: (w, f"reverse: {spaced(w)}", spaced(w[::-1])))(word(r, 3, 6)),
+    "sort": lambda r: (lambda w: (w, f"sort: {spaced(w)}", spaced("".join(sorted(w)))))(word(r, 3, 6)),
+    "parity": lambda r: (lambda n: (str(n), f"is {n} even or odd?", "even" if n % 2 == 0 else "odd"))(
+        r.randint(0, 9999)
+    ),
+    "add": lambda r: (lambda a, b: (f"{a}+{b}", f"add {a} and {b}", str(a + b)))(
+        r.randint(0, 99), r.randint(0, 99)
+    ),
+}
+
+
+def generate(n: int, want_val: bool, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        name = rng.choice(sorted(TASKS))
+        key, prompt, response = TASKS[name](rng)
+        if is_val_key(f"{name}:{key}") == want_val:
+            out.append({"prompt": prompt, "response": response, "task": name})
+    return out
+
+
+def main():
+    for split, n, want_val, seed in (("train", 20000, False, 0), ("val", 500, True, 1)):
+        with open(os.path.join(HERE, f"{split}.jsonl"), "w") as f:
+            for rec in generate(n, want_val, seed):
+                f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""A Llama-family decoder in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+One implementation serves every family jsft supports; differences between families are fields of
+`LlamaConfig`, never forks of this file. Layers are created stacked (a leading `layers` axis on every
+block parameter) and run under `jax.lax.scan`, so compile time does not grow with depth.
+
+Shape letters used in einsums and suffixes:
+  B batch, T query length, S key length, D model width, N query heads, K kv heads,
+  G query heads per kv head (N = K * G), H head dim, F mlp width, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jsft.models import attention
+
+# Logical axis names used on parameters; the sharding rules (a later issue) map them to mesh axes.
+LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "layers")
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: keep every activation (fastest, most memory)
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Shapes and numerics of one decoder. Presets are named constructors below."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        for name in ("param_dtype", "compute_dtype"):
+            jnp.dtype(getattr(self, name))  # fails loudly on a typo such as 'bfloat'
+
+    @classmethod
+    def tiny(cls, vocab_size: int = 256, **overrides: Any) -> LlamaConfig:
+        """A model small enough for unit tests on one CPU core."""
+        base = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=128)
+        return cls(vocab_size=vocab_size, **{**base, **overrides})
+
+    @classmethod
+    def llama3_8b(cls, **overrides: Any) -> LlamaConfig:
+        base = dict(
+            vocab_size=128256,
+            d_model=4096,
+            n_layers=32,
+            n_heads=32,
+            n_kv_heads=8,
+            head_dim=128,
+            mlp_dim=14336,
+            rope_theta=500000.0,
+            norm_eps=1e-5,
+        )
+        return cls(**{**base, **overrides})
+
+    def num_params(self) -> int:
+        d, h = self.d_model, self.head_dim
+        attn = d * h * (2 * self.n_heads + 2 * self.n_kv_heads)
+        block = attn + 3 * d * self.mlp_dim + 2 * d
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.n_layers * block + d + head
+
+
+def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
+    # eager_sharding=False: parameters only carry their logical names here; placement on a mesh
+    # happens once, outside the model, from those names (see DESIGN.md).
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+def _fan_in_init(fan_in: int):
+    return jax.nn.initializers.normal(stddev=fan_in**-0.5)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype: str, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = _param(rngs, jax.nn.initializers.ones, (dim,), ("embed",), dtype)
+
+    def __call__(self, x):
+        # Normalise in float32 whatever the compute dtype: bf16 variance is too coarse.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_tables(positions_bt, head_dim: int, theta: float):
+    """cos/sin tables [B, T, H/2] for the 'rotate half' layout used by Llama and HF checkpoints."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_btnh, cos_bth, sin_bth):
+    x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos_bth[:, :, None, :], sin_bth[:, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_btnh.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        d, n, k, h, pd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype
+        self.cfg = cfg
+        self.q_proj = _param(rngs, _fan_in_init(d), (d, n, h), ("embed", "heads", "head_dim"), pd)
+        self.k_proj = _param(rngs, _fan_in_init(d), (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+        self.v_proj = _param(rngs, _fan_in_init(d), (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+        # Output projections start small (scaled by depth) so the residual stream stays O(1).
+        out_std = (n * h) ** -0.5 / (2 * cfg.n_layers) ** 0.5
+        self.o_proj = _param(
+            rngs, jax.nn.initializers.normal(out_std), (n, h, d), ("heads", "head_dim", "embed"), pd
+        )
+
+    def __call__(self, x_btd, cos, sin, mask_bts):
+        dt = x_btd.dtype
+        q_btnh = jnp.einsum("BTD,DNH->BTNH", x_btd, self.q_proj[...].astype(dt))
+        k_btkh = jnp.einsum("BTD,DKH->BTKH", x_btd, self.k_proj[...].astype(dt))
+        v_btkh = jnp.einsum("BTD,DKH->BTKH", x_btd, self.v_proj[...].astype(dt))
+        q_btnh, k_btkh = apply_rope(q_btnh, cos, sin), apply_rope(k_btkh, cos, sin)
+        out_btnh = attention.reference_attention(q_btnh, k_btkh, v_btkh, mask_bts)
+        return jnp.einsum("BTNH,NHD->BTD", out_btnh, self.o_proj[...].astype(dt))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        d, f, pd = cfg.d_model, cfg.mlp_dim, cfg.param_dtype
+        self.gate_proj = _param(rngs, _fan_in_init(d), (d, f), ("embed", "mlp"), pd)
+        self.up_proj = _param(rngs, _fan_in_init(d), (d, f), ("embed", "mlp"), pd)
+        down_std = f**-0.5 / (2 * cfg.n_layers) ** 0.5
+        self.down_proj = _param(rngs, jax.nn.initializers.normal(down_std), (f, d), ("mlp", "embed"), pd)
+
+    def __call__(self, x_btd):
+        dt = x_btd.dtype
+        gate_btf = jnp.einsum("BTD,DF->BTF", x_btd, self.gate_proj[...].astype(dt))
+        up_btf = jnp.einsum("BTD,DF->BTF", x_btd, self.up_proj[...].astype(dt))
+        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_btf) * up_btf, self.down_proj[...].astype(dt))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_btd, cos, sin, mask_bts):
+        x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos, sin, mask_bts)
+        return x_btd + self.mlp(self.mlp_norm(x_btd))
+
+
+class Llama(nnx.Module):
+    """Decoder-only LM: tokens [B, T] -> logits [B, T, V] (float32)."""
+
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(
+            rngs,
+            jax.nn.initializers.normal(cfg.init_std),
+            (cfg.vocab_size, cfg.d_model),
+            ("vocab", "embed"),
+            cfg.param_dtype,
+        )
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs):
+            return Block(cfg, rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(
+                rngs,
+                _fan_in_init(cfg.d_model),
+                (cfg.d_model, cfg.vocab_size),
+                ("embed", "vocab"),
+                cfg.param_dtype,
+            )
+
+    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
+        """positions restart at 0 for each packed example; segment ids (0 = padding) keep examples
+        packed in one row from attending to each other. Both default to a single unpacked example."""
+        cfg = self.cfg
+        b, t = tokens_bt.shape
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
+        if segment_ids_bt is None:
+            segment_ids_bt = jnp.ones((b, t), jnp.int32)
+        dt = jnp.dtype(cfg.compute_dtype)
+
+        x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
+        cos, sin = rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta)
+        mask_bts = attention.causal_segment_mask(segment_ids_bt)
+
+        layers_def, layers_state = nnx.split(self.layers)
+
+        def one_layer(x_btd, layer_state):
+            return nnx.merge(layers_def, layer_state)(x_btd, cos, sin, mask_bts), None
+
+        policy = REMAT_POLICIES[cfg.remat]
+        if cfg.remat != "none":
+            one_layer = jax.checkpoint(one_layer, policy=policy, prevent_cse=False)
+        x_btd, _ = jax.lax.scan(one_layer, x_btd, layers_state)
+
+        x_btd = self.final_norm(x_btd)
+        head_dv = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        return jnp.einsum("BTD,DV->BTV", x_btd, head_dv.astype(dt)).astype(jnp.float32)

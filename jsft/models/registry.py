@@ -1,0 +1,66 @@
+"""The bridge between an NNX module and the pure-functional train step.
+
+`ModelDef` splits the module once: its graph definition stays static, and the parameters travel as a
+plain nested dict of arrays (the pytree the optimizer, the checkpointer and the HF key maps see).
+`apply(params, ...)` merges them back inside traced code, which costs tracing time only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+
+from jsft.models.llama import Llama, LlamaConfig
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+    config: LlamaConfig
+    graphdef: Any
+    treedef: Any  # of the nnx.State, whose leaves come in the same order as the pure dict's
+
+    @classmethod
+    def create(cls, config: LlamaConfig) -> ModelDef:
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0))))
+        return cls(config, graphdef, jax.tree.structure(state))
+
+    def init(self, rng: jax.Array) -> Params:
+        """Fresh parameters as a pure dict; jit it (with out_shardings) to create them in place."""
+        _, state = nnx.split(Llama(self.config, nnx.Rngs(params=rng)))
+        return nnx.to_pure_dict(state)
+
+    def abstract_params(self) -> Params:
+        return jax.eval_shape(self.init, jax.random.key(0))
+
+    def logical_axes(self) -> Params:
+        """The pytree of logical axis-name tuples, one per parameter (same structure as params)."""
+        _, state = nnx.split(nnx.eval_shape(lambda: Llama(self.config, nnx.Rngs(0))))
+        specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+        return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+    def module(self, params: Params) -> Llama:
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, jax.tree.leaves(params)))
+
+    def apply(self, params: Params, tokens, positions=None, segment_ids=None):
+        return self.module(params)(tokens, positions, segment_ids)
+
+
+def build_model(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> ModelDef:
+    """From the `config.model` section; `vocab_size: 0` there means "the tokenizer's size"."""
+    fields = model_cfg.to_dict()
+    name = fields.pop("name")
+    if name != "llama":
+        raise ValueError(f"config.model.name={name!r}: the only model family so far is 'llama'")
+    fields["vocab_size"] = fields["vocab_size"] or vocab_size
+    if fields["vocab_size"] < vocab_size:
+        raise ValueError(
+            f"config.model.vocab_size={fields['vocab_size']} is smaller than the tokenizer's "
+            f"vocabulary ({vocab_size}); set it to 0 to follow the tokenizer"
+        )
+    return ModelDef.create(LlamaConfig(**fields))

@@ -1,0 +1,215 @@
+"""The training loop: the only place with side effects (files, checkpoints, signals, printing).
+
+It reads top to bottom as a story: set up the workdir, the input pipeline, the model and optimizer,
+the mesh, the state (fresh or restored), then train with logging, evaluation and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from jsft import config as config_lib
+from jsft.data.pipeline import build_data
+from jsft.evals.validation import ValidationEvaluator
+from jsft.models.registry import build_model
+from jsft.train.checkpoint import Checkpointer
+from jsft.train.optim import build_optimizer, build_schedule
+from jsft.train.state import TrainState
+from jsft.train.step import make_train_step
+from jsft.train.writer import MetricWriter
+
+
+def _print(is_main: bool, msg: str) -> None:
+    if is_main:
+        tqdm.write(msg)
+
+
+class _StopRequest:
+    """Turns SIGTERM (preemption, scancel, Ctrl-\\) into a clean 'save and exit' at the next step."""
+
+    def __init__(self):
+        self.signum = None
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. some test runners): no handler, no harm
+            pass
+
+    def _handle(self, signum, _frame):
+        self.signum = signum
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> None:
+    path = os.path.join(workdir, "config.json")
+    if is_main and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        new = json.loads(json.dumps(config.to_dict()))
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            logging.warning("The config differs from the one saved in %s (sections: %s)", path, changed)
+    if is_main:
+        config_lib.save_json(config, path)
+
+
+def _write_samples(workdir: str, step: int, samples: list[dict]) -> None:
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    with open(os.path.join(workdir, "samples", f"step_{step:06d}.jsonl"), "w") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Train as configured; returns the summary it prints (final metrics, checkpoint location)."""
+    start_time = time.time()
+    is_main = jax.process_index() == 0
+    # ------------------------------------------------------------------ Workdir
+    os.makedirs(workdir, exist_ok=True)
+    _write_config(config, workdir, is_main)
+    writer = MetricWriter(workdir, enabled=is_main)
+    stop = _StopRequest()
+
+    # ------------------------------------------------------------------ Input pipeline
+    data = build_data(config.data, config.seed, workdir, jax.process_index(), jax.process_count())
+    _print(is_main, f"Data: {data.stats}; tokenizer vocabulary {data.tokenizer.vocab_size}")
+
+    # ------------------------------------------------------------------ Model and optimizer
+    model = build_model(config.model, data.tokenizer.vocab_size)
+    total_steps = config.train.steps
+    schedule = build_schedule(config.optim, total_steps)
+    tx = build_optimizer(config.optim, schedule)
+    _print(is_main, f"Model: {model.config.num_params():,} parameters; {model.config}")
+
+    # ------------------------------------------------------------------ Mesh and shardings
+    # Data parallel over every device for now: parameters replicated, batches split on rows.
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    if config.data.batch_size % jax.device_count():
+        raise config_lib.ConfigError(
+            f"config.data.batch_size={config.data.batch_size} must be a multiple of the "
+            f"{jax.device_count()} devices"
+        )
+
+    def init_state(rng):
+        init_rng, train_rng = jax.random.split(rng)
+        return TrainState.create(model.init(init_rng), tx, train_rng)
+
+    abstract_state = jax.eval_shape(init_state, jax.random.key(config.seed))
+    state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+
+    # ------------------------------------------------------------------ Load checkpoint or init
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+    start_step = ckpt.latest_step()
+    if start_step is not None:
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
+        )
+        state, data_state = ckpt.restore(start_step, target)
+        data.train.restore(data_state)
+        writer.truncate_after(start_step)
+        _print(is_main, f"Resuming from the checkpoint at step {start_step} in {ckpt.directory}")
+    else:
+        start_step = 0
+        state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
+
+    # ------------------------------------------------------------------ Update step
+    train_step = jax.jit(
+        make_train_step(model, tx, schedule, config.optim.grad_accum_steps, config.loss.normalization),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0,
+    )
+    evaluator = ValidationEvaluator(
+        model,
+        data,
+        config.data.seq_len,
+        config.eval.batch_size,
+        config.eval.max_new_tokens,
+        config.eval.exact_match_examples,
+    )
+
+    def to_global(batch):
+        return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+
+    summary: dict = {}
+
+    def evaluate(step: int) -> None:
+        metrics, samples = evaluator.run(state.params)
+        writer.write(step, metrics)
+        if is_main and samples:
+            _write_samples(workdir, step, samples)
+        summary.update(metrics)
+        _print(is_main, f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    # ------------------------------------------------------------------ Train loop
+    if start_step == 0 and config.eval.at_start and config.train.eval_every_steps:
+        evaluate(0)
+    if start_step >= total_steps:
+        _print(
+            is_main,
+            f"The checkpoint at step {start_step} already completes config.train.steps="
+            f"{total_steps}; nothing to train",
+        )
+    pbar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc="train",
+        disable=not is_main,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
+    pending, last_time, tokens_per_step = [], time.time(), config.data.batch_size * config.data.seq_len
+    # stop_after_steps ends this invocation early (a time-limited job) without changing the schedule.
+    end_step = min(total_steps, config.train.stop_after_steps or total_steps)
+    step = start_step
+    for step in range(start_step + 1, end_step + 1):
+        state, metrics = train_step(state, to_global(next(data.train)))
+        pending.append(metrics)
+        pbar.update(1)
+
+        if step % config.train.log_every_steps == 0 or step == end_step:
+            fetched = jax.device_get(pending)
+            elapsed, last_time = time.time() - last_time, time.time()
+            logged = {
+                "train/loss": float(np.mean([m["loss"] for m in fetched])),
+                "train/lr": float(fetched[-1]["lr"]),
+                "train/grad_norm": float(fetched[-1]["grad_norm"]),
+                "train/target_tokens": float(np.sum([m["target_tokens"] for m in fetched])),
+                "train/tokens_per_s": len(fetched) * tokens_per_step / elapsed,
+                "train/epoch": data.train.epoch,
+            }
+            if not np.isfinite(logged["train/loss"]):
+                raise FloatingPointError(f"train loss is {logged['train/loss']} at step {step}")
+            writer.write(step, logged)
+            summary["train/loss"] = logged["train/loss"]
+            pbar.set_postfix(loss=f"{logged['train/loss']:.4f}", tok_s=f"{logged['train/tokens_per_s']:.0f}")
+            pending = []
+
+        eval_every = config.train.eval_every_steps
+        if eval_every and (step % eval_every == 0 or step == total_steps):
+            evaluate(step)
+            last_time = time.time()  # evaluation time is not training throughput
+        if step % config.train.checkpoint_every_steps == 0 or step == end_step or stop.signum:
+            ckpt.save(step, state, data.train.state())
+        if stop.signum:
+            _print(is_main, f"Signal {stop.signum}: saved a checkpoint at step {step}; rerun to resume")
+            break
+    pbar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+
+    # ------------------------------------------------------------------ Summary
+    summary.update(steps=step, checkpoint_dir=ckpt.directory, wall_time_s=time.time() - start_time)
+    if is_main:
+        lines = [f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}" for k, v in summary.items()]
+        tqdm.write("Summary\n" + "\n".join(lines))
+    return summary

@@ -1,0 +1,50 @@
+"""Masked next-token cross-entropy, with the normalisation named rather than implied.
+
+Losses return *sums* and the weight they are normalised by, never a mean: the step divides once,
+by the total over the whole global batch (all micro-batches, all hosts), so gradient accumulation and
+packing never change the objective.
+
+  token     every target token weighs 1: sum of token losses / number of target tokens
+            (the convention of MaxText, Levanter and TRL's default)
+  sequence  every example weighs 1: mean of each example's mean token loss
+            (what per-example averaging frameworks compute; long answers no longer dominate)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NORMALIZATIONS = ("token", "sequence")
+
+
+def token_nll(logits_btv, targets_bt):
+    """Negative log-likelihood of each target, in float32."""
+    logprobs = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logprobs, targets_bt[..., None], axis=-1)[..., 0]
+
+
+def token_weights(loss_mask_bt, segment_ids_bt, normalization: str):
+    """Per-token weights; their sum over the global batch is the loss denominator."""
+    mask = loss_mask_bt.astype(jnp.float32)
+    if normalization == "token":
+        return mask
+    if normalization == "sequence":
+        # Count the target tokens of every (row, segment) pair and give each token 1/count.
+        b, t = segment_ids_bt.shape
+        flat_ids = (jnp.arange(b)[:, None] * t + segment_ids_bt).reshape(-1)
+        counts = jax.ops.segment_sum(mask.reshape(-1), flat_ids, num_segments=b * t)
+        per_token = counts[flat_ids].reshape(b, t)
+        return jnp.where(mask > 0, mask / jnp.maximum(per_token, 1.0), 0.0)
+    raise ValueError(f"loss normalization {normalization!r} is not one of {NORMALIZATIONS}")
+
+
+def cross_entropy_sums(logits_btv, batch, normalization: str = "token") -> dict[str, jax.Array]:
+    """{'loss_sum', 'weight_sum', 'target_tokens'} for one (micro-)batch."""
+    nll = token_nll(logits_btv, batch["targets"])
+    weights = token_weights(batch["loss_mask"], batch["segment_ids"], normalization)
+    return {
+        "loss_sum": jnp.sum(nll * weights),
+        "weight_sum": jnp.sum(weights),
+        "target_tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32)),
+    }

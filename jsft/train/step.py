@@ -1,0 +1,71 @@
+"""The pure train and eval steps: `train_step(state, batch) -> (state, metrics)`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jsft.models.registry import ModelDef
+from jsft.train.losses import cross_entropy_sums
+from jsft.train.state import TrainState
+
+
+def _tree_add(a, b):
+    return jax.tree.map(lambda x, y: x + y.astype(x.dtype), a, b)
+
+
+def make_train_step(
+    model: ModelDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    grad_accum_steps: int = 1,
+    normalization: str = "token",
+) -> Callable:
+    """Build the un-jitted step; the loop jits it with donation (and, later, explicit shardings)."""
+
+    def loss_sums(params, micro):
+        logits = model.apply(params, micro["inputs"], micro["positions"], micro["segment_ids"])
+        sums = cross_entropy_sums(logits, micro, normalization)
+        return sums["loss_sum"], sums
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        # [B, T] -> [accum, B / accum, T]: micro-batches run one after another under scan.
+        micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+
+        def accumulate(carry, mb):
+            (_, sums), grads = jax.value_and_grad(loss_sums, has_aux=True)(state.params, mb)
+            return _tree_add(carry, (grads, sums)), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        zero_sums = dict.fromkeys(("loss_sum", "weight_sum", "target_tokens"), jnp.zeros(()))
+        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), micro)
+
+        # Sums over the whole global batch are divided once: accumulation leaves the objective as is.
+        denom = jnp.maximum(sums["weight_sum"], 1.0)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(
+            step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+        )
+        metrics = {
+            "loss": sums["loss_sum"] / denom,
+            "lr": schedule(state.step),
+            "grad_norm": optax.tree.norm(grads),
+            "target_tokens": sums["target_tokens"],
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: ModelDef) -> Callable:
+    """Sums (not means) of the per-token loss, so the caller can total over any number of batches."""
+
+    def eval_step(params, batch: dict) -> dict:
+        logits = model.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"])
+        return cross_entropy_sums(logits, batch, "token")
+
+    return eval_step

@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from jsft.data import packing
+
+
+def _ex(n_prompt, n_resp, start=1):
+    ids = np.arange(start, start + n_prompt + n_resp, dtype=np.int32)
+    return packing.Example(ids, np.array([False] * n_prompt + [True] * n_resp))
+
+
+def test_best_fit_puts_each_item_in_the_tightest_open_bin():
+    # capacity 10: [6] -> bin0 (room 4); [5] -> bin1 (room 5); [4] -> bin0 (tightest fit, room 0)
+    assert packing.best_fit_bins([6, 5, 4, 5], 10) == [[0, 2], [1, 3]]
+    with pytest.raises(ValueError, match="outside"):
+        packing.best_fit_bins([11], 10)
+
+
+def test_rows_hold_every_example_once_with_restarting_positions():
+    rng = np.random.default_rng(0)
+    examples = [_ex(int(rng.integers(1, 6)), int(rng.integers(1, 6)), start=100 * i) for i in range(30)]
+    rows = packing.pack(examples, 16)
+    seen = []
+    for r in range(len(rows["inputs"])):
+        segs = rows["segment_ids"][r]
+        for s in sorted(set(segs) - {0}):
+            idx = np.flatnonzero(segs == s)
+            assert np.array_equal(idx, np.arange(idx[0], idx[-1] + 1)), "segments are contiguous"
+            assert np.array_equal(rows["positions"][r, idx], np.arange(len(idx)))
+            seen.append(int(rows["inputs"][r, idx[0]]) // 100)
+            # targets are the next token of the same example
+            assert np.array_equal(rows["targets"][r, idx], rows["inputs"][r, idx] + 1)
+        pad = segs == 0
+        assert not rows["loss_mask"][r, pad].any()
+    assert sorted(seen) == list(range(30))
+    total_positions = sum(len(ex.ids) - 1 for ex in examples)
+    assert (rows["segment_ids"] > 0).sum() == total_positions
+    assert rows["loss_mask"].sum() == sum(ex.mask[1:].sum() for ex in examples)
+
+
+def test_over_long_examples_are_truncated_or_dropped_and_counted():
+    stats = packing.PackStats()
+    cut = packing.fit_example(_ex(3, 20), 10, stats)
+    assert len(cut.ids) == 11 and cut.mask[1:].any()
+    assert packing.fit_example(_ex(12, 3), 10, stats) is None  # only prompt survives: nothing to train
+    assert stats.as_dict() == {"examples": 2, "truncated": 2, "dropped": 1}

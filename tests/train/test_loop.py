@@ -1,0 +1,62 @@
+"""End-to-end runs of the training loop on tiny data: resume, checkpoints, metrics files."""
+
+import json
+import os
+
+import pytest
+
+from jsft.train.checkpoint import Checkpointer
+from jsft.train.loop import train_and_evaluate
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _losses(workdir):
+    return {m["step"]: m["train/loss"] for m in _metrics(workdir) if "train/loss" in m}
+
+
+@pytest.mark.slow
+def test_interrupted_run_reproduces_the_uninterrupted_loss_curve_exactly(tiny_config, tmp_path):
+    tiny_config.train.steps = 40
+    tiny_config.train.checkpoint_every_steps = 10
+    tiny_config.train.eval_every_steps = 0
+    tiny_config.optim.warmup_steps = 5
+    train_and_evaluate(tiny_config, str(tmp_path / "full"))
+
+    resumed = str(tmp_path / "resumed")
+    tiny_config.train.stop_after_steps = 20  # the interruption: leave after step 20 ...
+    first = train_and_evaluate(tiny_config, resumed)
+    assert first["steps"] == 20
+    tiny_config.train.stop_after_steps = 0  # ... and rerun the same job to the end
+    second = train_and_evaluate(tiny_config, resumed)
+    assert second["steps"] == 40
+
+    full_curve, resumed_curve = _losses(tmp_path / "full"), _losses(resumed)
+    assert sorted(resumed_curve) == list(range(1, 41)), "no step is logged twice or lost"
+    assert resumed_curve == full_curve  # bitwise-equal floats on CPU
+
+
+@pytest.mark.slow
+def test_a_run_writes_checkpoints_metrics_samples_and_tensorboard(tiny_config, tmp_path):
+    tiny_config.train.steps = 6
+    tiny_config.train.checkpoint_every_steps = 2
+    tiny_config.train.keep_checkpoints = 2
+    workdir = tmp_path / "run"
+    summary = train_and_evaluate(tiny_config, str(workdir))
+    ckpt = Checkpointer(str(workdir / "checkpoints"), keep=2)
+    assert ckpt.all_steps() == [4, 6]  # keep-K rotation
+    ckpt.close()
+    rows = _metrics(workdir)
+    assert all("step" in r for r in rows)
+    evals = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert all(0.0 <= r["eval/exact_match"] <= 1.0 for r in evals)
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(rows[1])
+    assert os.listdir(workdir / "tb")
+    assert (workdir / "samples" / "step_000006.jsonl").exists()
+    assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 6
+    assert (workdir / "tokenizer.model").exists()
+    assert summary["eval/loss"] == evals[-1]["eval/loss"]

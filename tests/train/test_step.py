@@ -1,0 +1,168 @@
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from jsft.data import packing
+from jsft.models.llama import LlamaConfig
+from jsft.models.registry import ModelDef
+from jsft.train import losses, optim
+from jsft.train.state import TrainState
+from jsft.train.step import make_eval_step, make_train_step
+
+jax.config.update("jax_default_matmul_precision", "float32")
+VOCAB = 64
+
+
+def _examples(n, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        p, r = rng.integers(4, 9), rng.integers(2, 7)
+        ids = rng.integers(1, VOCAB, p + r).astype(np.int32)
+        out.append(packing.Example(ids, np.array([False] * p + [True] * r)))
+    return out
+
+
+def _padded(examples, seq_len):
+    """One example per row: the unpacked reference."""
+    rows = [packing.pack([ex], seq_len) for ex in examples]
+    return {k: np.concatenate([r[k] for r in rows]) for k in packing.ROW_KEYS}
+
+
+def _optim_cfg(**kw):
+    cfg = ml_collections.ConfigDict(
+        dict(
+            lr=1e-2,
+            warmup_steps=0,
+            decay="constant",
+            final_lr_ratio=1.0,
+            weight_decay=0.0,
+            b1=0.9,
+            b2=0.99,
+            eps=1e-8,
+            clip_norm=0.0,
+            grad_accum_steps=1,
+        )
+    )
+    cfg.update(kw)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ModelDef.create(LlamaConfig.tiny(vocab_size=VOCAB))
+
+
+def _state(model, tx, seed=0):
+    return TrainState.create(model.init(jax.random.key(seed)), tx, jax.random.key(1))
+
+
+def test_prompt_tokens_get_zero_gradient(model):
+    params = model.init(jax.random.key(0))
+    batch = _padded(_examples(4), 24)
+
+    def loss_from_logits(logits):
+        return losses.cross_entropy_sums(logits, batch)["loss_sum"]
+
+    logits = model.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"])
+    g = jax.grad(loss_from_logits)(logits)
+    untrained = batch["loss_mask"] == 0
+    assert untrained.any() and (~untrained).any()
+    assert np.all(np.asarray(g)[untrained] == 0.0)
+    assert np.all(np.abs(np.asarray(g)[~untrained]).sum(-1) > 0)
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_packed_batch_gives_the_same_loss_as_unpacked(model, normalization):
+    params = model.init(jax.random.key(0))
+    examples = _examples(6)
+    packed, padded = packing.pack(examples, 32), _padded(examples, 32)
+    assert len(packed["inputs"]) < len(padded["inputs"])
+    eval_step = jax.jit(make_eval_step(model))
+
+    def loss(batch):
+        logits = model.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"])
+        s = losses.cross_entropy_sums(logits, batch, normalization)
+        return s["loss_sum"] / s["weight_sum"]
+
+    np.testing.assert_allclose(loss(packed), loss(padded), rtol=1e-5)
+    a, b = eval_step(params, packed), eval_step(params, padded)
+    np.testing.assert_allclose(a["loss_sum"], b["loss_sum"], rtol=1e-5)
+    assert a["target_tokens"] == b["target_tokens"] == sum(ex.mask[1:].sum() for ex in examples)
+
+
+def test_sequence_normalization_is_the_mean_of_per_example_means(model):
+    params = model.init(jax.random.key(0))
+    examples = _examples(5, seed=3)
+    batch = packing.pack(examples, 40)
+    logits = model.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"])
+    s = losses.cross_entropy_sums(logits, batch, "sequence")
+    nll = np.asarray(losses.token_nll(logits, batch["targets"]))
+    per_example = []
+    for r in range(len(batch["inputs"])):
+        for seg in set(batch["segment_ids"][r]) - {0}:
+            m = (batch["segment_ids"][r] == seg) & (batch["loss_mask"][r] == 1)
+            per_example.append(nll[r][m].mean())
+    assert float(s["weight_sum"]) == pytest.approx(len(examples))
+    np.testing.assert_allclose(s["loss_sum"] / s["weight_sum"], np.mean(per_example), rtol=1e-5)
+
+
+def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(model):
+    cfg = _optim_cfg()
+    schedule = optim.build_schedule(cfg, 10)
+    tx = optim.build_optimizer(cfg, schedule)
+    step = jax.jit(make_train_step(model, tx, schedule), donate_argnums=0)
+    state, batch = _state(model, tx), packing.pack(_examples(8), 32)
+    first = None
+    for _ in range(10):
+        state, m = step(state, batch)
+        first = first if first is not None else float(m["loss"])
+    assert float(m["loss"]) < 0.5 * first
+    assert int(state.step) == 10
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_accumulating_k_micro_batches_equals_one_big_batch(model, normalization):
+    batch = _padded(_examples(8, seed=5), 16)
+    results = []
+    # Plain SGD, so the updates are the gradients themselves (Adam's first step is sign(g) * lr,
+    # which amplifies float rounding on near-zero gradients into lr-sized differences).
+    schedule = optax.constant_schedule(0.1)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(schedule))
+    for accum in (1, 4):
+        step = jax.jit(make_train_step(model, tx, schedule, accum, normalization))
+        results.append(step(_state(model, tx), batch))
+    (s1, m1), (s4, m4) = results
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s1.params, s4.params)
+
+
+def test_weight_decay_skips_norms_and_biases():
+    mask = optim.decay_mask({"embed": 0, "final_norm": {"scale": 0}, "attn": {"q_bias": 0, "q_proj": 0}})
+    assert mask == {"embed": True, "final_norm": {"scale": False}, "attn": {"q_bias": False, "q_proj": True}}
+
+
+@pytest.mark.parametrize("decay,end", [("cosine", 0.1), ("linear", 0.1), ("constant", 1.0)])
+def test_schedule_warms_up_linearly_then_decays(decay, end):
+    cfg = _optim_cfg(lr=1.0, warmup_steps=10, decay=decay, final_lr_ratio=0.1)
+    s = optim.build_schedule(cfg, 110)
+    assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(0.5) and float(s(10)) == pytest.approx(1.0)
+    assert float(s(110)) == pytest.approx(end, abs=1e-6)
+    if decay != "constant":
+        assert float(s(60)) < 1.0
+
+
+def test_metrics_report_lr_grad_norm_and_target_tokens(model):
+    cfg = _optim_cfg(warmup_steps=4, decay="linear", final_lr_ratio=0.0)
+    schedule = optim.build_schedule(cfg, 8)
+    tx = optim.build_optimizer(cfg, schedule)
+    batch = packing.pack(_examples(4), 32)
+    state, m = jax.jit(make_train_step(model, tx, schedule))(_state(model, tx), batch)
+    state, m2 = jax.jit(make_train_step(model, tx, schedule))(state, batch)
+    assert float(m["lr"]) == 0.0 and float(m2["lr"]) == pytest.approx(cfg.lr / 4)
+    assert float(m["target_tokens"]) == batch["loss_mask"].sum()
+    assert float(m["grad_norm"]) > 0 and jnp.isfinite(m["grad_norm"])
