@@ -49,8 +49,9 @@ def _parse_flags(argv):
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:
         bad = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-        hint = str(e).replace("\\n", " ").replace("\\'", "'").replace("\n", " ").strip("'\" ")
-        sys.exit(f"jsft: error: unknown config field in {bad}: {hint}")
+        msg = str(e).replace("\\n", "\n")
+        hint = msg[msg.find("Did you mean") :].split("\n")[0].rstrip("'\"") if "Did you mean" in msg else ""
+        sys.exit(f"jsft: error: unknown config field among {bad}. {hint}".rstrip())
     except flags.Error as e:
         sys.exit(f"jsft: error: {e}\nPass --help for the flags.")
 
