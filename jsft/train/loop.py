@@ -71,6 +71,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start_time = time.time()
     is_main = jax.process_index() == 0
     # ------------------------------------------------------------------ Workdir
+    workdir = os.path.abspath(workdir)  # orbax (tensorstore) needs absolute paths
     os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir, is_main)
     writer = MetricWriter(workdir, enabled=is_main)

@@ -1,0 +1,138 @@
+"""Record formats: every source record becomes one `Conversation`, or a `BadRecord` saying why not.
+
+  prompt_response  {"prompt": str, "response": str}
+  alpaca           {"instruction": str, "input": str (optional), "output": str}
+  chat             {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+  text             {"text": str}  (continued pretraining: every token is trained, no template)
+
+A source may rename fields (`fields={"prompt": "question"}`); ShareGPT-style messages
+(`{"from": "human"|"gpt", "value": ...}`) are read as chat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+FORMATS = ("prompt_response", "alpaca", "chat", "text")
+ROLES = ("system", "user", "assistant")
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant"}
+
+# The canonical field names of each format, in the order detection tries them.
+FORMAT_FIELDS = {
+    "chat": ("messages",),
+    "prompt_response": ("prompt", "response"),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+}
+
+
+class BadRecord(ValueError):
+    """A record that cannot be trained on; the message is the reason, shown with its location."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+    messages: tuple[Message, ...]
+    is_text: bool = False  # plain text for continued pretraining: rendered without a template
+
+    def split_last_turn(self) -> tuple[Conversation, str]:
+        """(everything before the last assistant turn, that turn's content): prompt and reference."""
+        for i in range(len(self.messages) - 1, -1, -1):
+            if self.messages[i].role == "assistant":
+                return Conversation(self.messages[:i]), self.messages[i].content
+        raise BadRecord("no assistant turn")
+
+
+def detect_format(columns: list[str], fields: Mapping[str, str]) -> str:
+    """The first format whose (possibly renamed) fields are all present."""
+    for fmt, names in FORMAT_FIELDS.items():
+        if all(fields.get(n, n) in columns for n in names):
+            return fmt
+    wanted = " or ".join("{" + ", ".join(n) + "}" for n in FORMAT_FIELDS.values())
+    raise BadRecord(f"cannot tell the record format from the fields {sorted(columns)}; expected {wanted}"
+                    " (or set the source's `format` and `fields`)")
+
+
+def _string(record: Mapping[str, Any], name: str, fields: Mapping[str, str], required: bool = True,
+            allow_empty: bool = False) -> str:
+    key = fields.get(name, name)
+    if key not in record or record[key] is None:
+        if required:
+            raise BadRecord(f"missing field {key!r}")
+        return ""
+    value = record[key]
+    if not isinstance(value, str):
+        raise BadRecord(f"field {key!r} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise BadRecord(f"field {key!r} is empty")
+    return value
+
+
+def _chat(record: Mapping[str, Any], fields: Mapping[str, str]) -> Conversation:
+    key = fields.get("messages", "messages")
+    raw = record.get(key)
+    if raw is None:
+        raise BadRecord(f"missing field {key!r}")
+    if not isinstance(raw, list | tuple) or not raw:
+        raise BadRecord(f"field {key!r} must be a non-empty list of messages")
+    role_key, content_key = fields.get("role", "role"), fields.get("content", "content")
+    messages = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, Mapping):
+            raise BadRecord(f"message {i} is a {type(m).__name__}, not an object")
+        if role_key not in m and "from" in m:  # ShareGPT
+            role_key, content_key = "from", "value"
+        role, content = m.get(role_key), m.get(content_key)
+        role = ROLE_ALIASES.get(role, role)
+        if role not in ROLES:
+            raise BadRecord(f"message {i} has role {role!r}; expected one of {ROLES}")
+        if not isinstance(content, str):
+            raise BadRecord(f"message {i} ({role}) content must be a string, got {type(content).__name__}")
+        messages.append(Message(role, content))
+    _check_turn_order(messages)
+    return Conversation(tuple(messages))
+
+
+def _check_turn_order(messages: list[Message]) -> None:
+    """Optional system first, then user/assistant alternating from a user turn, at least one reply."""
+    body = messages[1:] if messages[0].role == "system" else messages
+    if not body or body[0].role != "user":
+        raise BadRecord("role order: the first non-system message must come from the user")
+    for i, m in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m.role != expected:
+            raise BadRecord(f"role order: message {i + len(messages) - len(body)} is {m.role!r}, "
+                            f"expected {expected!r} (turns must alternate; system only first)")
+        if m.role == "assistant" and not m.content.strip():
+            raise BadRecord(f"message {i + len(messages) - len(body)}: empty assistant reply")
+    if not any(m.role == "assistant" for m in body):
+        raise BadRecord("no assistant turn, so there is nothing to train")
+
+
+def to_conversation(record: Mapping[str, Any], fmt: str, fields: Mapping[str, str]) -> Conversation:
+    """Parse one record (a mapping of its fields) in the given format."""
+    if not isinstance(record, Mapping):
+        raise BadRecord(f"expected a JSON object, got {type(record).__name__}")
+    if fmt == "prompt_response":
+        system = _string(record, "system", fields, required=False)
+        turns = [Message("user", _string(record, "prompt", fields, allow_empty=True)),
+                 Message("assistant", _string(record, "response", fields))]
+        return Conversation(tuple([Message("system", system)] if system else []) + tuple(turns))
+    if fmt == "alpaca":
+        instruction = _string(record, "instruction", fields)
+        extra = _string(record, "input", fields, required=False, allow_empty=True)
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        return Conversation((Message("user", prompt), Message("assistant", _string(record, "output", fields))))
+    if fmt == "chat":
+        return _chat(record, fields)
+    if fmt == "text":
+        return Conversation((Message("assistant", _string(record, "text", fields)),), is_text=True)
+    raise BadRecord(f"unknown format {fmt!r}; expected one of {FORMATS}")
