@@ -13,19 +13,50 @@ import ml_collections
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "demo")
 
 
+def source(path: str, val_path: str = "", weight: float = 1.0, **kw) -> ml_collections.ConfigDict:
+    """One data source; see jsft.data.sources.SourceSpec for every field."""
+    fields = dict(
+        path=os.path.normpath(path),
+        val_path=os.path.normpath(val_path) if val_path else "",
+        weight=weight,
+        format="auto",
+        fields=ml_collections.ConfigDict(),
+        split="train",
+        val_split="",
+        val_fraction=0.0,
+    )
+    fields.update(kw)
+    return ml_collections.ConfigDict(fields)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
 
     config.data = ml_collections.ConfigDict()
-    config.data.train_path = os.path.normpath(os.path.join(DATA_DIR, "train.jsonl"))
-    config.data.val_path = os.path.normpath(os.path.join(DATA_DIR, "val.jsonl"))
-    config.data.tokenizer = ""  # a SentencePiece .model file; empty: train one, cache it in the workdir
+    # Sources by name; add more (each with a weight) for a mixture. Formats: auto, prompt_response,
+    # alpaca, chat, text. Files: .jsonl, .json, .parquet, .csv, .arrow, save_to_disk directories.
+    config.data.sources = ml_collections.ConfigDict()
+    config.data.sources.demo = source(
+        os.path.join(DATA_DIR, "train.jsonl"), os.path.join(DATA_DIR, "val.jsonl")
+    )
+    config.data.mixture = "weights"  # weights | examples (capped at mixture_cap) | temperature
+    config.data.mixture_cap = 0
+    config.data.mixture_temperature = 1.0
+    config.data.on_bad_record = "error"  # error: stop before training; skip: count, report, go on
+    config.data.tokenizer = ""  # .model (SentencePiece) or HF tokenizer dir; empty: train one
     config.data.vocab_size = 512  # size of the tokenizer trained when none is given
-    config.data.template = "plain"
-    config.data.separator = "\n"
+    config.data.template = "plain"  # plain | chatml | llama3 | hf (the tokenizer's chat_template)
+    config.data.separator = "\n"  # plain template: between prompt and response
+    config.data.train_on = "all_assistant"  # or last_assistant
     config.data.seq_len = 128
+    config.data.overlong = "truncate"  # truncate | truncate_prompt | drop
+    config.data.packing = "best_fit"  # best_fit | pad (one example per row)
+    config.data.pack_chunk_examples = 2048  # examples drawn and packed together
     config.data.batch_size = 32  # rows per global batch (packed examples per row vary)
+    config.data.prefetch = 2  # batches prepared ahead of the train step
+    config.data.num_proc = 0  # tokenization processes; 0: by data size
+    config.data.cache_dir = ""  # tokenization cache; empty: WORKDIR/cache
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "llama"

@@ -7,6 +7,7 @@ import os
 
 import ml_collections
 
+from jsft.data import mixture, packing, pipeline, templates
 from jsft.models.llama import REMAT_POLICIES
 from jsft.train.losses import NORMALIZATIONS
 from jsft.train.optim import DECAYS
@@ -39,6 +40,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(config, "loss.normalization", NORMALIZATIONS)
     _choice(config, "optim.decay", DECAYS)
     _choice(config, "model.remat", REMAT_POLICIES)
+    _choice(config, "data.template", [*templates.BUILTIN, "hf"])
+    _choice(config, "data.train_on", templates.TRAIN_ON)
+    _choice(config, "data.packing", packing.PACKING_MODES)
+    _choice(config, "data.overlong", packing.OVERLONG_POLICIES)
+    _choice(config, "data.on_bad_record", pipeline.ON_BAD_RECORD)
+    _choice(config, "data.mixture", mixture.RULES)
+    try:
+        pipeline.source_specs(config.data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     for key in (
         "data.seq_len",
         "data.batch_size",
@@ -50,12 +61,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "train.keep_checkpoints",
         "eval.batch_size",
         "eval.max_new_tokens",
+        "data.pack_chunk_examples",
     ):
         _positive(config, key)
     for key in (
         "optim.warmup_steps",
         "train.eval_every_steps",
         "train.stop_after_steps",
+        "data.prefetch",
+        "data.num_proc",
         "eval.exact_match_examples",
         "optim.weight_decay",
         "optim.clip_norm",

@@ -28,6 +28,10 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         # Orbax and JAX log every file operation at INFO; keep the console to what users act on.
         logging.set_verbosity(logging.WARNING)
+        import datasets  # noqa: PLC0415
+
+        datasets.disable_progress_bars()  # one line per source is printed instead
+        datasets.logging.set_verbosity_error()
     config = _CONFIG.value
     try:
         config_lib.validate(config)

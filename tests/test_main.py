@@ -57,7 +57,7 @@ def test_overrides_reach_the_run_and_a_rerun_resumes(tiny_data_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Resuming from the checkpoint at step 4" in r.stderr + r.stdout
     steps = [json.loads(line)["step"] for line in (wd / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    assert steps == [0, 1, 2, 3, 4, 5, 6]  # step 0: data counts
 
 
 def test_a_misspelled_config_field_fails_with_its_name(tiny_data_dir, tmp_path):

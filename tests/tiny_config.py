@@ -14,8 +14,10 @@ from configs import demo  # noqa: E402
 
 def get_config(data_dir: str):
     config = demo.get_config("smoke")
-    config.data.train_path = os.path.join(data_dir, "train.jsonl")
-    config.data.val_path = os.path.join(data_dir, "val.jsonl")
+    config.data.sources.demo = demo.source(
+        os.path.join(data_dir, "train.jsonl"), os.path.join(data_dir, "val.jsonl")
+    )
+    config.data.pack_chunk_examples = 64
     config.data.vocab_size = 300
     config.data.seq_len = 32
     config.data.batch_size = 4

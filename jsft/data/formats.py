@@ -57,12 +57,19 @@ def detect_format(columns: list[str], fields: Mapping[str, str]) -> str:
         if all(fields.get(n, n) in columns for n in names):
             return fmt
     wanted = " or ".join("{" + ", ".join(n) + "}" for n in FORMAT_FIELDS.values())
-    raise BadRecord(f"cannot tell the record format from the fields {sorted(columns)}; expected {wanted}"
-                    " (or set the source's `format` and `fields`)")
+    raise BadRecord(
+        f"cannot tell the record format from the fields {sorted(columns)}; expected {wanted}"
+        " (or set the source's `format` and `fields`)"
+    )
 
 
-def _string(record: Mapping[str, Any], name: str, fields: Mapping[str, str], required: bool = True,
-            allow_empty: bool = False) -> str:
+def _string(
+    record: Mapping[str, Any],
+    name: str,
+    fields: Mapping[str, str],
+    required: bool = True,
+    allow_empty: bool = False,
+) -> str:
     key = fields.get(name, name)
     if key not in record or record[key] is None:
         if required:
@@ -109,8 +116,10 @@ def _check_turn_order(messages: list[Message]) -> None:
     for i, m in enumerate(body):
         expected = "user" if i % 2 == 0 else "assistant"
         if m.role != expected:
-            raise BadRecord(f"role order: message {i + len(messages) - len(body)} is {m.role!r}, "
-                            f"expected {expected!r} (turns must alternate; system only first)")
+            raise BadRecord(
+                f"role order: message {i + len(messages) - len(body)} is {m.role!r}, "
+                f"expected {expected!r} (turns must alternate; system only first)"
+            )
         if m.role == "assistant" and not m.content.strip():
             raise BadRecord(f"message {i + len(messages) - len(body)}: empty assistant reply")
     if not any(m.role == "assistant" for m in body):
@@ -123,14 +132,18 @@ def to_conversation(record: Mapping[str, Any], fmt: str, fields: Mapping[str, st
         raise BadRecord(f"expected a JSON object, got {type(record).__name__}")
     if fmt == "prompt_response":
         system = _string(record, "system", fields, required=False)
-        turns = [Message("user", _string(record, "prompt", fields, allow_empty=True)),
-                 Message("assistant", _string(record, "response", fields))]
+        turns = [
+            Message("user", _string(record, "prompt", fields, allow_empty=True)),
+            Message("assistant", _string(record, "response", fields)),
+        ]
         return Conversation(tuple([Message("system", system)] if system else []) + tuple(turns))
     if fmt == "alpaca":
         instruction = _string(record, "instruction", fields)
         extra = _string(record, "input", fields, required=False, allow_empty=True)
         prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        return Conversation((Message("user", prompt), Message("assistant", _string(record, "output", fields))))
+        return Conversation(
+            (Message("user", prompt), Message("assistant", _string(record, "output", fields)))
+        )
     if fmt == "chat":
         return _chat(record, fields)
     if fmt == "text":

@@ -6,6 +6,14 @@ A row is five int32 arrays of length `seq_len`:
   loss_mask   1 where `targets` is a trained (response) token
   segment_ids 1, 2, ... per example in the row; 0 for padding
   positions   0, 1, ... restarting for every example (RoPE sees each example as if alone)
+  source_ids  1 + the index of the example's data source; 0 for padding (per-source losses)
+
+Over-long examples (more than seq_len + 1 tokens) follow a policy:
+  truncate         cut the end, keeping the prompt and the start of the response
+  truncate_prompt  drop prompt tokens from the left (after the first token, BOS or the template's
+                   opening), then cut the end if the response alone is still too long
+  drop             leave the example out
+Every truncation and drop is counted; an example left with nothing to train is dropped and counted.
 """
 
 from __future__ import annotations
@@ -14,13 +22,16 @@ import dataclasses
 
 import numpy as np
 
-ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "source_ids")
+OVERLONG_POLICIES = ("truncate", "truncate_prompt", "drop")
+PACKING_MODES = ("best_fit", "pad")
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
     ids: np.ndarray  # int32 [n]
     mask: np.ndarray  # bool [n], True where ids[i] is trained
+    source: int = 0
 
 
 @dataclasses.dataclass
@@ -33,16 +44,35 @@ class PackStats:
         return dataclasses.asdict(self)
 
 
-def fit_example(ex: Example, seq_len: int, stats: PackStats) -> Example | None:
-    """Cut an over-long example to seq_len + 1 tokens (seq_len positions), keeping its start."""
+def fit_ids(ids: list[int], mask: list[bool], seq_len: int, policy: str):
+    """(ids, mask, truncated) fitted to seq_len + 1 tokens by `policy`; ids empty when dropped."""
+    limit = seq_len + 1
+    if len(ids) <= limit:
+        return ids, mask, False
+    if policy == "drop":
+        return [], [], True
+    if policy == "truncate_prompt":
+        first_trained = mask.index(True) if True in mask else len(mask)
+        removable = max(first_trained - 1, 0)  # keep token 0
+        cut = min(removable, len(ids) - limit)
+        ids, mask = ids[:1] + ids[1 + cut :], mask[:1] + mask[1 + cut :]
+    elif policy != "truncate":
+        raise ValueError(f"config.data.overlong={policy!r} is not one of {OVERLONG_POLICIES}")
+    ids, mask = ids[:limit], mask[:limit]
+    if not any(mask[1:]):  # nothing left to train
+        return [], [], True
+    return ids, mask, True
+
+
+def fit_example(ex: Example, seq_len: int, stats: PackStats, policy: str = "truncate") -> Example | None:
+    """`fit_ids` on an Example, counting truncations and drops in `stats`."""
     stats.examples += 1
-    if len(ex.ids) > seq_len + 1:
-        stats.truncated += 1
-        ex = Example(ex.ids[: seq_len + 1], ex.mask[: seq_len + 1])
-    if not ex.mask[1:].any():
+    ids, mask, truncated = fit_ids(ex.ids.tolist(), ex.mask.tolist(), seq_len, policy)
+    stats.truncated += int(truncated and bool(ids))
+    if not ids:
         stats.dropped += 1
         return None
-    return ex
+    return Example(np.asarray(ids, np.int32), np.asarray(mask, np.bool_), ex.source)
 
 
 def best_fit_bins(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -67,9 +97,17 @@ def best_fit_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack(examples: list[Example], seq_len: int) -> dict[str, np.ndarray]:
-    """Best-fit pack examples (already fitted to seq_len) into rows; returns arrays [rows, seq_len]."""
-    bins = best_fit_bins([len(ex.ids) - 1 for ex in examples], seq_len)
+def pack(examples: list[Example], seq_len: int, mode: str = "best_fit") -> dict[str, np.ndarray]:
+    """Pack examples (already fitted to seq_len) into rows; returns arrays [rows, seq_len].
+
+    `best_fit` shares rows between examples; `pad` gives every example a row of its own.
+    """
+    if mode == "best_fit":
+        bins = best_fit_bins([len(ex.ids) - 1 for ex in examples], seq_len)
+    elif mode == "pad":
+        bins = [[i] for i in range(len(examples))]
+    else:
+        raise ValueError(f"config.data.packing={mode!r} is not one of {PACKING_MODES}")
     rows = {k: np.zeros((len(bins), seq_len), np.int32) for k in ROW_KEYS}
     for r, members in enumerate(bins):
         start = 0
@@ -82,5 +120,19 @@ def pack(examples: list[Example], seq_len: int) -> dict[str, np.ndarray]:
             rows["loss_mask"][r, sl] = mask[1:]
             rows["segment_ids"][r, sl] = seg
             rows["positions"][r, sl] = np.arange(n)
+            rows["source_ids"][r, sl] = examples[i].source + 1
             start += n
     return rows
+
+
+def packing_stats(rows: dict[str, np.ndarray]) -> dict[str, float]:
+    """Efficiency of packed rows: the share of positions holding tokens, and of trained targets."""
+    n_rows = len(rows["inputs"])
+    positions = max(rows["inputs"].size, 1)
+    examples = int(((rows["positions"] == 0) & (rows["segment_ids"] > 0)).sum())
+    return {
+        "rows": n_rows,
+        "examples_per_row": examples / max(n_rows, 1),
+        "non_pad_fraction": float((rows["segment_ids"] > 0).sum() / positions),
+        "target_fraction": float(rows["loss_mask"].sum() / positions),
+    }

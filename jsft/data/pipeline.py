@@ -1,45 +1,228 @@
-"""From files to this host's slice of each global batch, deterministically and resumably.
+"""From configured sources to this host's slice of each global batch: deterministic and resumable.
 
-The train iterator's whole position is two integers, `{"epoch", "batch"}`: every epoch shuffles the
-examples with a seed derived from (seed, epoch) and packs them afresh, so any position can be rebuilt
-from scratch. That state goes into every checkpoint, and a resumed run sees exactly the batches an
-uninterrupted run would have seen.
+  sources.read_table ─► shard per host ─► tokenize (formats + template + overlong policy; batched,
+  multi-process, cached on disk) ─► TokenizedSource (flat id arrays) ─► MixtureSampler ─► PackedStream
+  (packs a chunk of draws at a time) ─► TrainBatches ─► Prefetcher (a thread running ahead of the step)
+
+The iterator's state is small JSON: the sampler state at the start of the current pack chunk and the
+number of rows of that chunk already handed out. Restoring rebuilds the chunk and skips those rows, so
+a resumed run sees exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
+import json
 import logging
 import os
+import queue
+import threading
 
+import datasets
 import ml_collections
 import numpy as np
 
-from jsft.data import packing, sources, templates
-from jsft.data.tokenizer import SentencePieceTokenizer, Tokenizer, train_sentencepiece
+from jsft.data import formats, mixture, packing, sources, templates
+from jsft.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
+
+TOKENIZED_FEATURES = datasets.Features(
+    {
+        "ids": datasets.Sequence(datasets.Value("int32")),
+        "mask": datasets.Sequence(datasets.Value("int8")),
+        "where": datasets.Value("string"),
+        "error": datasets.Value("string"),
+        "truncated": datasets.Value("bool"),
+        "dropped": datasets.Value("bool"),
+    }
+)
+ON_BAD_RECORD = ("error", "skip")
 
 
-def tokenize(records: list[sources.Record], tok: Tokenizer, template) -> list[packing.Example]:
-    examples = []
-    for rec in records:
-        ids, mask = template.render(tok, rec.prompt, rec.response)
-        examples.append(packing.Example(np.asarray(ids, np.int32), np.asarray(mask, np.bool_)))
-    return examples
+@dataclasses.dataclass(frozen=True)
+class TokenizeSpec:
+    """Everything that decides the tokens of a record (and so the tokenization cache key)."""
+
+    fmt: str
+    fields: dict
+    template: object
+    tokenizer: Tokenizer
+    train_on: str
+    seq_len: int
+    overlong: str
+
+    def cache_key(self, data_fingerprint: str) -> str:
+        parts = [
+            data_fingerprint,
+            self.fmt,
+            json.dumps(self.fields, sort_keys=True),
+            repr(self.template),
+            self.tokenizer.fingerprint(),
+            self.train_on,
+            str(self.seq_len),
+            self.overlong,
+        ]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
-def fit_all(examples: list[packing.Example], seq_len: int) -> tuple[list[packing.Example], dict]:
-    stats = packing.PackStats()
-    fitted = [packing.fit_example(ex, seq_len, stats) for ex in examples]
-    return [ex for ex in fitted if ex is not None], stats.as_dict()
+def _tokenize_batch(batch: dict, indices: list[int], *, spec: TokenizeSpec, path: str) -> dict:
+    out = {k: [] for k in TOKENIZED_FEATURES}
+    for j, index in enumerate(indices):
+        where, record, error = sources.row_record({k: v[j] for k, v in batch.items()}, index, path)
+        ids, mask, truncated = [], [], False
+        if not error:
+            try:
+                conv = formats.to_conversation(record, spec.fmt, spec.fields)
+                ids, mask = templates.render(spec.template, spec.tokenizer, conv, spec.train_on)
+                ids, mask, truncated = packing.fit_ids(ids, mask, spec.seq_len, spec.overlong)
+            except formats.BadRecord as e:
+                error = str(e)
+        out["ids"].append(ids)
+        out["mask"].append([int(m) for m in mask])
+        out["where"].append(where)
+        out["error"].append(error)
+        out["truncated"].append(truncated)
+        out["dropped"].append(not error and not ids)
+    return out
 
 
-class TrainBatches:
-    """Endless iterator of packed batches: yields this process's rows of each global batch."""
+@dataclasses.dataclass
+class TokenizedSource:
+    """One source's kept examples as flat arrays (memory-mapped where Arrow allows) plus its stats."""
+
+    name: str
+    index: int
+    table: datasets.Dataset  # the tokenized table, bad and dropped rows included (for reports)
+    ids: np.ndarray
+    mask: np.ndarray
+    offsets: np.ndarray  # row r's tokens are ids[offsets[r]:offsets[r + 1]]
+    kept: np.ndarray  # table rows that are examples
+    bad: list[tuple[str, str]]  # (where, reason)
+    stats: dict
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def example(self, i: int) -> packing.Example:
+        r = self.kept[i]
+        sl = slice(self.offsets[r], self.offsets[r + 1])
+        return packing.Example(self.ids[sl], self.mask[sl].astype(np.bool_), self.index)
+
+    def examples(self) -> list[packing.Example]:
+        return [self.example(i) for i in range(len(self))]
+
+
+def tokenize_table(
+    table: datasets.Dataset, path: str, spec: TokenizeSpec, cache_dir: str, num_proc: int
+) -> datasets.Dataset:
+    """Batched (and, for large tables, multi-process) tokenization, cached in `cache_dir`."""
+    os.makedirs(cache_dir, exist_ok=True)
+    key = spec.cache_key(table._fingerprint)
+    procs = num_proc or max(1, min(os.cpu_count() or 1, len(table) // 50_000))
+    return table.map(
+        _tokenize_batch,
+        with_indices=True,
+        batched=True,
+        batch_size=1000,
+        fn_kwargs={"spec": spec, "path": path},
+        remove_columns=table.column_names,
+        features=TOKENIZED_FEATURES,
+        num_proc=procs if procs > 1 else None,
+        cache_file_name=os.path.join(cache_dir, f"tokenized-{key}.arrow"),
+        load_from_cache_file=True,
+        desc=f"tokenize {os.path.basename(path)}",
+    )
+
+
+def collect(name: str, index: int, tokenized: datasets.Dataset) -> TokenizedSource:
+    tbl = tokenized.with_format("arrow")[:]
+    ids_col, mask_col = tbl.column("ids").combine_chunks(), tbl.column("mask").combine_chunks()
+    offsets = ids_col.offsets.to_numpy()
+    ids = ids_col.values.to_numpy(zero_copy_only=False)
+    mask = mask_col.values.to_numpy(zero_copy_only=False)
+    errors = np.asarray(tbl.column("error").to_pylist(), dtype=object)
+    dropped = tbl.column("dropped").to_numpy(zero_copy_only=False)
+    truncated = tbl.column("truncated").to_numpy(zero_copy_only=False)
+    is_bad = errors != ""
+    kept = np.flatnonzero(~is_bad & ~dropped)
+    where = tbl.column("where").to_pylist()
+    bad = [(where[i], errors[i]) for i in np.flatnonzero(is_bad)]
+    lengths = np.diff(offsets)[kept]
+    stats = {
+        "records": int(len(tbl)),
+        "examples": int(len(kept)),
+        "bad": int(is_bad.sum()),
+        "bad_by_reason": dict(collections.Counter(_reason_kind(r) for _, r in bad)),
+        "truncated": int((truncated & ~dropped).sum()),
+        "dropped_overlong": int(dropped.sum()),
+        "tokens": int(lengths.sum()),
+    }
+    return TokenizedSource(name, index, tokenized, ids, mask, offsets, kept, bad, stats)
+
+
+def _reason_kind(reason: str) -> str:
+    """'invalid JSON (Expecting ...)' -> 'invalid JSON': group reasons without their details."""
+    return reason.split(" (")[0].split(": ")[0]
+
+
+def bad_records_error(src: TokenizedSource, limit: int = 10) -> sources.DataError:
+    lines = [f"  {where}: {reason}" for where, reason in src.bad[:limit]]
+    more = f"\n  ... and {len(src.bad) - limit} more" if len(src.bad) > limit else ""
+    return sources.DataError(
+        f"source {src.name!r}: {len(src.bad)} bad record(s) of {src.stats['records']}:\n"
+        + "\n".join(lines)
+        + more
+        + "\nFix them, or set config.data.on_bad_record='skip' to train without them (they are "
+        "counted and reported)."
+    )
+
+
+class PackedStream:
+    """Endless packed rows: draw `chunk` examples from the mixture, pack them, hand out rows in order."""
 
     def __init__(
         self,
-        examples: list[packing.Example],
+        srcs: list[TokenizedSource],
+        sampler: mixture.MixtureSampler,
         seq_len: int,
+        mode: str = "best_fit",
+        chunk: int = 2048,
+    ):
+        self.srcs, self.sampler, self.seq_len, self.mode, self.chunk = srcs, sampler, seq_len, mode, chunk
+        self._chunk_start, self._rows, self._row = sampler.state(), None, 0
+
+    def _build_chunk(self) -> None:
+        self._chunk_start = self.sampler.state()
+        draws = [self.sampler.next() for _ in range(self.chunk)]
+        self._rows = packing.pack([self.srcs[s].example(i) for s, i in draws], self.seq_len, self.mode)
+        self._row = 0
+
+    def next_rows(self, n: int) -> dict[str, np.ndarray]:
+        parts = []
+        while n:
+            if self._rows is None or self._row == len(self._rows["inputs"]):
+                self._build_chunk()
+            take = min(n, len(self._rows["inputs"]) - self._row)
+            parts.append({k: v[self._row : self._row + take] for k, v in self._rows.items()})
+            self._row, n = self._row + take, n - take
+        return {k: np.concatenate([p[k] for p in parts]) for k in packing.ROW_KEYS}
+
+    def state(self) -> dict:
+        return {"sampler": self._chunk_start, "row": self._row}
+
+    def restore(self, state: dict) -> None:
+        self.sampler.restore(state["sampler"])
+        self._build_chunk()
+        self._row = int(state["row"])
+
+
+class TrainBatches:
+    """This process's rows of each global batch, with a resumable state."""
+
+    def __init__(
+        self,
+        stream: PackedStream,
         global_batch_size: int,
         seed: int,
         process_index: int = 0,
@@ -50,52 +233,62 @@ class TrainBatches:
                 f"config.data.batch_size={global_batch_size} must divide evenly over "
                 f"{process_count} processes"
             )
-        self.examples, self.seq_len, self.seed = examples, seq_len, seed
-        self.global_batch_size = global_batch_size
-        per_host = global_batch_size // process_count
-        self.host_rows = slice(process_index * per_host, (process_index + 1) * per_host)
-        self.epoch, self.batch = 0, 0
-        self._rows_epoch, self._rows = None, None
-
-    def _epoch_rows(self, epoch: int) -> dict[str, np.ndarray]:
-        if self._rows_epoch != epoch:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-            self._rows = packing.pack([self.examples[i] for i in order], self.seq_len)
-            self._rows_epoch = epoch
-            n_rows = len(self._rows["inputs"])
-            if n_rows < self.global_batch_size:
-                raise ValueError(
-                    f"the training data packs into {n_rows} rows of {self.seq_len} tokens, fewer "
-                    f"than one batch (config.data.batch_size={self.global_batch_size}); lower the "
-                    "batch size or seq_len, or add data"
-                )
-        return self._rows
-
-    def batches_per_epoch(self) -> int:
-        return len(self._epoch_rows(self.epoch)["inputs"]) // self.global_batch_size
+        self.stream, self.seed = stream, seed
+        self.rows_per_host = global_batch_size // process_count
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self.batch >= self.batches_per_epoch():
-            self.epoch, self.batch = self.epoch + 1, 0
-        rows = self._epoch_rows(self.epoch)
-        start = self.batch * self.global_batch_size
-        self.batch += 1
-        return {k: v[start : start + self.global_batch_size][self.host_rows] for k, v in rows.items()}
+        return self.stream.next_rows(self.rows_per_host)
 
-    def state(self) -> dict[str, int]:
+    def state(self) -> dict:
         """The position *after* the last batch handed out: restoring it continues from there."""
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed}
+        return {"seed": self.seed, **self.stream.state()}
 
-    def restore(self, state: dict[str, int]) -> None:
-        if state["seed"] != self.seed:
+    def restore(self, state: dict) -> None:
+        if state.get("seed") != self.seed:
             raise ValueError(
-                f"the checkpoint's data seed {state['seed']} differs from config.seed={self.seed}; "
-                "resuming with another seed would replay a different data order"
+                f"the checkpoint's data seed {state.get('seed')} differs from config.seed="
+                f"{self.seed}; resuming with another seed would replay a different data order"
             )
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.stream.restore(state)
+
+
+class Prefetcher:
+    """Runs `TrainBatches` in a background thread, `depth` batches ahead; yields (batch, state_after)."""
+
+    def __init__(self, batches: TrainBatches, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(batches,), daemon=True)
+        self._thread.start()
+
+    def _run(self, batches: TrainBatches) -> None:
+        try:
+            while not self._stop.is_set():
+                item = (next(batches), batches.state())
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            self._queue.put(e)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def eval_batches(examples: list[packing.Example], seq_len: int, batch_size: int) -> list[dict]:
@@ -107,40 +300,194 @@ def eval_batches(examples: list[packing.Example], seq_len: int, batch_size: int)
     return [{k: v[i : i + batch_size] for k, v in rows.items()} for i in range(0, padded, batch_size)]
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalPrompt:
+    prompt_ids: list[int]
+    prompt_text: str
+    reference: str
+    source: int
+
+
 @dataclasses.dataclass
 class Data:
     tokenizer: Tokenizer
-    template: templates.PlainTemplate
+    template: object
+    source_names: list[str]
     train: TrainBatches
-    val_records: list[sources.Record]
-    val_examples: list[packing.Example]
-    stats: dict
+    train_sources: list[TokenizedSource]
+    val_sources: list[TokenizedSource]
+    eval_prompts: list[EvalPrompt]
+    stop_ids: list[int]
+    mixture: dict[str, float]
+
+    @property
+    def val_examples(self) -> list[packing.Example]:
+        return [ex for s in self.val_sources for ex in s.examples()]
+
+    def epochs(self, state: dict) -> dict[str, float]:
+        """Epochs of each source drawn by a data state (counted at the start of its pack chunk)."""
+        positions = state["sampler"]["positions"]
+        return {
+            s.name: e + p / max(len(s), 1) for s, (e, p) in zip(self.train_sources, positions, strict=True)
+        }
+
+    def summary(self) -> dict:
+        out = {"mixture": self.mixture}
+        for s in self.train_sources:
+            out[s.name] = s.stats
+        for s in self.val_sources:
+            out[f"{s.name}/val"] = s.stats
+        return out
 
 
-def build_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: str, train_records) -> Tokenizer:
-    """The configured tokenizer file, or one trained on the training data and cached in workdir."""
+def source_specs(data_cfg: ml_collections.ConfigDict) -> list[sources.SourceSpec]:
+    specs = []
+    for name, cfg in sorted(data_cfg.sources.items()):
+        fields = dict(cfg.to_dict())
+        fields["fields"] = dict(fields.get("fields") or {})
+        unknown = set(fields) - {f.name for f in dataclasses.fields(sources.SourceSpec)}
+        if unknown:
+            raise ValueError(f"config.data.sources.{name}: unknown field(s) {sorted(unknown)}")
+        if not fields.get("path"):
+            raise ValueError(f"config.data.sources.{name}.path is empty")
+        specs.append(sources.SourceSpec(name=name, **fields))
+    if not specs:
+        raise ValueError("config.data.sources is empty: name at least one data source")
+    return specs
+
+
+def _detect(spec: sources.SourceSpec, table: datasets.Dataset, path: str) -> str:
+    if spec.format != "auto":
+        if spec.format not in formats.FORMATS:
+            raise ValueError(
+                f"config.data.sources.{spec.name}.format={spec.format!r} is not one of "
+                f"{('auto',) + formats.FORMATS}"
+            )
+        return spec.format
+    for i in range(min(len(table), 100)):
+        where, record, error = sources.row_record(table[i], i, path)
+        if not error and isinstance(record, dict):
+            try:
+                return formats.detect_format(list(record), spec.fields)
+            except formats.BadRecord as e:
+                raise sources.DataError(f"source {spec.name!r} ({where}): {e}") from e
+    raise sources.DataError(f"source {spec.name!r}: no readable record among the first 100 of {path}")
+
+
+def _conversations(table: datasets.Dataset, path: str, fmt: str, fields: dict, limit: int):
+    """Up to `limit` parsed conversations (bad records skipped: they are reported elsewhere)."""
+    out = []
+    for i in range(len(table)):
+        if len(out) >= limit:
+            break
+        _, record, error = sources.row_record(table[i], i, path)
+        if error:
+            continue
+        try:
+            out.append(formats.to_conversation(record, fmt, fields))
+        except formats.BadRecord:
+            continue
+    return out
+
+
+def build_tokenizer(data_cfg, workdir: str, template_name: str, texts) -> Tokenizer:
+    """The configured tokenizer, or a SentencePiece model trained on the training data, cached."""
     if data_cfg.tokenizer:
-        return SentencePieceTokenizer(data_cfg.tokenizer)
+        return load_tokenizer(data_cfg.tokenizer)
     path = os.path.join(workdir, "tokenizer.model")
     if os.path.exists(path):
-        logging.info("Using the tokenizer cached at %s", path)
-        return SentencePieceTokenizer(path)
+        return load_tokenizer(path)
+    special = templates.BUILTIN[template_name]().special_tokens if template_name in templates.BUILTIN else ()
     logging.info("Training a %d-piece SentencePiece tokenizer on the training data", data_cfg.vocab_size)
-    texts = (t for r in train_records for t in (r.prompt, r.response))
-    return train_sentencepiece(texts, data_cfg.vocab_size, path)
+    return train_sentencepiece(texts(), data_cfg.vocab_size, path, special_tokens=special)
 
 
 def build_data(
-    data_cfg: ml_collections.ConfigDict, seed: int, workdir: str, process_index: int, process_count: int
+    data_cfg: ml_collections.ConfigDict,
+    seed: int,
+    workdir: str,
+    process_index: int = 0,
+    process_count: int = 1,
+    eval_prompt_limit: int = 0,
 ) -> Data:
-    train_records = sources.read_jsonl(data_cfg.train_path)
-    val_records = sources.read_jsonl(data_cfg.val_path) if data_cfg.val_path else []
-    tok = build_tokenizer(data_cfg, workdir, train_records)
-    template = templates.build_template(data_cfg.template, data_cfg.separator)
-    train_examples, train_stats = fit_all(tokenize(train_records, tok, template), data_cfg.seq_len)
-    val_examples, val_stats = fit_all(tokenize(val_records, tok, template), data_cfg.seq_len)
-    train = TrainBatches(
-        train_examples, data_cfg.seq_len, data_cfg.batch_size, seed, process_index, process_count
+    """Read, validate, tokenize and mix the configured sources; nothing is written to checkpoints."""
+    cache_dir = data_cfg.cache_dir or os.path.join(workdir, "cache")
+    specs = source_specs(data_cfg)
+    # ---- raw tables and their formats
+    raw = []
+    for spec in specs:
+        train = sources.read_table(spec.path, spec.split, cache_dir)
+        if spec.val_path:
+            val, val_path = (
+                sources.read_table(spec.val_path, spec.val_split or spec.split, cache_dir),
+                spec.val_path,
+            )
+        elif spec.val_split:
+            val, val_path = sources.read_table(spec.path, spec.val_split, cache_dir), spec.path
+        elif spec.val_fraction > 0:
+            split = train.train_test_split(test_size=spec.val_fraction, seed=seed, shuffle=True)
+            train, val, val_path = split["train"], split["test"], spec.path
+        else:
+            val, val_path = None, ""
+        fmt = _detect(spec, train, spec.path)
+        if process_count > 1:  # each host reads and tokenizes only its own contiguous shard
+            train = train.shard(num_shards=process_count, index=process_index, contiguous=True)
+        raw.append((spec, fmt, train, val, val_path))
+
+    # ---- tokenizer and template
+    def texts():
+        for spec, fmt, train, _, _ in raw:
+            for conv in _conversations(train, spec.path, fmt, dict(spec.fields), 100_000):
+                yield from (m.content for m in conv.messages)
+
+    tok = build_tokenizer(data_cfg, workdir, data_cfg.template, texts)
+    template = templates.build_template(data_cfg.template, data_cfg.separator, tok)
+
+    # ---- tokenize, validate
+    train_srcs, val_srcs, prompts = [], [], []
+    for i, (spec, fmt, train, val, val_path) in enumerate(raw):
+        tspec = TokenizeSpec(
+            fmt, dict(spec.fields), template, tok, data_cfg.train_on, data_cfg.seq_len, data_cfg.overlong
+        )
+        src = collect(spec.name, i, tokenize_table(train, spec.path, tspec, cache_dir, data_cfg.num_proc))
+        if src.bad and data_cfg.on_bad_record == "error":
+            raise bad_records_error(src)
+        if not len(src):
+            raise sources.DataError(f"source {spec.name!r} ({spec.path}) has no usable examples: {src.stats}")
+        train_srcs.append(src)
+        if val is not None:
+            vsrc = collect(spec.name, i, tokenize_table(val, val_path, tspec, cache_dir, data_cfg.num_proc))
+            if vsrc.bad and data_cfg.on_bad_record == "error":
+                raise bad_records_error(vsrc)
+            val_srcs.append(vsrc)
+            if eval_prompt_limit and fmt != "text":
+                per_source = -(-eval_prompt_limit // len(specs))
+                for conv in _conversations(val, val_path, fmt, dict(spec.fields), per_source):
+                    context, reference = conv.split_last_turn()
+                    ids = templates.prompt_ids(template, tok, context)
+                    prompts.append(EvalPrompt(ids, tok.decode(ids), reference, i))
+
+    # ---- mixture and packing
+    probs = mixture.mixture_probabilities(
+        [len(s) for s in train_srcs],
+        [spec.weight for spec in specs],
+        data_cfg.mixture,
+        data_cfg.mixture_cap,
+        data_cfg.mixture_temperature,
     )
-    stats = {"train": train_stats, "val": val_stats}
-    return Data(tok, template, train, val_records, val_examples, stats)
+    sampler = mixture.MixtureSampler([len(s) for s in train_srcs], probs, seed)
+    stream = PackedStream(
+        train_srcs, sampler, data_cfg.seq_len, data_cfg.packing, data_cfg.pack_chunk_examples
+    )
+    train_batches = TrainBatches(stream, data_cfg.batch_size, seed, process_index, process_count)
+    return Data(
+        tokenizer=tok,
+        template=template,
+        source_names=[s.name for s in specs],
+        train=train_batches,
+        train_sources=train_srcs,
+        val_sources=val_srcs,
+        eval_prompts=prompts[:eval_prompt_limit],
+        stop_ids=templates.stop_ids(template, tok),
+        mixture={s.name: float(p) for s, p in zip(specs, probs, strict=True)},
+    )

@@ -1,56 +1,122 @@
-"""Read SFT records from local files; every problem names the file and line.
+"""Read raw records from local files (or the Hugging Face hub) into memory-mapped `datasets` tables.
 
-The core supports JSONL `{"prompt": ..., "response": ...}`; more formats and sources read through
-Hugging Face `datasets` extend `read_records` without changing its callers.
+  *.jsonl / *.json     read line by line here, so a broken line becomes a bad-record row naming its
+                       file and line instead of failing the whole file; stored as raw JSON strings
+  *.parquet / *.csv / *.arrow, `datasets.save_to_disk` directories, hub names
+                       read by `datasets` itself; rows are located as `path:row N`
+
+Every table is Arrow on disk (memory-mapped), so a data set larger than RAM works. Parsing a record
+into a conversation happens later (formats.py), in the tokenization workers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import datasets
+
+RAW_JSON_FEATURES = datasets.Features(
+    {"where": datasets.Value("string"), "json": datasets.Value("string"), "error": datasets.Value("string")}
+)
+LOADERS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 
 class DataError(ValueError):
-    """A problem with input data; the message names the source and the line."""
+    """A problem with input data; the message names the source, the file and the line or row."""
 
 
 @dataclasses.dataclass(frozen=True)
-class Record:
-    prompt: str
-    response: str
-    source: str  # "path:line", so later errors (e.g. an empty loss mask) can point back here
+class SourceSpec:
+    """One data source as the config names it (`config.data.sources.<name>`)."""
+
+    name: str
+    path: str
+    format: str = "auto"  # auto | prompt_response | alpaca | chat | text
+    fields: Mapping[str, str] = dataclasses.field(default_factory=dict)  # canonical name -> column
+    weight: float = 1.0
+    split: str = "train"  # for DatasetDict directories and hub data sets
+    val_path: str = ""
+    val_split: str = ""
+    val_fraction: float = 0.0  # held out from `path` with a fixed seed when no val_path/val_split
 
 
-def read_jsonl(path: str, prompt_key: str = "prompt", response_key: str = "response") -> list[Record]:
-    """All records of a JSONL file, or a DataError naming the first bad line and why it is bad."""
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"cannot open data file {path}: {e.strerror}") from e
-    records = []
-    with f:
+def _json_lines(path: str, stamp: str) -> Iterator[dict[str, str]]:
+    del stamp  # part of the cache fingerprint only: a changed file is read again
+    with open(path, "rb") as f:
+        head = f.read(1024).lstrip()
+    if head.startswith(b"["):  # a JSON array file
         try:
-            lines = list(f)
+            with open(path, encoding="utf-8") as f:
+                items = json.load(f)
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
+            yield {"where": path, "json": "", "error": f"not valid UTF-8 ({e.reason} at byte {e.start})"}
+            return
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        for key in (prompt_key, response_key):
-            if key not in obj:
-                raise DataError(f"{where}: missing field {key!r} (fields present: {sorted(obj)})")
-            if not isinstance(obj[key], str):
-                raise DataError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
-        if not obj[response_key].strip():
-            raise DataError(f"{where}: field {response_key!r} is empty, so there is nothing to train on")
-        records.append(Record(obj[prompt_key], obj[response_key], where))
-    if not records:
-        raise DataError(f"{path}: no records found")
-    return records
+            yield {"where": f"{path}:{e.lineno}", "json": "", "error": f"invalid JSON ({e.msg})"}
+            return
+        for i, item in enumerate(items):
+            yield {"where": f"{path}:item {i}", "json": json.dumps(item), "error": ""}
+        return
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield {"where": where, "json": "", "error": f"not valid UTF-8 ({e.reason} at byte {e.start})"}
+                continue
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                yield {"where": where, "json": "", "error": f"invalid JSON ({e.msg} at column {e.colno})"}
+                continue
+            yield {"where": where, "json": line, "error": ""}
+
+
+def read_table(path: str, split: str, cache_dir: str | None) -> datasets.Dataset:
+    """The raw table behind `path` (see the module docstring)."""
+    ext = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path):
+        try:
+            loaded = datasets.load_from_disk(path)
+        except FileNotFoundError as e:
+            raise DataError(f"{path}: not a directory written by datasets.save_to_disk ({e})") from e
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(f"{path}: no split {split!r} (splits: {sorted(loaded)})")
+            loaded = loaded[split]
+        return loaded
+    if ext in (".jsonl", ".json"):
+        if not os.path.exists(path):
+            raise DataError(f"cannot open data file {path}: No such file or directory")
+        st = os.stat(path)
+        return datasets.Dataset.from_generator(
+            _json_lines,
+            gen_kwargs={"path": os.path.abspath(path), "stamp": f"{st.st_size}-{st.st_mtime_ns}"},
+            features=RAW_JSON_FEATURES,
+            cache_dir=cache_dir,
+        )
+    if ext in LOADERS:
+        if not os.path.exists(path):
+            raise DataError(f"cannot open data file {path}: No such file or directory")
+        return datasets.load_dataset(LOADERS[ext], data_files=path, split="train", cache_dir=cache_dir)
+    if os.path.exists(path) or "/" not in path or path.startswith(("/", ".")):
+        raise DataError(
+            f"{path}: unsupported data file (expected .jsonl, .json, .parquet, .csv, .arrow "
+            "or a datasets.save_to_disk directory)"
+        )
+    # An `owner/name` that is not a local path: a hub data set (needs a network; tests never use one).
+    return datasets.load_dataset(path, split=split, cache_dir=cache_dir)
+
+
+def row_record(row: Mapping[str, Any], index: int, path: str) -> tuple[str, Any, str]:
+    """(where, record, error) for one row of a table from `read_table`."""
+    if "json" in row and "where" in row and "error" in row and len(row) == 3:
+        return row["where"], (json.loads(row["json"]) if not row["error"] else None), row["error"]
+    return f"{path}:row {index}", dict(row), ""

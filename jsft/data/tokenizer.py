@@ -1,12 +1,15 @@
-"""One tokenizer interface; a SentencePiece implementation and a trainer for it.
+"""One tokenizer interface over SentencePiece `.model` files and Hugging Face `tokenizer.json` files.
 
-Everything downstream (templates, packing, generation) sees only `Tokenizer`: ids in, ids out, and
-the special ids. A Hugging Face `tokenizer.json` implementation slots in beside SentencePiece later.
+Everything downstream (templates, packing, generation) sees only `Tokenizer`: text in, ids out, and
+the special ids, which are always read from the tokenizer's own files. `encode` never adds BOS/EOS:
+templates place special tokens explicitly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 from collections.abc import Iterable
 from typing import Protocol
@@ -24,9 +27,19 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Iterable[int]) -> str: ...
 
+    def fingerprint(self) -> str: ...
+
+
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
 
 class SentencePieceTokenizer:
     """A SentencePiece `.model` file; special ids are read from the model itself."""
+
+    chat_template = None
+    end_of_turn = None
 
     def __init__(self, path: str):
         if not os.path.exists(path):
@@ -40,21 +53,115 @@ class SentencePieceTokenizer:
             raise ValueError(f"{path}: the SentencePiece model defines no EOS id; SFT needs one")
         # Padding positions are never trained or attended to, so any valid id will do.
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+        self.bos_token = self._sp.id_to_piece(self.bos_id) if self.bos_id is not None else None
+        self.eos_token = self._sp.id_to_piece(self.eos_id)
+
+    def __getstate__(self):  # worker processes reload from the file
+        return self.path
+
+    def __setstate__(self, path):
+        self.__init__(path)
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.encode(texts)
-
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    def fingerprint(self) -> str:
+        return "sp-" + _file_digest(self.path)
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str) -> SentencePieceTokenizer:
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json writes special tokens as strings or as {"content": ...} objects."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer directory (tokenizer.json + tokenizer_config.json), via `tokenizers`.
+
+    Special tokens and the chat template come from tokenizer_config.json; without one, BOS/EOS are
+    looked up among the tokenizer's added special tokens by their usual names.
+    """
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as _Tokenizer  # noqa: PLC0415
+
+        directory = path if os.path.isdir(path) else os.path.dirname(path)
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"no tokenizer.json at {path}")
+        self.path, self.file = path, file
+        self._tok = _Tokenizer.from_file(file)
+        config_path = os.path.join(directory, "tokenizer_config.json")
+        config = {}
+        if os.path.exists(config_path):
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        self.config_path = config_path if config else None
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        self.chat_template = template
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        pad_token = _token_text(config.get("pad_token"))
+        self.bos_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+        if self.eos_token is None:
+            self.eos_token = next(
+                (
+                    t
+                    for t in ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
+                    if self._tok.token_to_id(t) is not None
+                ),
+                None,
+            )
+        if self.eos_token is None or self._tok.token_to_id(self.eos_token) is None:
+            raise ValueError(f"{path}: cannot find the EOS token (set eos_token in tokenizer_config.json)")
+        self.eos_id = self._tok.token_to_id(self.eos_token)
+        pad_id = self._tok.token_to_id(pad_token) if pad_token else None
+        self.pad_id = pad_id if pad_id is not None else self.eos_id
+        self.end_of_turn = None  # HF templates end replies with EOS or a token named by the template
+
+    def __getstate__(self):
+        return self.path
+
+    def __setstate__(self, path):
+        self.__init__(path)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def fingerprint(self) -> str:
+        parts = [_file_digest(self.file)] + ([_file_digest(self.config_path)] if self.config_path else [])
+        return "hf-" + "-".join(parts)
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A `.model` file is SentencePiece; a directory or `.json` file is a Hugging Face tokenizer."""
+    if path.endswith(".model"):
+        return SentencePieceTokenizer(path)
+    if os.path.isdir(path) or path.endswith(".json"):
+        return HFTokenizer(path)
+    raise ValueError(
+        f"config.data.tokenizer={path!r}: expected a SentencePiece .model file, a "
+        "tokenizer.json file or a Hugging Face tokenizer directory"
+    )
+
+
+def train_sentencepiece(
+    texts: Iterable[str], vocab_size: int, path: str, special_tokens: Iterable[str] = ()
+) -> SentencePieceTokenizer:
     """Train a BPE model on `texts` and write it to `path` (deterministic for the same texts).
 
-    Digits are split so numbers tokenize one digit at a time, which small models learn far better.
+    Digits are split so numbers tokenize one digit at a time, which small models learn far better;
+    `special_tokens` (a chat template's markers) stay whole.
     """
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -66,6 +173,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str) -> Sen
         split_digits=True,
         byte_fallback=True,  # any UTF-8 text at generation or eval time stays representable
         character_coverage=1.0,
+        user_defined_symbols=list(special_tokens),
         pad_id=0,
         unk_id=1,
         bos_id=2,

@@ -13,8 +13,10 @@ import numpy as np
 from jsft.models.registry import ModelDef
 
 
-def make_greedy_decoder(model: ModelDef, max_new_tokens: int, eos_id: int, pad_id: int):
+def make_greedy_decoder(model: ModelDef, max_new_tokens: int, stop_ids: list[int], pad_id: int):
     """decode(params, tokens [B, L], lengths [B]) -> tokens [B, L] with continuations written in."""
+
+    stop = jnp.asarray(stop_ids, jnp.int32)
 
     def decode(params, tokens_bl, lengths_b):
         rows = jnp.arange(tokens_bl.shape[0])
@@ -29,7 +31,7 @@ def make_greedy_decoder(model: ModelDef, max_new_tokens: int, eos_id: int, pad_i
             next_b = jnp.argmax(logits_blv[rows, lengths_b - 1], axis=-1).astype(tokens_bl.dtype)
             next_b = jnp.where(done, pad_id, next_b)
             tokens_bl = tokens_bl.at[rows, lengths_b].set(next_b)
-            return i + 1, tokens_bl, lengths_b + 1, done | (next_b == eos_id)
+            return i + 1, tokens_bl, lengths_b + 1, done | jnp.isin(next_b, stop)
 
         done = jnp.zeros(tokens_bl.shape[0], jnp.bool_)
         _, tokens_bl, _, _ = jax.lax.while_loop(not_finished, one_token, (0, tokens_bl, lengths_b, done))
@@ -45,10 +47,10 @@ def greedy_generate(
     buffer_len: int,
     max_new_tokens: int,
     batch_size: int,
-    eos_id: int,
+    stop_ids: list[int],
     pad_id: int,
 ) -> list[list[int]]:
-    """Continuations (without the EOS) for every prompt, in batches of a fixed shape."""
+    """Continuations (cut before the first stop id) for every prompt, in batches of a fixed shape."""
     keep = buffer_len - max_new_tokens  # longer prompts keep their last `keep` tokens
     outputs = []
     for start in range(0, len(prompts), batch_size):
@@ -60,5 +62,6 @@ def greedy_generate(
         out = np.asarray(decoder(params, tokens, lengths))
         for r, p in enumerate(chunk):
             new = out[r, len(p) : len(p) + max_new_tokens].tolist()
-            outputs.append(new[: new.index(eos_id)] if eos_id in new else new)
+            ends = [k for k, t in enumerate(new) if t in stop_ids]
+            outputs.append(new[: ends[0]] if ends else new)
     return outputs

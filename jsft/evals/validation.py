@@ -14,61 +14,76 @@ from jsft.train.step import make_eval_step
 
 
 class ValidationEvaluator:
-    """`run(params) -> (metrics, samples)`; metric keys are `eval/loss`, `eval/perplexity`,
-    `eval/exact_match`."""
+    """`run(params) -> (metrics, samples)`.
+
+    Metric keys: `eval/loss`, `eval/perplexity`, `eval/exact_match`, and with several sources
+    `eval/loss/<source>` and `eval/exact_match/<source>`.
+    """
 
     def __init__(
-        self,
-        model: ModelDef,
-        data: pipeline.Data,
-        seq_len: int,
-        batch_size: int,
-        max_new_tokens: int,
-        exact_match_examples: int,
+        self, model: ModelDef, data: pipeline.Data, seq_len: int, batch_size: int, max_new_tokens: int
     ):
-        self.data = data
+        self.data, self.names = data, data.source_names
+        self.per_source = len(self.names) > 1
         self.loss_batches = pipeline.eval_batches(data.val_examples, seq_len, batch_size)
-        self.eval_step = jax.jit(make_eval_step(model))
-        self.records = data.val_records[:exact_match_examples]
-        tok = data.tokenizer
-        self.prompts = [data.template.prompt_ids(tok, r.prompt) for r in self.records]
-        longest = max((len(p) for p in self.prompts), default=1)
+        self.eval_step = jax.jit(make_eval_step(model, num_sources=len(self.names)))
+        self.prompts = data.eval_prompts
+        longest = max((len(p.prompt_ids) for p in self.prompts), default=1)
         # One buffer shape for every batch (one compile): the longest prompt plus the new tokens.
         self.buffer_len = min(seq_len, -(-(longest + max_new_tokens) // 8) * 8)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.decoder = generate.make_greedy_decoder(model, max_new_tokens, tok.eos_id, tok.pad_id)
+        self.decoder = generate.make_greedy_decoder(
+            model, max_new_tokens, data.stop_ids, data.tokenizer.pad_id
+        )
 
-    def run(self, params) -> tuple[dict[str, float], list[dict]]:
-        loss_sum = weight_sum = 0.0
+    def _loss(self, params) -> dict[str, float]:
+        totals = None
         for batch in self.loss_batches:
             sums = jax.device_get(self.eval_step(params, batch))
-            loss_sum, weight_sum = loss_sum + float(sums["loss_sum"]), weight_sum + float(sums["weight_sum"])
-        out = {}
-        if weight_sum:
-            out["eval/loss"] = loss_sum / weight_sum
-            out["eval/perplexity"] = math.exp(min(out["eval/loss"], 50.0))
+            totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+        if totals is None or not totals["weight_sum"]:
+            return {}
+        out = {"eval/loss": float(totals["loss_sum"] / totals["weight_sum"])}
+        out["eval/perplexity"] = math.exp(min(out["eval/loss"], 50.0))
+        if self.per_source:
+            for k, name in enumerate(self.names, start=1):
+                if totals["target_tokens_by_source"][k]:
+                    out[f"eval/loss/{name}"] = float(
+                        totals["loss_sum_by_source"][k] / totals["target_tokens_by_source"][k]
+                    )
+        return out
+
+    def run(self, params) -> tuple[dict[str, float], list[dict]]:
+        out = self._loss(params)
+        if not self.prompts:
+            return out, []
+        tok = self.data.tokenizer
+        generated = generate.greedy_generate(
+            self.decoder,
+            params,
+            [p.prompt_ids for p in self.prompts],
+            self.buffer_len,
+            self.max_new_tokens,
+            self.batch_size,
+            self.data.stop_ids,
+            tok.pad_id,
+        )
         samples = []
-        if self.records:
-            tok = self.data.tokenizer
-            generated = generate.greedy_generate(
-                self.decoder,
-                params,
-                self.prompts,
-                self.buffer_len,
-                self.max_new_tokens,
-                self.batch_size,
-                tok.eos_id,
-                tok.pad_id,
+        for p, ids in zip(self.prompts, generated, strict=True):
+            text = tok.decode(ids)
+            samples.append(
+                {
+                    "source": self.names[p.source],
+                    "prompt": p.prompt_text,
+                    "reference": p.reference,
+                    "output": text,
+                    "exact_match": metrics.exact_match(text, p.reference),
+                }
             )
-            for rec, ids in zip(self.records, generated, strict=True):
-                text = tok.decode(ids)
-                samples.append(
-                    {
-                        "prompt": rec.prompt,
-                        "reference": rec.response,
-                        "output": text,
-                        "exact_match": metrics.exact_match(text, rec.response),
-                    }
-                )
-            out["eval/exact_match"] = float(np.mean([s["exact_match"] for s in samples]))
+        out["eval/exact_match"] = float(np.mean([s["exact_match"] for s in samples]))
+        if self.per_source:
+            for name in self.names:
+                scores = [s["exact_match"] for s in samples if s["source"] == name]
+                if scores:
+                    out[f"eval/exact_match/{name}"] = float(np.mean(scores))
         return out, samples

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jsft import config as config_lib
-from jsft.data.pipeline import build_data
+from jsft.data.pipeline import Prefetcher, build_data
 from jsft.evals.validation import ValidationEvaluator
 from jsft.models.registry import build_model
 from jsft.train.checkpoint import Checkpointer
@@ -78,8 +78,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     stop = _StopRequest()
 
     # ------------------------------------------------------------------ Input pipeline
-    data = build_data(config.data, config.seed, workdir, jax.process_index(), jax.process_count())
-    _print(is_main, f"Data: {data.stats}; tokenizer vocabulary {data.tokenizer.vocab_size}")
+    data = build_data(
+        config.data,
+        config.seed,
+        workdir,
+        jax.process_index(),
+        jax.process_count(),
+        eval_prompt_limit=config.eval.exact_match_examples,
+    )
+    data_metrics = {}
+    for src in data.train_sources:
+        st = src.stats
+        data_metrics.update(
+            {
+                f"data/{src.name}/skipped_records": st["bad"],
+                f"data/{src.name}/truncated": st["truncated"],
+                f"data/{src.name}/dropped_overlong": st["dropped_overlong"],
+            }
+        )
+        _print(
+            is_main,
+            f"Data {src.name!r}: {st['examples']:,} examples of {st['records']:,} records "
+            f"({st['tokens']:,} tokens; mixture weight {data.mixture[src.name]:.3f}; skipped bad "
+            f"{st['bad']}{' ' + str(st['bad_by_reason']) if st['bad'] else ''}; truncated "
+            f"{st['truncated']}; dropped over-long {st['dropped_overlong']})",
+        )
+    _print(is_main, f"Tokenizer: {data.tokenizer.vocab_size} pieces; template {config.data.template!r}")
 
     # ------------------------------------------------------------------ Model and optimizer
     model = build_model(config.model, data.tokenizer.vocab_size)
@@ -123,24 +147,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ------------------------------------------------------------------ Update step
     train_step = jax.jit(
-        make_train_step(model, tx, schedule, config.optim.grad_accum_steps, config.loss.normalization),
+        make_train_step(
+            model,
+            tx,
+            schedule,
+            config.optim.grad_accum_steps,
+            config.loss.normalization,
+            num_sources=len(data.source_names),
+        ),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, replicated),
         donate_argnums=0,
     )
     evaluator = ValidationEvaluator(
-        model,
-        data,
-        config.data.seq_len,
-        config.eval.batch_size,
-        config.eval.max_new_tokens,
-        config.eval.exact_match_examples,
+        model, data, config.data.seq_len, config.eval.batch_size, config.eval.max_new_tokens
     )
 
     def to_global(batch):
         return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
 
-    summary: dict = {}
+    summary: dict = {k: v for k, v in data_metrics.items() if v}
 
     def evaluate(step: int) -> None:
         metrics, samples = evaluator.run(state.params)
@@ -151,8 +177,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         _print(is_main, f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     # ------------------------------------------------------------------ Train loop
-    if start_step == 0 and config.eval.at_start and config.train.eval_every_steps:
-        evaluate(0)
+    if start_step == 0:
+        writer.write(0, data_metrics)
+        if config.eval.at_start and config.train.eval_every_steps:
+            evaluate(0)
     if start_step >= total_steps:
         _print(
             is_main,
@@ -167,26 +195,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         dynamic_ncols=True,
         mininterval=1.0,
     )
-    pending, last_time, tokens_per_step = [], time.time(), config.data.batch_size * config.data.seq_len
+    batches = Prefetcher(data.train, config.data.prefetch)  # packs ahead while the step runs
+    pending, last_time = [], time.time()
     # stop_after_steps ends this invocation early (a time-limited job) without changing the schedule.
     end_step = min(total_steps, config.train.stop_after_steps or total_steps)
     step = start_step
     for step in range(start_step + 1, end_step + 1):
-        state, metrics = train_step(state, to_global(next(data.train)))
+        batch, data_state = next(batches)
+        state, metrics = train_step(state, to_global(batch))
         pending.append(metrics)
         pbar.update(1)
 
         if step % config.train.log_every_steps == 0 or step == end_step:
-            fetched = jax.device_get(pending)
             elapsed, last_time = time.time() - last_time, time.time()
-            logged = {
-                "train/loss": float(np.mean([m["loss"] for m in fetched])),
-                "train/lr": float(fetched[-1]["lr"]),
-                "train/grad_norm": float(fetched[-1]["grad_norm"]),
-                "train/target_tokens": float(np.sum([m["target_tokens"] for m in fetched])),
-                "train/tokens_per_s": len(fetched) * tokens_per_step / elapsed,
-                "train/epoch": data.train.epoch,
-            }
+            logged = _train_metrics(jax.device_get(pending), elapsed, config.data, data, data_state)
             if not np.isfinite(logged["train/loss"]):
                 raise FloatingPointError(f"train loss is {logged['train/loss']} at step {step}")
             writer.write(step, logged)
@@ -199,10 +221,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             evaluate(step)
             last_time = time.time()  # evaluation time is not training throughput
         if step % config.train.checkpoint_every_steps == 0 or step == end_step or stop.signum:
-            ckpt.save(step, state, data.train.state())
+            ckpt.save(step, state, data_state)
         if stop.signum:
             _print(is_main, f"Signal {stop.signum}: saved a checkpoint at step {step}; rerun to resume")
             break
+    batches.close()
     pbar.close()
     ckpt.wait()
     ckpt.close()
@@ -214,3 +237,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         lines = [f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}" for k, v in summary.items()]
         tqdm.write("Summary\n" + "\n".join(lines))
     return summary
+
+
+def _train_metrics(fetched: list[dict], elapsed: float, data_cfg, data, data_state) -> dict[str, float]:
+    """Metrics over the steps since the last log line: mean loss, last lr/grad norm, throughput."""
+    logged = {
+        "train/loss": float(np.mean([m["loss"] for m in fetched])),
+        "train/lr": float(fetched[-1]["lr"]),
+        "train/grad_norm": float(fetched[-1]["grad_norm"]),
+        "train/target_tokens": float(np.sum([m["target_tokens"] for m in fetched])),
+        "train/tokens_per_s": len(fetched) * data_cfg.batch_size * data_cfg.seq_len / elapsed,
+    }
+    if len(data.source_names) > 1:
+        loss_sums = np.sum([m["loss_sum_by_source"] for m in fetched], axis=0)
+        tokens = np.sum([m["target_tokens_by_source"] for m in fetched], axis=0)
+        for k, name in enumerate(data.source_names, start=1):
+            if tokens[k]:
+                logged[f"train/loss/{name}"] = float(loss_sums[k] / tokens[k])
+    for name, epochs in data.epochs(data_state).items():
+        logged[f"data/epoch/{name}"] = epochs
+    return logged

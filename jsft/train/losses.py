@@ -39,12 +39,23 @@ def token_weights(loss_mask_bt, segment_ids_bt, normalization: str):
     raise ValueError(f"loss normalization {normalization!r} is not one of {NORMALIZATIONS}")
 
 
-def cross_entropy_sums(logits_btv, batch, normalization: str = "token") -> dict[str, jax.Array]:
-    """{'loss_sum', 'weight_sum', 'target_tokens'} for one (micro-)batch."""
+def cross_entropy_sums(logits_btv, batch, normalization: str = "token", num_sources: int = 0):
+    """{'loss_sum', 'weight_sum', 'target_tokens'} for one (micro-)batch.
+
+    With `num_sources`, also per-source token-loss sums and target counts (index 0 is padding, source
+    k is index k + 1), so `train/loss/<source>` is exact even when sources share packed rows.
+    """
     nll = token_nll(logits_btv, batch["targets"])
     weights = token_weights(batch["loss_mask"], batch["segment_ids"], normalization)
-    return {
+    mask = batch["loss_mask"].astype(jnp.float32)
+    sums = {
         "loss_sum": jnp.sum(nll * weights),
         "weight_sum": jnp.sum(weights),
-        "target_tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32)),
+        "target_tokens": jnp.sum(mask),
     }
+    if num_sources:
+        ids = batch["source_ids"].reshape(-1)
+        n = num_sources + 1
+        sums["loss_sum_by_source"] = jax.ops.segment_sum((nll * mask).reshape(-1), ids, num_segments=n)
+        sums["target_tokens_by_source"] = jax.ops.segment_sum(mask.reshape(-1), ids, num_segments=n)
+    return sums

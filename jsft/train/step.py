@@ -23,12 +23,13 @@ def make_train_step(
     schedule: optax.Schedule,
     grad_accum_steps: int = 1,
     normalization: str = "token",
+    num_sources: int = 0,
 ) -> Callable:
     """Build the un-jitted step; the loop jits it with donation (and, later, explicit shardings)."""
 
     def loss_sums(params, micro):
         logits = model.apply(params, micro["inputs"], micro["positions"], micro["segment_ids"])
-        sums = cross_entropy_sums(logits, micro, normalization)
+        sums = cross_entropy_sums(logits, micro, normalization, num_sources)
         return sums["loss_sum"], sums
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -40,7 +41,8 @@ def make_train_step(
             return _tree_add(carry, (grads, sums)), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        zero_sums = dict.fromkeys(("loss_sum", "weight_sum", "target_tokens"), jnp.zeros(()))
+        sums_shape = jax.eval_shape(loss_sums, state.params, jax.tree.map(lambda x: x[0], micro))[1]
+        zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), sums_shape)
         (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), micro)
 
         # Sums over the whole global batch are divided once: accumulation leaves the objective as is.
@@ -56,16 +58,17 @@ def make_train_step(
             "grad_norm": optax.tree.norm(grads),
             "target_tokens": sums["target_tokens"],
         }
+        metrics.update({k: v for k, v in sums.items() if k.endswith("_by_source")})
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(model: ModelDef) -> Callable:
+def make_eval_step(model: ModelDef, num_sources: int = 0) -> Callable:
     """Sums (not means) of the per-token loss, so the caller can total over any number of batches."""
 
     def eval_step(params, batch: dict) -> dict:
         logits = model.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"])
-        return cross_entropy_sums(logits, batch, "token")
+        return cross_entropy_sums(logits, batch, "token", num_sources)
 
     return eval_step

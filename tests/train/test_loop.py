@@ -54,7 +54,15 @@ def test_a_run_writes_checkpoints_metrics_samples_and_tensorboard(tiny_config, t
     evals = [r for r in rows if "eval/loss" in r]
     assert [r["step"] for r in evals] == [0, 3, 6]
     assert all(0.0 <= r["eval/exact_match"] <= 1.0 for r in evals)
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(rows[1])
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "data/epoch/demo"} <= set(train_rows[0])
+    assert rows[0] == {
+        "step": 0,
+        "data/demo/skipped_records": 0,
+        "data/demo/truncated": 0,
+        "data/demo/dropped_overlong": 0,
+    }
     assert os.listdir(workdir / "tb")
     assert (workdir / "samples" / "step_000006.jsonl").exists()
     assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 6
