@@ -12,7 +12,7 @@ from jsft.models.llama import REMAT_POLICIES
 from jsft.train.losses import NORMALIZATIONS
 from jsft.train.optim import DECAYS
 
-MODES = ("train",)
+MODES = ("train", "inspect")
 
 
 class ConfigError(ValueError):

@@ -1,4 +1,6 @@
-"""Command-line entry: `python -m jsft.main --config configs/demo.py --workdir DIR [--mode train]`.
+"""Command-line entry: `python -m jsft.main --config configs/demo.py --workdir DIR [--mode MODE]`.
+
+Modes: `train` (the default) and `inspect` (read and tokenize the data, write a report; no training).
 
 Any config field can be overridden, e.g. `--config.optim.lr=3e-4`; a misspelled field is an error.
 """
@@ -43,6 +45,10 @@ def main(argv):
     try:
         if _MODE.value == "train":
             loop.train_and_evaluate(config, _WORKDIR.value)
+        elif _MODE.value == "inspect":
+            from jsft.data.inspect import run_inspect  # noqa: PLC0415
+
+            run_inspect(config, _WORKDIR.value)
     except (config_lib.ConfigError, DataError) as e:
         sys.exit(f"jsft: error: {e}")
 

@@ -438,7 +438,8 @@ def build_data(
     def texts():
         for spec, fmt, train, _, _ in raw:
             for conv in _conversations(train, spec.path, fmt, dict(spec.fields), 100_000):
-                yield from (m.content for m in conv.messages)
+                # Role names appear in chat templates' headers: let them become pieces too.
+                yield from (f"{m.role}\n{m.content}" for m in conv.messages)
 
     tok = build_tokenizer(data_cfg, workdir, data_cfg.template, texts)
     template = templates.build_template(data_cfg.template, data_cfg.separator, tok)

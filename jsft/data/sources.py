@@ -18,11 +18,13 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import datasets
+import numpy as np
 
 RAW_JSON_FEATURES = datasets.Features(
     {"where": datasets.Value("string"), "json": datasets.Value("string"), "error": datasets.Value("string")}
 )
 LOADERS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+ROW_COLUMN = "__row__"
 
 
 class DataError(ValueError):
@@ -80,7 +82,18 @@ def _json_lines(path: str, stamp: str) -> Iterator[dict[str, str]]:
 
 
 def read_table(path: str, split: str, cache_dir: str | None) -> datasets.Dataset:
-    """The raw table behind `path` (see the module docstring)."""
+    """The raw table behind `path` (see the module docstring).
+
+    Tables other than JSON get a `__row__` column, so a row keeps its original number through
+    held-out splits and per-host shards.
+    """
+    table = _read_table(path, split, cache_dir)
+    if "where" in table.column_names and "json" in table.column_names:
+        return table
+    return table.add_column(ROW_COLUMN, np.arange(len(table), dtype=np.int64))
+
+
+def _read_table(path: str, split: str, cache_dir: str | None) -> datasets.Dataset:
     ext = os.path.splitext(path)[1].lower()
     if os.path.isdir(path):
         try:
@@ -119,4 +132,5 @@ def row_record(row: Mapping[str, Any], index: int, path: str) -> tuple[str, Any,
     """(where, record, error) for one row of a table from `read_table`."""
     if "json" in row and "where" in row and "error" in row and len(row) == 3:
         return row["where"], (json.loads(row["json"]) if not row["error"] else None), row["error"]
-    return f"{path}:row {index}", dict(row), ""
+    record = {k: v for k, v in row.items() if k != ROW_COLUMN}
+    return f"{path}:row {row.get(ROW_COLUMN, index)}", record, ""

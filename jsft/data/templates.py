@@ -177,10 +177,9 @@ def prompt_ids(template, tok: Tokenizer, conv: Conversation) -> list[int]:
 def stop_ids(template, tok: Tokenizer) -> list[int]:
     """Token ids that end a generated reply: EOS and the template's end-of-turn token."""
     ids = {tok.eos_id}
-    if template.end_of_turn:
-        eot = tok.encode(template.end_of_turn)
-        if len(eot) == 1:
-            ids.add(eot[0])
+    eot = tok.token_id(template.end_of_turn) if template.end_of_turn else None
+    if eot is not None:
+        ids.add(eot)
     return sorted(ids)
 
 

@@ -27,6 +27,8 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Iterable[int]) -> str: ...
 
+    def token_id(self, token: str) -> int | None: ...
+
     def fingerprint(self) -> str: ...
 
 
@@ -67,6 +69,11 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a single piece (e.g. a special token), or None if the vocabulary lacks it."""
+        i = self._sp.piece_to_id(token)
+        return None if i == self._sp.unk_id() and token != self._sp.id_to_piece(i) else i
 
     def fingerprint(self) -> str:
         return "sp-" + _file_digest(self.path)
@@ -138,6 +145,9 @@ class HFTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
     def fingerprint(self) -> str:
         parts = [_file_digest(self.file)] + ([_file_digest(self.config_path)] if self.config_path else [])
         return "hf-" + "-".join(parts)
@@ -173,6 +183,10 @@ def train_sentencepiece(
         split_digits=True,
         byte_fallback=True,  # any UTF-8 text at generation or eval time stays representable
         character_coverage=1.0,
+        # Keep text as written (newlines, repeated spaces): chat templates depend on it, and
+        # decode(encode(text)) == text makes generated outputs comparable with references.
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
         user_defined_symbols=list(special_tokens),
         pad_id=0,
         unk_id=1,

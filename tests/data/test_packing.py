@@ -38,9 +38,31 @@ def test_rows_hold_every_example_once_with_restarting_positions():
     assert rows["loss_mask"].sum() == sum(ex.mask[1:].sum() for ex in examples)
 
 
-def test_over_long_examples_are_truncated_or_dropped_and_counted():
+def test_over_long_examples_follow_the_policy_and_are_counted():
     stats = packing.PackStats()
     cut = packing.fit_example(_ex(3, 20), 10, stats)
-    assert len(cut.ids) == 11 and cut.mask[1:].any()
+    assert len(cut.ids) == 11 and list(cut.ids[:3]) == [1, 2, 3]  # truncate keeps the start
     assert packing.fit_example(_ex(12, 3), 10, stats) is None  # only prompt survives: nothing to train
-    assert stats.as_dict() == {"examples": 2, "truncated": 2, "dropped": 1}
+    assert stats.as_dict() == {"examples": 2, "truncated": 1, "dropped": 1}
+
+    ids, mask = list(range(20)), [False] * 15 + [True] * 5
+    left, lmask, truncated = packing.fit_ids(ids, mask, 10, "truncate_prompt")
+    assert truncated and left == [0] + list(range(10, 20)) and lmask[-5:] == [True] * 5
+    assert packing.fit_ids(ids, mask, 10, "drop") == ([], [], True)
+    assert packing.fit_ids(ids[:8], mask[:8], 10, "drop") == (ids[:8], mask[:8], False)
+    # The response alone is too long: drop the prompt, then cut the end of the response.
+    long_resp, lr_mask, _ = packing.fit_ids(ids, [False] * 2 + [True] * 18, 10, "truncate_prompt")
+    assert long_resp == [0] + list(range(2, 12))
+
+
+def test_pad_mode_gives_each_example_a_row_and_stats_show_the_difference():
+    examples = [_ex(2, 3, start=10 * i) for i in range(8)]
+    packed, padded = packing.pack(examples, 16), packing.pack(examples, 16, mode="pad")
+    assert len(padded["inputs"]) == 8 and len(packed["inputs"]) == 2  # 4 positions each, 4 per row
+    sp, sd = packing.packing_stats(packed), packing.packing_stats(padded)
+    assert sd["examples_per_row"] == 1.0 and sp["examples_per_row"] == 4.0
+    assert sp["non_pad_fraction"] == 1.0 and sd["non_pad_fraction"] == pytest.approx(4 / 16)
+    assert sd["target_fraction"] == pytest.approx(8 * 3 / (8 * 16))
+    assert (packed["source_ids"][packed["segment_ids"] > 0] == 1).all()
+    with pytest.raises(ValueError, match="config.data.packing"):
+        packing.pack(examples, 16, mode="concat")

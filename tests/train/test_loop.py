@@ -20,6 +20,20 @@ def _losses(workdir):
 
 @pytest.mark.slow
 def test_interrupted_run_reproduces_the_uninterrupted_loss_curve_exactly(tiny_config, tmp_path):
+    # Two sources in a weighted mixture, so the data position spans sampler, pack chunks and epochs.
+    import ml_collections
+
+    from configs.demo import source
+    from tests.conftest import make_records, write_jsonl
+
+    write_jsonl(
+        tmp_path / "b.jsonl",
+        [{"instruction": r["prompt"], "output": r["response"]} for r in make_records(50, 9)],
+    )
+    tiny_config.data.sources = ml_collections.ConfigDict(
+        {"a": tiny_config.data.sources.demo, "b": source(str(tmp_path / "b.jsonl"), weight=0.5)}
+    )
+    tiny_config.data.pack_chunk_examples = 32
     tiny_config.train.steps = 40
     tiny_config.train.checkpoint_every_steps = 10
     tiny_config.train.eval_every_steps = 0
@@ -37,6 +51,17 @@ def test_interrupted_run_reproduces_the_uninterrupted_loss_curve_exactly(tiny_co
     full_curve, resumed_curve = _losses(tmp_path / "full"), _losses(resumed)
     assert sorted(resumed_curve) == list(range(1, 41)), "no step is logged twice or lost"
     assert resumed_curve == full_curve  # bitwise-equal floats on CPU
+
+    def per_source(workdir):
+        return {
+            m["step"]: (m.get("train/loss/a"), m.get("train/loss/b"))
+            for m in _metrics(workdir)
+            if "train/loss" in m
+        }
+
+    assert per_source(resumed) == per_source(tmp_path / "full")
+    assert sum(b is not None for _, b in per_source(resumed).values()) > 10
+    assert _metrics(resumed)[-1]["data/epoch/b"] > 1.0  # the small source went round more than once
 
 
 @pytest.mark.slow

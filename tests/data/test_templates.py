@@ -1,0 +1,161 @@
+import json
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from jsft.data.formats import BadRecord, Conversation, Message
+from jsft.data.templates import JinjaTemplate, build_template, prompt_ids, render, stop_ids
+from jsft.data.tokenizer import HFTokenizer, load_tokenizer, train_sentencepiece
+
+CHAT = Conversation(
+    (
+        Message("system", "Be brief."),
+        Message("user", "What is 2 + 2?"),
+        Message("assistant", "4"),
+        Message("user", "And 3 + 3?"),
+        Message("assistant", "It is 6."),
+    )
+)
+CHATML_JINJA = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TEXTS = ["Be brief. What is 2 + 2? 4 And 3 + 3? It is 6.", "You are helpful.", "hello world"] * 30
+
+
+def trained_runs(ids, mask):
+    runs, cur = [], []
+    for i, m in zip(ids, mask, strict=True):
+        if m:
+            cur.append(i)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + ([cur] if cur else [])
+
+
+@pytest.fixture(scope="module")
+def sp_chat_tokenizer(tmp_path_factory):
+    special = (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|begin_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    )
+    return train_sentencepiece(TEXTS, 320, str(tmp_path_factory.mktemp("sp") / "t.model"), special)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny byte-level BPE tokenizer directory in Hugging Face layout, built on the spot."""
+    d = tmp_path_factory.mktemp("hf_tok")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(
+        TEXTS,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": None,
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "chat_template": CHATML_JINJA,
+            }
+        )
+    )
+    return d
+
+
+def test_plain_trains_exactly_the_response_and_eos(sp_chat_tokenizer):
+    tok = sp_chat_tokenizer
+    conv = Conversation((Message("user", "What is 2 + 2?"), Message("assistant", "It is 6.")))
+    ids, mask = render(build_template("plain", "\n"), tok, conv)
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+    (run,) = trained_runs(ids, mask)
+    assert run[-1] == tok.eos_id and tok.decode(run[:-1]) == "It is 6."
+    assert ids[: mask.index(True)] == prompt_ids(
+        build_template("plain", "\n"), tok, Conversation(conv.messages[:1])
+    )
+
+
+@pytest.mark.parametrize("name,end", [("chatml", "<|im_end|>"), ("llama3", "<|eot_id|>")])
+def test_builtin_chat_templates_train_every_reply_and_its_end_token(sp_chat_tokenizer, name, end):
+    tok, template = sp_chat_tokenizer, build_template(name)
+    ids, mask = render(template, tok, CHAT)
+    runs = trained_runs(ids, mask)
+    assert [tok.decode(r) for r in runs] == [f"4{end}", f"It is 6.{end}"]
+    assert tok.token_id(end) in stop_ids(template, tok) and tok.token_id(end) != tok.eos_id
+    last_only = trained_runs(*render(template, tok, CHAT, "last_assistant"))
+    assert [tok.decode(r) for r in last_only] == [f"It is 6.{end}"]
+    # The prompt for the last reply is exactly the untrained-and-earlier part of the full render.
+    context, _ = CHAT.split_last_turn()
+    p = prompt_ids(template, tok, context)
+    assert ids[: len(p)] == p and mask[len(p)] and not mask[len(p) - 1]
+
+
+def test_hf_jinja_template_masks_on_ids_and_matches_the_plain_render(hf_dir):
+    tok = load_tokenizer(str(hf_dir))
+    assert isinstance(tok, HFTokenizer) and tok.eos_token == "<|im_end|>" and tok.bos_id is None
+    template = build_template("hf", tokenizer=tok)
+    conv = Conversation(CHAT.messages[1:])  # no system turn: the template adds its default one
+    ids, mask = render(template, tok, conv)
+    # The whole id sequence is what tokenizing the rendered conversation gives.
+    rendered = template.render_text(list(conv.messages), add_generation_prompt=False)
+    assert rendered.startswith("<|im_start|>system\nYou are helpful.<|im_end|>\n")
+    assert ids == tok.encode(rendered)
+    runs = [tok.decode(r) for r in trained_runs(ids, mask)]
+    assert runs == ["4<|im_end|>\n", "It is 6.<|im_end|>\n"]
+    assert not any("helpful" in tok.decode([i]) for i, m in zip(ids, mask, strict=True) if m)
+    context, _ = conv.split_last_turn()
+    gen = prompt_ids(template, tok, context)
+    assert tok.decode(gen).endswith("<|im_start|>assistant\n") and ids[: len(gen)] == gen
+
+
+def test_a_template_that_rewrites_history_is_refused(hf_dir):
+    # Renders earlier assistant turns differently once a later turn exists (like templates that strip
+    # reasoning from history): replies cannot be located by prefix, so the record is refused.
+    source = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}[old]"
+        "{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
+    )
+    template = JinjaTemplate(source, "", "<|im_end|>")
+    with pytest.raises(BadRecord, match="renders earlier turns differently"):
+        render(template, load_tokenizer(str(hf_dir)), Conversation(CHAT.messages[1:]))
+
+
+def test_empty_mask_is_a_bad_record_and_unknown_template_a_config_error(sp_chat_tokenizer):
+    template = JinjaTemplate("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(BadRecord, match="nothing to train"):
+        # Every reply renders to the empty string, so no token is trained.
+        render(
+            JinjaTemplate(
+                "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
+            ),
+            sp_chat_tokenizer,
+            CHAT,
+        )
+    assert template.segments(CHAT, sp_chat_tokenizer)
+    with pytest.raises(ValueError, match="config.data.template"):
+        build_template("vicuna")
+    with pytest.raises(ValueError, match="needs a Hugging Face tokenizer"):
+        build_template("hf", tokenizer=sp_chat_tokenizer)
+
+
+def test_text_records_train_every_token(sp_chat_tokenizer):
+    tok = sp_chat_tokenizer
+    ids, mask = render(
+        build_template("chatml"), tok, Conversation((Message("assistant", "hello world"),), is_text=True)
+    )
+    assert ids[0] == tok.bos_id and not mask[0] and all(mask[1:])
+    assert tok.decode(ids[1:-1]) == "hello world" and ids[-1] == tok.eos_id
