@@ -41,11 +41,12 @@ TASKS = {
 
 def generate(n: int, want_val: bool, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    out = []
+    out, seen = [], set()
     while len(out) < n:
         name = rng.choice(sorted(TASKS))
         key, prompt, response = TASKS[name](rng)
-        if is_val_key(f"{name}:{key}") == want_val:
+        if is_val_key(f"{name}:{key}") == want_val and prompt not in seen:  # no exact duplicates
+            seen.add(prompt)
             out.append({"prompt": prompt, "response": response, "task": name})
     return out
 

@@ -153,7 +153,7 @@ def collect(name: str, index: int, tokenized: datasets.Dataset) -> TokenizedSour
         "records": int(len(tbl)),
         "examples": int(len(kept)),
         "bad": int(is_bad.sum()),
-        "bad_by_reason": dict(collections.Counter(_reason_kind(r) for _, r in bad)),
+        "bad_by_reason": dict(collections.Counter(reason_kind(r) for _, r in bad)),
         "truncated": int((truncated & ~dropped).sum()),
         "dropped_overlong": int(dropped.sum()),
         "tokens": int(lengths.sum()),
@@ -161,7 +161,7 @@ def collect(name: str, index: int, tokenized: datasets.Dataset) -> TokenizedSour
     return TokenizedSource(name, index, tokenized, ids, mask, offsets, kept, bad, stats)
 
 
-def _reason_kind(reason: str) -> str:
+def reason_kind(reason: str) -> str:
     """'invalid JSON (Expecting ...)' -> 'invalid JSON': group reasons without their details."""
     return reason.split(" (")[0].split(": ")[0]
 
@@ -225,7 +225,6 @@ class TrainBatches:
         stream: PackedStream,
         global_batch_size: int,
         seed: int,
-        process_index: int = 0,
         process_count: int = 1,
     ):
         if global_batch_size % process_count:
@@ -480,7 +479,8 @@ def build_data(
     stream = PackedStream(
         train_srcs, sampler, data_cfg.seq_len, data_cfg.packing, data_cfg.pack_chunk_examples
     )
-    train_batches = TrainBatches(stream, data_cfg.batch_size, seed, process_index, process_count)
+    # Each host's stream already runs over its own shard of every source.
+    train_batches = TrainBatches(stream, data_cfg.batch_size, seed, process_count)
     return Data(
         tokenizer=tok,
         template=template,

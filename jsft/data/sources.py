@@ -74,7 +74,7 @@ def _json_lines(path: str, stamp: str) -> Iterator[dict[str, str]]:
             if not line.strip():
                 continue
             try:
-                json.loads(line)
+                json.loads(line.rstrip("\r\n"))  # without the newline, columns point into the line
             except json.JSONDecodeError as e:
                 yield {"where": where, "json": "", "error": f"invalid JSON ({e.msg} at column {e.colno})"}
                 continue

@@ -206,3 +206,15 @@ def test_overlong_policies_are_applied_and_counted(tmp_path):
         assert max(lengths) <= config.data.seq_len + 1
     # truncate: the long prompt leaves nothing to train (dropped); the long response is cut.
     assert stats == {"truncate": (1, 1, 31), "truncate_prompt": (2, 0, 32), "drop": (0, 2, 30)}
+
+
+def test_multi_process_tokenization_gives_the_same_examples(two_sources, tmp_path):
+    config = _two_source_config(two_sources)
+    one = build_data(config.data, 0, str(tmp_path / "one"))
+    config.data.num_proc = 2
+    two = build_data(config.data, 0, str(tmp_path / "two"))
+    for a, b in zip(one.train_sources, two.train_sources, strict=True):
+        assert len(a) == len(b)
+        for i in range(len(a)):
+            np.testing.assert_array_equal(a.example(i).ids, b.example(i).ids)
+            np.testing.assert_array_equal(a.example(i).mask, b.example(i).mask)

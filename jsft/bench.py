@@ -1,0 +1,152 @@
+"""Benchmarks: is the input pipeline fast enough to keep the train step busy?
+
+    python -m jsft.bench data --config configs/demo.py [--config.data.seq_len=256] [--seconds 10]
+
+`data` builds the configured data twice in a temporary workdir (the first build tokenizes, the
+second hits the cache), pulls batches from the train stream for `--seconds`, then times the train
+step on the same batch shape and prints one table with the ratio of the two rates.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+if TYPE_CHECKING:
+    from jsft.data.pipeline import Data
+
+BENCHMARKS = ("data",)
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Path to a config file, e.g. configs/demo.py (optionally configs/demo.py:ARG).",
+    lock_config=True,
+)
+_SECONDS = flags.DEFINE_float("seconds", 10.0, "How long to pull batches from the train stream.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Train steps timed (after one warm-up step).")
+flags.mark_flags_as_required(["config"])
+
+
+def _timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+def pipeline_rate(batches: Iterator[dict], seconds: float) -> dict[str, float]:
+    """Pull batches for `seconds`; returns batches/s, tokens/s (all positions) and non-pad tokens/s."""
+    n = tokens = non_pad = 0
+    start = time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        batch = next(batches)
+        n += 1
+        tokens += batch["inputs"].size
+        non_pad += int((batch["segment_ids"] > 0).sum())
+    return {
+        "batches_per_s": n / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "non_pad_per_s": non_pad / elapsed,
+    }
+
+
+def trainer_rate(config: ml_collections.ConfigDict, data: Data, steps: int) -> dict[str, float]:
+    """Train steps per second and tokens per second, timed after one warm-up (compiling) step."""
+    import jax  # noqa: PLC0415  (imported once flags are parsed, as jsft.main does)
+
+    from jsft.models.registry import build_model  # noqa: PLC0415
+    from jsft.train.optim import build_optimizer, build_schedule  # noqa: PLC0415
+    from jsft.train.state import TrainState  # noqa: PLC0415
+    from jsft.train.step import make_train_step  # noqa: PLC0415
+
+    model = build_model(config.model, data.tokenizer.vocab_size)
+    schedule = build_schedule(config.optim, config.train.steps)
+    tx = build_optimizer(config.optim, schedule)
+    key = jax.random.key(config.seed)
+    state = TrainState.create(model.init(key), tx, key)
+    step = jax.jit(
+        make_train_step(
+            model,
+            tx,
+            schedule,
+            config.optim.grad_accum_steps,
+            config.loss.normalization,
+            num_sources=len(data.source_names),
+        ),
+        donate_argnums=0,
+    )
+    # Batches are pulled beforehand, so only the step is timed.
+    batches = [jax.device_put(next(data.train)) for _ in range(steps + 1)]
+    state, metrics = step(state, batches[0])
+    jax.block_until_ready((state, metrics))
+    start = time.perf_counter()
+    for batch in batches[1:]:
+        state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    elapsed = time.perf_counter() - start
+    return {"steps_per_s": steps / elapsed, "tokens_per_s": steps * batches[0]["inputs"].size / elapsed}
+
+
+def bench_data(config: ml_collections.ConfigDict, seconds: float, steps: int) -> str:
+    """Run the `data` benchmark and return its table."""
+    from jsft.data.pipeline import build_data  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="jsft_bench_") as workdir:
+        data_cfg = config.data.copy_and_resolve_references()
+        data_cfg.cache_dir = ""  # a fresh cache in the temporary workdir: the first build tokenizes
+        _, first_s = _timed(build_data, data_cfg, config.seed, workdir)
+        data, second_s = _timed(build_data, data_cfg, config.seed, workdir)
+        pipe = pipeline_rate(data.train, seconds)
+        train = trainer_rate(config, data, steps)
+    d = config.data
+    rows = [
+        ("build_data, first (tokenize)", f"{first_s:.2f} s"),
+        ("build_data, second (cache hit)", f"{second_s:.2f} s"),
+        ("pipeline batches/s", f"{pipe['batches_per_s']:,.1f}"),
+        ("pipeline tokens/s", f"{pipe['tokens_per_s']:,.0f}"),
+        ("pipeline non-pad tokens/s", f"{pipe['non_pad_per_s']:,.0f}"),
+        ("trainer steps/s", f"{train['steps_per_s']:,.2f}"),
+        ("trainer tokens/s", f"{train['tokens_per_s']:,.0f}"),
+        ("pipeline / trainer", f"{pipe['tokens_per_s'] / train['tokens_per_s']:,.1f}x"),
+    ]
+    title = (
+        f"jsft bench data: batch_size {d.batch_size} x seq_len {d.seq_len}, packing {d.packing!r}, "
+        f"{seconds:g} s of batches, {steps} train steps on one device"
+    )
+    width = max(len(name) for name, _ in rows)
+    return "\n".join([title] + [f"  {name:<{width}}  {value:>12}" for name, value in rows])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[1] not in BENCHMARKS:
+        given = f"got {argv[1:]}" if len(argv) > 1 else "got none"
+        raise app.UsageError(
+            f"name one benchmark of {list(BENCHMARKS)} ({given}), e.g. "
+            "`python -m jsft.bench data --config configs/demo.py --seconds 10`"
+        )
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+        import datasets  # noqa: PLC0415
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    from jsft import config as config_lib  # noqa: PLC0415  (imports jax)
+    from jsft.data.sources import DataError  # noqa: PLC0415
+
+    config = _CONFIG.value
+    try:
+        config_lib.validate(config)
+        print(bench_data(config, _SECONDS.value, _STEPS.value))
+    except (config_lib.ConfigError, DataError) as e:
+        sys.exit(f"jsft: error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

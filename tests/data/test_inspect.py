@@ -1,0 +1,62 @@
+import json
+import re
+
+import pytest
+
+from configs import demo
+from jsft.data.inspect import run_inspect
+
+WORDS = ["ab", "cde", "fgh", "bad", "cafe", "head", "deaf", "face", "gab", "bead", "hag", "dab"]
+
+
+def _write(path, records, bad_line=None):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        if bad_line is not None:
+            f.write(bad_line + "\n")
+    return str(path)
+
+
+def _upper(word):
+    return {"prompt": f"upper: {' '.join(word)}", "response": " ".join(word.upper())}
+
+
+@pytest.fixture
+def tiny_set(tmp_path):
+    """12 distinct records, a repeat of the first (line 13), one over-long (14), one broken line (15)."""
+    records = [_upper(w) for w in WORDS]
+    records += [records[0], {"prompt": "upper: a b", "response": " ".join("ABCDEFGH" * 5)}]
+    train = _write(tmp_path / "train.jsonl", records, bad_line='{"prompt": "upper: a"')
+    val = _write(tmp_path / "val.jsonl", [_upper(w) for w in ("hg", "fed", "ace")])
+    config = demo.get_config("smoke")
+    config.data.sources.demo = demo.source(train, val)
+    config.data.update(on_bad_record="skip", seq_len=32, vocab_size=300)
+    return config, train, records
+
+
+def _section(report, title):
+    """The report's section for one source, up to the next section."""
+    return report.split(f"== {title}")[1].split("\n== ")[0]
+
+
+@pytest.mark.parametrize("overlong, truncated, dropped", [("truncate", 1, 0), ("drop", 0, 1)])
+def test_report_counts_duplicates_bad_records_and_overlong(tiny_set, tmp_path, overlong, truncated, dropped):
+    config, train, records = tiny_set
+    config.data.overlong = overlong
+    workdir = tmp_path / "wd"
+    report = run_inspect(config, str(workdir))
+
+    train_section = _section(report, "train 'demo'")
+    assert f"records 15 | examples {14 - dropped}" in train_section
+    assert "exact duplicates: 1 " in train_section
+    assert f"{train}:13 repeats {train}:1" in train_section
+    assert re.search(rf"invalid JSON: 1\n +{re.escape(train)}:15: invalid JSON", train_section)
+    assert f"truncated {truncated} " in train_section and f"dropped {dropped}\n" in train_section
+    assert "exact duplicates: 0 " in _section(report, "val 'demo'")
+    # The first rendered example: its prompt untrained, its response (and EOS) trained.
+    rendered = train_section.split(f"{train}:1 (")[1].split("\n")[1:3]
+    assert rendered == [f"    <bos>{records[0]['prompt']}", f"    [[{records[0]['response']}<eos>]]"]
+
+    assert (workdir / "inspect_report.txt").read_text() == report + "\n"
+    assert (workdir / "inspect_lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
