@@ -55,6 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.pack_chunk_examples = 2048  # examples drawn and packed together
     config.data.batch_size = 32  # rows per global batch (packed examples per row vary)
     config.data.prefetch = 2  # batches prepared ahead of the train step
+    config.data.num_shards = 0  # logical data shards (the batches depend on this); 0: one per process
     config.data.num_proc = 0  # tokenization processes; 0: by data size
     config.data.cache_dir = ""  # tokenization cache; empty: WORKDIR/cache
 
@@ -74,6 +75,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.param_dtype = "float32"
     config.model.compute_dtype = "float32"
     config.model.remat = "none"
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices
+    config.mesh.dcn_shape = (1, 1, 1)  # the part of each axis across slices/nodes (slow network)
+    # Logical axis -> mesh axes ("" replicates). Dimensions not divisible by their axes are replicated.
+    config.mesh.rules = ml_collections.ConfigDict(
+        dict(
+            batch="data,fsdp",
+            embed="fsdp",
+            mlp="tensor",
+            heads="tensor",
+            kv_heads="tensor",
+            vocab="tensor",
+            head_dim="",
+            layers="",
+            seq="",
+        )
+    )
 
     config.optim = ml_collections.ConfigDict()
     config.optim.lr = 3e-3

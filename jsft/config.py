@@ -70,6 +70,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "train.stop_after_steps",
         "data.prefetch",
         "data.num_proc",
+        "data.num_shards",
         "eval.exact_match_examples",
         "optim.weight_decay",
         "optim.clip_norm",

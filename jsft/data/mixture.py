@@ -33,16 +33,20 @@ def mixture_probabilities(
         raw = sizes_a ** (1.0 / temperature)
     else:
         raise ValueError(f"config.data.mixture={rule!r} is not one of {RULES}")
+    raw = np.where(sizes_a > 0, raw, 0.0)  # an empty source (e.g. in a small shard) is never drawn
     if np.any(raw < 0) or raw.sum() <= 0:
-        raise ValueError(f"mixture weights {raw.tolist()} must be >= 0 with a positive sum")
+        raise ValueError(
+            f"mixture weights {raw.tolist()} must be >= 0 with a positive sum over non-empty sources"
+        )
     return raw / raw.sum()
 
 
 class MixtureSampler:
     """Draws (source index, example index) pairs; every source is walked epoch by epoch."""
 
-    def __init__(self, sizes: list[int], probs: np.ndarray, seed: int):
-        self.sizes, self.probs, self.seed = list(sizes), np.asarray(probs), seed
+    def __init__(self, sizes: list[int], probs: np.ndarray, seed: int, stream: int = 0):
+        """`stream`: which logical data shard this sampler serves (each draws independently)."""
+        self.sizes, self.probs, self.seed, self.stream = list(sizes), np.asarray(probs), seed, stream
         self.draws = 0
         self.positions = [[0, 0] for _ in sizes]  # per source: [epoch, index in that epoch's order]
         self._choices_chunk, self._choices = None, None
@@ -51,7 +55,7 @@ class MixtureSampler:
     def _source_at(self, draw: int) -> int:
         chunk = draw // CHUNK
         if self._choices_chunk != chunk:
-            rng = np.random.default_rng([self.seed, 1, chunk])
+            rng = np.random.default_rng([self.seed, self.stream, 1, chunk])
             self._choices = rng.choice(len(self.sizes), size=CHUNK, p=self.probs)
             self._choices_chunk = chunk
         return int(self._choices[draw % CHUNK])
@@ -60,7 +64,7 @@ class MixtureSampler:
         key = (source, epoch)
         if key not in self._orders:
             self._orders = {k: v for k, v in self._orders.items() if k[0] != source}  # keep one per source
-            self._orders[key] = np.random.default_rng([self.seed, 2, source, epoch]).permutation(
+            self._orders[key] = np.random.default_rng([self.seed, self.stream, 2, source, epoch]).permutation(
                 self.sizes[source]
             )
         return self._orders[key]

@@ -188,14 +188,18 @@ class PackedStream:
         seq_len: int,
         mode: str = "best_fit",
         chunk: int = 2048,
+        first: list[int] | None = None,
     ):
+        """`first[k]`: index of source k's first example in this stream's shard (default 0)."""
         self.srcs, self.sampler, self.seq_len, self.mode, self.chunk = srcs, sampler, seq_len, mode, chunk
+        self.first = first or [0] * len(srcs)
         self._chunk_start, self._rows, self._row = sampler.state(), None, 0
 
     def _build_chunk(self) -> None:
         self._chunk_start = self.sampler.state()
         draws = [self.sampler.next() for _ in range(self.chunk)]
-        self._rows = packing.pack([self.srcs[s].example(i) for s, i in draws], self.seq_len, self.mode)
+        examples = [self.srcs[s].example(self.first[s] + i) for s, i in draws]
+        self._rows = packing.pack(examples, self.seq_len, self.mode)
         self._row = 0
 
     def next_rows(self, n: int) -> dict[str, np.ndarray]:
@@ -218,40 +222,72 @@ class PackedStream:
 
 
 class TrainBatches:
-    """This process's rows of each global batch, with a resumable state."""
+    """This process's rows of each global batch, with a resumable state.
+
+    The data is cut into `num_shards` logical shards, each with its own sampler and packer; a global
+    batch is the concatenation of every shard's rows, in shard order, and a process owns a contiguous
+    run of shards. The batches depend on `num_shards` only, never on how many processes share them.
+    """
 
     def __init__(
-        self,
-        stream: PackedStream,
-        global_batch_size: int,
-        seed: int,
-        process_count: int = 1,
+        self, streams: dict[int, PackedStream], global_batch_size: int, seed: int, num_shards: int = 1
     ):
-        if global_batch_size % process_count:
+        if global_batch_size % num_shards:
             raise ValueError(
                 f"config.data.batch_size={global_batch_size} must divide evenly over "
-                f"{process_count} processes"
+                f"{num_shards} data shards (config.data.num_shards, default one per process)"
             )
-        self.stream, self.seed = stream, seed
-        self.rows_per_host = global_batch_size // process_count
+        self.streams, self.seed, self.num_shards = streams, seed, num_shards
+        self.rows_per_shard = global_batch_size // num_shards
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return self.stream.next_rows(self.rows_per_host)
+        parts = [self.streams[s].next_rows(self.rows_per_shard) for s in sorted(self.streams)]
+        return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def state(self) -> dict:
-        """The position *after* the last batch handed out: restoring it continues from there."""
-        return {"seed": self.seed, **self.stream.state()}
+        """The position *after* the last batch handed out (this process's shards only)."""
+        return {
+            "seed": self.seed,
+            "num_shards": self.num_shards,
+            "shards": {str(s): stream.state() for s, stream in self.streams.items()},
+        }
 
     def restore(self, state: dict) -> None:
+        """Restore from a state holding (at least) this process's shards."""
         if state.get("seed") != self.seed:
             raise ValueError(
                 f"the checkpoint's data seed {state.get('seed')} differs from config.seed="
                 f"{self.seed}; resuming with another seed would replay a different data order"
             )
-        self.stream.restore(state)
+        if state.get("num_shards") != self.num_shards:
+            raise ValueError(
+                f"the checkpoint's data has {state.get('num_shards')} shards, this run "
+                f"{self.num_shards}; set config.data.num_shards={state.get('num_shards')}"
+            )
+        for s, stream in self.streams.items():
+            stream.restore(state["shards"][str(s)])
+
+
+def merge_states(states: list[dict]) -> dict:
+    """One data state from every process's own (they differ only in their shards)."""
+    merged = dict(states[0], shards={})
+    for st in states:
+        merged["shards"].update(st["shards"])
+    return merged
+
+
+def shard_bounds(n: int, num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous, nearly equal [start, end) row ranges (the first n % num_shards get one more)."""
+    div, mod = divmod(n, num_shards)
+    bounds, start = [], 0
+    for s in range(num_shards):
+        end = start + div + (s < mod)
+        bounds.append((start, end))
+        start = end
+    return bounds
 
 
 class Prefetcher:
@@ -324,10 +360,14 @@ class Data:
         return [ex for s in self.val_sources for ex in s.examples()]
 
     def epochs(self, state: dict) -> dict[str, float]:
-        """Epochs of each source drawn by a data state (counted at the start of its pack chunk)."""
-        positions = state["sampler"]["positions"]
+        """Epochs of each source drawn by a data state (counted at the start of its pack chunk), in
+        the first shard of this process."""
+        shard = min(self.train.streams)
+        positions = state["shards"][str(shard)]["sampler"]["positions"]
+        sizes = self.train.streams[shard].sampler.sizes
         return {
-            s.name: e + p / max(len(s), 1) for s, (e, p) in zip(self.train_sources, positions, strict=True)
+            n: e + p / max(size, 1)
+            for n, size, (e, p) in zip(self.source_names, sizes, positions, strict=True)
         }
 
     def summary(self) -> dict:
@@ -429,11 +469,9 @@ def build_data(
         else:
             val, val_path = None, ""
         fmt = _detect(spec, train, spec.path)
-        if process_count > 1:  # each host reads and tokenizes only its own contiguous shard
-            train = train.shard(num_shards=process_count, index=process_index, contiguous=True)
         raw.append((spec, fmt, train, val, val_path))
 
-    # ---- tokenizer and template
+    # ---- tokenizer (from the full data, so every process trains the same one) and template
     def texts():
         for spec, fmt, train, _, _ in raw:
             for conv in _conversations(train, spec.path, fmt, dict(spec.fields), 100_000):
@@ -442,6 +480,22 @@ def build_data(
 
     tok = build_tokenizer(data_cfg, workdir, data_cfg.template, texts)
     template = templates.build_template(data_cfg.template, data_cfg.separator, tok)
+
+    # ---- this process's logical shards: it reads and tokenizes only their rows
+    num_shards = data_cfg.num_shards or process_count
+    if num_shards % process_count:
+        raise ValueError(
+            f"config.data.num_shards={num_shards} must be a multiple of the {process_count} processes"
+        )
+    per_process = num_shards // process_count
+    my_shards = range(process_index * per_process, (process_index + 1) * per_process)
+    host_rows = []
+    for k, (spec, fmt, train, val, val_path) in enumerate(raw):
+        bounds = shard_bounds(len(train), num_shards)
+        lo, hi = bounds[my_shards[0]][0], bounds[my_shards[-1]][1]
+        if num_shards > 1:
+            raw[k] = (spec, fmt, train.select(range(lo, hi)), val, val_path)
+        host_rows.append([(a - lo, b - lo) for a, b in (bounds[s] for s in my_shards)])
 
     # ---- tokenize, validate
     train_srcs, val_srcs, prompts = [], [], []
@@ -467,20 +521,28 @@ def build_data(
                     ids = templates.prompt_ids(template, tok, context)
                     prompts.append(EvalPrompt(ids, tok.decode(ids), reference, i))
 
-    # ---- mixture and packing
-    probs = mixture.mixture_probabilities(
-        [len(s) for s in train_srcs],
-        [spec.weight for spec in specs],
-        data_cfg.mixture,
-        data_cfg.mixture_cap,
-        data_cfg.mixture_temperature,
-    )
-    sampler = mixture.MixtureSampler([len(s) for s in train_srcs], probs, seed)
-    stream = PackedStream(
-        train_srcs, sampler, data_cfg.seq_len, data_cfg.packing, data_cfg.pack_chunk_examples
-    )
-    # Each host's stream already runs over its own shard of every source.
-    train_batches = TrainBatches(stream, data_cfg.batch_size, seed, process_count)
+    # ---- mixture and packing, one stream per logical shard
+    streams, probs = {}, None
+    for j, shard in enumerate(my_shards):
+        # Examples of source k in this shard: the kept rows inside the shard's row range.
+        first, sizes = [], []
+        for k, src in enumerate(train_srcs):
+            a, b = np.searchsorted(src.kept, host_rows[k][j])
+            first.append(int(a))
+            sizes.append(int(b - a))
+        shard_probs = mixture.mixture_probabilities(
+            sizes,
+            [spec.weight for spec in specs],
+            data_cfg.mixture,
+            data_cfg.mixture_cap,
+            data_cfg.mixture_temperature,
+        )
+        probs = shard_probs if probs is None else probs
+        sampler = mixture.MixtureSampler(sizes, shard_probs, seed, stream=shard)
+        streams[shard] = PackedStream(
+            train_srcs, sampler, data_cfg.seq_len, data_cfg.packing, data_cfg.pack_chunk_examples, first
+        )
+    train_batches = TrainBatches(streams, data_cfg.batch_size, seed, num_shards)
     return Data(
         tokenizer=tok,
         template=template,

@@ -13,7 +13,9 @@ import numpy as np
 from jsft.models.registry import ModelDef
 
 
-def make_greedy_decoder(model: ModelDef, max_new_tokens: int, stop_ids: list[int], pad_id: int):
+def make_greedy_decoder(
+    model: ModelDef, max_new_tokens: int, stop_ids: list[int], pad_id: int, out_sharding=None
+):
     """decode(params, tokens [B, L], lengths [B]) -> tokens [B, L] with continuations written in."""
 
     stop = jnp.asarray(stop_ids, jnp.int32)
@@ -37,7 +39,7 @@ def make_greedy_decoder(model: ModelDef, max_new_tokens: int, stop_ids: list[int
         _, tokens_bl, _, _ = jax.lax.while_loop(not_finished, one_token, (0, tokens_bl, lengths_b, done))
         return tokens_bl
 
-    return jax.jit(decode)
+    return jax.jit(decode, out_shardings=out_sharding)
 
 
 def greedy_generate(
@@ -49,6 +51,7 @@ def greedy_generate(
     batch_size: int,
     stop_ids: list[int],
     pad_id: int,
+    put=lambda x: x,
 ) -> list[list[int]]:
     """Continuations (cut before the first stop id) for every prompt, in batches of a fixed shape."""
     keep = buffer_len - max_new_tokens  # longer prompts keep their last `keep` tokens
@@ -59,7 +62,7 @@ def greedy_generate(
         lengths = np.ones(batch_size, np.int32)  # dummy rows decode from a one-token prompt
         for r, p in enumerate(chunk):
             tokens[r, : len(p)], lengths[r] = p, len(p)
-        out = np.asarray(decoder(params, tokens, lengths))
+        out = np.asarray(decoder(params, put(tokens), put(lengths)))
         for r, p in enumerate(chunk):
             new = out[r, len(p) : len(p) + max_new_tokens].tolist()
             ends = [k for k, t in enumerate(new) if t in stop_ids]

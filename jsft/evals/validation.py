@@ -21,25 +21,43 @@ class ValidationEvaluator:
     """
 
     def __init__(
-        self, model: ModelDef, data: pipeline.Data, seq_len: int, batch_size: int, max_new_tokens: int
+        self,
+        model: ModelDef,
+        data: pipeline.Data,
+        seq_len: int,
+        batch_size: int,
+        max_new_tokens: int,
+        batch_sharding: jax.sharding.Sharding | None = None,
+        replicated: jax.sharding.Sharding | None = None,
+        batch_divisor: int = 1,
     ):
+        """With shardings, batches are split over the batch axes (so `batch_size` is rounded up to a
+        multiple of `batch_divisor`) and results come back replicated to every process."""
         self.data, self.names = data, data.source_names
         self.per_source = len(self.names) > 1
+        batch_size = -(-batch_size // batch_divisor) * batch_divisor
+        self.batch_sharding = batch_sharding
         self.loss_batches = pipeline.eval_batches(data.val_examples, seq_len, batch_size)
-        self.eval_step = jax.jit(make_eval_step(model, num_sources=len(self.names)))
+        self.eval_step = jax.jit(make_eval_step(model, num_sources=len(self.names)), out_shardings=replicated)
         self.prompts = data.eval_prompts
         longest = max((len(p.prompt_ids) for p in self.prompts), default=1)
         # One buffer shape for every batch (one compile): the longest prompt plus the new tokens.
         self.buffer_len = min(seq_len, -(-(longest + max_new_tokens) // 8) * 8)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.decoder = generate.make_greedy_decoder(
-            model, max_new_tokens, data.stop_ids, data.tokenizer.pad_id
+            model, max_new_tokens, data.stop_ids, data.tokenizer.pad_id, out_sharding=replicated
         )
+
+    def _put(self, array: np.ndarray) -> jax.Array:
+        """Every process holds the whole eval batch; each device takes its rows."""
+        if self.batch_sharding is None:
+            return array
+        return jax.make_array_from_callback(array.shape, self.batch_sharding, lambda index: array[index])
 
     def _loss(self, params) -> dict[str, float]:
         totals = None
         for batch in self.loss_batches:
-            sums = jax.device_get(self.eval_step(params, batch))
+            sums = jax.device_get(self.eval_step(params, {k: self._put(v) for k, v in batch.items()}))
             totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
         if totals is None or not totals["weight_sum"]:
             return {}

@@ -19,9 +19,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jsft.models import attention
+from jsft.parallel.sharding import constrain
 
 # Logical axis names used on parameters; the sharding rules (a later issue) map them to mesh axes.
 LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "layers")
+
+ACTIVATION_AXES = ("batch", "seq", "embed")  # the residual stream between blocks
 
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: keep every activation (fastest, most memory)
@@ -217,14 +220,15 @@ class Llama(nnx.Module):
             segment_ids_bt = jnp.ones((b, t), jnp.int32)
         dt = jnp.dtype(cfg.compute_dtype)
 
-        x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
+        x_btd = constrain(jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt), ACTIVATION_AXES)
         cos, sin = rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta)
         mask_bts = attention.causal_segment_mask(segment_ids_bt)
 
         layers_def, layers_state = nnx.split(self.layers)
 
         def one_layer(x_btd, layer_state):
-            return nnx.merge(layers_def, layer_state)(x_btd, cos, sin, mask_bts), None
+            x_btd = nnx.merge(layers_def, layer_state)(x_btd, cos, sin, mask_bts)
+            return constrain(x_btd, ACTIVATION_AXES), None
 
         policy = REMAT_POLICIES[cfg.remat]
         if cfg.remat != "none":
@@ -233,4 +237,5 @@ class Llama(nnx.Module):
 
         x_btd = self.final_norm(x_btd)
         head_dv = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        return jnp.einsum("BTD,DV->BTV", x_btd, head_dv.astype(dt)).astype(jnp.float32)
+        logits_btv = jnp.einsum("BTD,DV->BTV", x_btd, head_dv.astype(dt)).astype(jnp.float32)
+        return constrain(logits_btv, ("batch", "seq", "vocab"))

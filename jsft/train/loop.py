@@ -6,6 +6,7 @@ the mesh, the state (fresh or restored), then train with logging, evaluation and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,9 +19,11 @@ import numpy as np
 from tqdm import tqdm
 
 from jsft import config as config_lib
-from jsft.data.pipeline import Prefetcher, build_data
+from jsft.data.pipeline import Prefetcher, build_data, merge_states
 from jsft.evals.validation import ValidationEvaluator
 from jsft.models.registry import build_model
+from jsft.parallel import multihost, sharding
+from jsft.parallel.mesh import build_mesh
 from jsft.train.checkpoint import Checkpointer
 from jsft.train.optim import build_optimizer, build_schedule
 from jsft.train.state import TrainState
@@ -68,6 +71,11 @@ def _write_samples(workdir: str, step: int, samples: list[dict]) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train as configured; returns the summary it prints (final metrics, checkpoint location)."""
+    with contextlib.ExitStack() as scope:  # undoes the activation-sharding rules however we leave
+        return _train_and_evaluate(config, workdir, scope)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: contextlib.ExitStack):
     start_time = time.time()
     is_main = jax.process_index() == 0
     # ------------------------------------------------------------------ Workdir
@@ -113,14 +121,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _print(is_main, f"Model: {model.config.num_params():,} parameters; {model.config}")
 
     # ------------------------------------------------------------------ Mesh and shardings
-    # Data parallel over every device for now: parameters replicated, batches split on rows.
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = build_mesh(config.mesh.shape, config.mesh.dcn_shape)
+    rules = sharding.parse_rules(config.mesh.rules.to_dict())
+    scope.enter_context(sharding.use_rules(mesh, rules))  # activations constrained by the same rules
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    if config.data.batch_size % jax.device_count():
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    divisor = sharding.batch_divisor(mesh, rules)
+    if (config.data.batch_size // config.optim.grad_accum_steps) % divisor:
         raise config_lib.ConfigError(
-            f"config.data.batch_size={config.data.batch_size} must be a multiple of the "
-            f"{jax.device_count()} devices"
+            f"config.data.batch_size={config.data.batch_size} / config.optim.grad_accum_steps="
+            f"{config.optim.grad_accum_steps} must be a multiple of {divisor}, the mesh axes the batch "
+            f"is split over ({dict(mesh.shape)}, config.mesh.rules.batch)"
         )
 
     def init_state(rng):
@@ -128,7 +139,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return TrainState.create(model.init(init_rng), tx, train_rng)
 
     abstract_state = jax.eval_shape(init_state, jax.random.key(config.seed))
-    state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+    replicated_dims: list = []
+    params_sharding = sharding.param_shardings(
+        abstract_state.params, model.logical_axes(), mesh, rules, replicated_dims
+    )
+    state_sharding = TrainState(
+        step=replicated,
+        params=params_sharding,
+        rng=replicated,
+        opt_state=sharding.opt_state_shardings(tx, abstract_state.opt_state, params_sharding, mesh),
+    )
+    _print(
+        is_main,
+        f"Mesh: {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} "
+        f"process(es)"
+        + (f"; replicated (not divisible): {sorted(set(replicated_dims))}" if replicated_dims else ""),
+    )
 
     # ------------------------------------------------------------------ Load checkpoint or init
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
@@ -143,6 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         _print(is_main, f"Resuming from the checkpoint at step {start_step} in {ckpt.directory}")
     else:
         start_step = 0
+        # Created in place, already sharded: no full copy of the model on any one device.
         state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
 
     # ------------------------------------------------------------------ Update step
@@ -160,7 +187,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         donate_argnums=0,
     )
     evaluator = ValidationEvaluator(
-        model, data, config.data.seq_len, config.eval.batch_size, config.eval.max_new_tokens
+        model,
+        data,
+        config.data.seq_len,
+        config.eval.batch_size,
+        config.eval.max_new_tokens,
+        batch_sharding,
+        replicated,
+        divisor,
     )
 
     def to_global(batch):
@@ -220,10 +254,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if eval_every and (step % eval_every == 0 or step == total_steps):
             evaluate(step)
             last_time = time.time()  # evaluation time is not training throughput
-        if step % config.train.checkpoint_every_steps == 0 or step == end_step or stop.signum:
-            ckpt.save(step, state, data_state)
-        if stop.signum:
-            _print(is_main, f"Signal {stop.signum}: saved a checkpoint at step {step}; rerun to resume")
+        stopping = stop.signum is not None
+        if jax.process_count() > 1:  # act on a signal only at points every process agrees on
+            stopping = step % config.train.log_every_steps == 0 and multihost.any_process(stopping)
+        if step % config.train.checkpoint_every_steps == 0 or step == end_step or stopping:
+            ckpt.save(step, state, merge_states(multihost.allgather_json(data_state)))
+        if stopping:
+            _print(is_main, f"Signal {stop.signum or 15}: saved a checkpoint at step {step}; rerun to resume")
             break
     batches.close()
     pbar.close()

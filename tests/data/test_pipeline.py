@@ -218,3 +218,18 @@ def test_multi_process_tokenization_gives_the_same_examples(two_sources, tmp_pat
         for i in range(len(a)):
             np.testing.assert_array_equal(a.example(i).ids, b.example(i).ids)
             np.testing.assert_array_equal(a.example(i).mask, b.example(i).mask)
+
+
+def test_global_batches_depend_on_num_shards_not_on_the_process_count(two_sources, tmp_path):
+    config = _two_source_config(two_sources, num_shards=2)
+    single = build_data(config.data, 0, str(tmp_path / "single"))
+    hosts = [build_data(config.data, 0, str(tmp_path / f"host{i}"), i, 2) for i in range(2)]
+    for _ in range(6):
+        whole = next(single.train)
+        parts = [next(h.train) for h in hosts]
+        for k in packing.ROW_KEYS:
+            np.testing.assert_array_equal(whole[k], np.concatenate([p[k] for p in parts]))
+    # A checkpoint holds every shard: the merged host states equal the single process's state.
+    from jsft.data.pipeline import merge_states
+
+    assert merge_states([h.train.state() for h in hosts]) == single.train.state()
