@@ -72,7 +72,7 @@ MESHES = ["(8,1,1)", "(1,8,1)", "(1,1,8)", "(2,2,2)", "(1,2,4)"]
 @pytest.mark.parametrize("mesh", MESHES)
 def test_every_mesh_trains_to_the_single_device_losses(tiny_data_dir, tmp_path, baseline, mesh):
     out = _train(tiny_data_dir, tmp_path, 8, f"--config.mesh.shape={mesh}")
-    assert f"over 8 devices" in out
+    assert "over 8 devices" in out
     losses = _losses(tmp_path)
     assert sorted(losses) == sorted(baseline) == list(range(1, 7))
     np.testing.assert_allclose([losses[s] for s in baseline], list(baseline.values()), rtol=2e-5)
