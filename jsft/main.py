@@ -21,6 +21,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
 _MODE = flags.DEFINE_enum("mode", "train", list(config_lib.MODES), "What to do.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "Multi-process runs: HOST:PORT of process 0 (not needed on TPU pods/SLURM)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-process runs: how many processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-process runs: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -40,6 +45,9 @@ def main(argv):
     except config_lib.ConfigError as e:
         sys.exit(f"jsft: error: {e}")
     logging.info("Config:\n%s", config)
+    from jsft.parallel.mesh import initialize_distributed  # noqa: PLC0415
+
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from jsft.train import loop  # import jax-heavy modules only once flags are parsed
 
     try:

@@ -451,6 +451,8 @@ def build_data(
 ) -> Data:
     """Read, validate, tokenize and mix the configured sources; nothing is written to checkpoints."""
     cache_dir = data_cfg.cache_dir or os.path.join(workdir, "cache")
+    if process_count > 1:  # processes tokenize different shards; keep their cache writers apart
+        cache_dir = os.path.join(cache_dir, f"process_{process_index}")
     specs = source_specs(data_cfg)
     # ---- raw tables and their formats
     raw = []
