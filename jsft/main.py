@@ -19,14 +19,16 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Path to a config file, e.g. configs/demo.py (optionally configs/demo.py:ARG).",
     lock_config=True,
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, logs and metrics (all modes but plan)."
+)
 _MODE = flags.DEFINE_enum("mode", "train", list(config_lib.MODES), "What to do.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", "", "Multi-process runs: HOST:PORT of process 0 (not needed on TPU pods/SLURM)."
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-process runs: how many processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-process runs: this process's index.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
@@ -45,6 +47,10 @@ def main(argv):
     except config_lib.ConfigError as e:
         sys.exit(f"jsft: error: {e}")
     logging.info("Config:\n%s", config)
+    if _MODE.value == "plan":
+        return _plan(config)
+    if not _WORKDIR.value:
+        sys.exit(f"jsft: error: --workdir is required for --mode={_MODE.value}")
     from jsft.parallel.mesh import initialize_distributed  # noqa: PLC0415
 
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -59,6 +65,23 @@ def main(argv):
             run_inspect(config, _WORKDIR.value)
     except (config_lib.ConfigError, DataError) as e:
         sys.exit(f"jsft: error: {e}")
+
+
+def _plan(config) -> None:
+    """Memory plan on as many simulated CPU devices as the mesh names (set before JAX starts)."""
+    import os  # noqa: PLC0415
+
+    from jsft.parallel import plan  # noqa: PLC0415
+
+    try:
+        n = plan.devices_needed(config.mesh)
+    except ValueError as e:
+        sys.exit(f"jsft: error: {e}")
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
+    import jax  # noqa: PLC0415
+
+    jax.config.update("jax_platforms", "cpu")
+    plan.run_plan(config)
 
 
 def _parse_flags(argv):

@@ -43,7 +43,15 @@ def build_mesh(shape: Sequence[int], dcn_shape: Sequence[int] = (1, 1, 1), devic
         if any(t % d for t, d in zip(total, dcn, strict=True)):
             raise ValueError(f"config.mesh.dcn_shape={dcn} must divide config.mesh.shape={total}")
         ici = tuple(t // d for t, d in zip(total, dcn, strict=True))
-        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+        # TPU slices are told apart by `slice_index`; GPU nodes by process (one process per node).
+        by_process = not hasattr(devices[0], "slice_index")
+        try:
+            grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
+        except ValueError:
+            if devices[0].platform != "cpu":
+                raise
+            # Simulated CPU devices (tests, --mode plan) have no slices: the split only orders devices.
+            grid = np.asarray(devices).reshape(total)
     else:
         try:
             grid = mesh_utils.create_device_mesh(total, devices)

@@ -26,7 +26,7 @@ from jsft.parallel import multihost, sharding
 from jsft.parallel.mesh import build_mesh
 from jsft.train.checkpoint import Checkpointer
 from jsft.train.optim import build_optimizer, build_schedule
-from jsft.train.state import TrainState
+from jsft.train.state import init_fn, state_shardings
 from jsft.train.step import make_train_step
 from jsft.train.writer import MetricWriter
 
@@ -134,21 +134,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: 
             f"is split over ({dict(mesh.shape)}, config.mesh.rules.batch)"
         )
 
-    def init_state(rng):
-        init_rng, train_rng = jax.random.split(rng)
-        return TrainState.create(model.init(init_rng), tx, train_rng)
-
-    abstract_state = jax.eval_shape(init_state, jax.random.key(config.seed))
-    replicated_dims: list = []
-    params_sharding = sharding.param_shardings(
-        abstract_state.params, model.logical_axes(), mesh, rules, replicated_dims
-    )
-    state_sharding = TrainState(
-        step=replicated,
-        params=params_sharding,
-        rng=replicated,
-        opt_state=sharding.opt_state_shardings(tx, abstract_state.opt_state, params_sharding, mesh),
-    )
+    init_state = init_fn(model, tx)
+    abstract_state, state_sharding, replicated_dims = state_shardings(model, tx, mesh, rules)
     _print(
         is_main,
         f"Mesh: {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} "

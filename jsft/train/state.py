@@ -6,7 +6,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import struct
+
+from jsft.parallel import sharding
 
 
 @struct.dataclass
@@ -19,3 +22,32 @@ class TrainState:
     @classmethod
     def create(cls, params, tx, rng: jax.Array) -> TrainState:
         return cls(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key_data(rng))
+
+
+def init_fn(model, tx: optax.GradientTransformation):
+    """rng -> a fresh TrainState; jit it with `out_shardings` to create the state already sharded."""
+
+    def init(rng):
+        init_rng, train_rng = jax.random.split(rng)
+        return TrainState.create(model.init(init_rng), tx, train_rng)
+
+    return init
+
+
+def state_shardings(model, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, rules: sharding.Rules):
+    """(abstract TrainState, TrainState of NamedShardings, dims replicated for divisibility).
+
+    Parameters follow the logical-axis rules, Adam's moments follow their parameters, and the
+    step counter and rng are replicated. Nothing is allocated.
+    """
+    abstract = jax.eval_shape(init_fn(model, tx), jax.random.key(0))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    dropped: list = []
+    params = sharding.param_shardings(abstract.params, model.logical_axes(), mesh, rules, dropped)
+    shardings = TrainState(
+        step=replicated,
+        params=params,
+        rng=replicated,
+        opt_state=sharding.opt_state_shardings(tx, abstract.opt_state, params, mesh),
+    )
+    return abstract, shardings, dropped

@@ -1,0 +1,140 @@
+"""The memory planner: per-device bytes of a config's train step on its mesh, without the model.
+
+`python -m jsft.main --config CFG --mode plan --workdir DIR` runs on simulated CPU devices (as many as
+the mesh names; main.py sets that up before JAX starts). Parameters, optimizer state and gradients are
+counted exactly from their shapes and shardings; activations come from XLA itself: the train step is
+lowered and compiled for abstract inputs (`jax.ShapeDtypeStruct`s, never allocated) and
+`compiled.memory_analysis()` reports its temporary buffers. XLA's CPU backend fuses differently from
+TPU/GPU backends, so the activation figure is an estimate of the same order, not a promise.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jsft.models.registry import build_model
+from jsft.parallel import sharding
+from jsft.parallel.mesh import build_mesh, resolve_shape
+from jsft.train.optim import build_optimizer, build_schedule
+from jsft.train.state import state_shardings
+from jsft.train.step import make_train_step
+
+GB = 1e9
+# Memory per device (bytes) of accelerators people fine-tune on.
+ACCELERATORS = {
+    "TPU v5e (16 GB)": 16 * GB,
+    "TPU v4 (32 GB)": 32 * GB,
+    "TPU v6e (32 GB)": 32 * GB,
+    "TPU v5p (95 GB)": 95 * GB,
+    "A100 (80 GB)": 80 * GB,
+    "H100 (80 GB)": 80 * GB,
+    "H200 (141 GB)": 141 * GB,
+}
+
+
+def devices_needed(mesh_cfg: ml_collections.ConfigDict) -> int:
+    """Devices the configured mesh names; -1 ("the rest") is refused: a plan needs exact sizes."""
+    if -1 in tuple(mesh_cfg.shape):
+        raise ValueError(
+            f"config.mesh.shape={tuple(mesh_cfg.shape)}: --mode plan needs explicit sizes, no -1"
+        )
+    return math.prod(resolve_shape(mesh_cfg.shape, math.prod(mesh_cfg.shape)))
+
+
+def per_device_bytes(abstract_tree, shardings_tree) -> int:
+    """Bytes one device holds of a sharded pytree (the largest shard of each leaf)."""
+    total = 0
+    for leaf, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings_tree), strict=True):
+        shard_shape = s.shard_shape(leaf.shape)
+        total += math.prod(shard_shape) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _compile_step(config, model, tx, schedule, abstract, state_sharding, mesh, rules):
+    """XLA's memory analysis of the train step for abstract inputs."""
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    shape = (config.data.batch_size, config.data.seq_len)
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
+        for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions", "source_ids")
+    }
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
+    )
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step = jax.jit(
+        make_train_step(model, tx, schedule, config.optim.grad_accum_steps, config.loss.normalization),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0,
+    )
+    with sharding.use_rules(mesh, rules):
+        return step.lower(state, batch).compile().memory_analysis()
+
+
+def run_plan(
+    config: ml_collections.ConfigDict, compile_step: bool = True, plan_rows: dict | None = None
+) -> str:
+    """Print (and return) the per-device memory table for the config's model, optimizer and mesh.
+
+    `plan_rows`, if given, receives the table's numbers (bytes per device by row name)."""
+    plan_rows = {} if plan_rows is None else plan_rows
+    start = time.time()
+    if not config.model.vocab_size:
+        raise ValueError("config.model.vocab_size=0: a plan needs the vocabulary size (no tokenizer is read)")
+    model = build_model(config.model, config.model.vocab_size)
+    schedule = build_schedule(config.optim, config.train.steps)
+    tx = build_optimizer(config.optim, schedule)
+    mesh = build_mesh(config.mesh.shape, config.mesh.dcn_shape)
+    rules = sharding.parse_rules(config.mesh.rules.to_dict())
+    abstract, state_sharding, dropped = state_shardings(model, tx, mesh, rules)
+
+    params = per_device_bytes(abstract.params, state_sharding.params)
+    opt = per_device_bytes(abstract.opt_state, state_sharding.opt_state)
+    grads = per_device_bytes(
+        jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), abstract.params),
+        state_sharding.params,
+    )  # accumulated in float32 by the step
+    rows = [("parameters", params), ("optimizer state", opt), ("gradients (float32)", grads)]
+    analysis = (
+        _compile_step(config, model, tx, schedule, abstract, state_sharding, mesh, rules)
+        if compile_step
+        else None
+    )
+    if analysis is not None:
+        temp = int(analysis.temp_size_in_bytes)
+        rows.append(("activations + workspace (XLA temp - gradients)", max(temp - grads, 0)))
+        peak = int(
+            analysis.argument_size_in_bytes
+            + analysis.output_size_in_bytes
+            - analysis.alias_size_in_bytes
+            + temp
+        )
+    else:
+        peak = params + opt + grads
+    rows.append(("peak per device", peak))
+    plan_rows.clear()
+    plan_rows.update(rows)
+
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract.params))
+    lines = [
+        f"jsft memory plan: {n_params / 1e9:.2f}B parameters ({config.model.param_dtype}, compute "
+        f"{config.model.compute_dtype}, remat {config.model.remat!r}), mesh {dict(mesh.shape)} = "
+        f"{mesh.size} devices, batch {config.data.batch_size} x {config.data.seq_len} tokens, "
+        f"grad accumulation {config.optim.grad_accum_steps}",
+    ]
+    lines += [f"  {name:<50} {value / GB:>9.2f} GB" for name, value in rows]
+    if dropped:
+        lines.append(f"  replicated for divisibility: {sorted({d[0] for d in dropped})}")
+    lines.append("  fits on (peak with 10% headroom):")
+    lines += [f"    {name:<20} {'yes' if peak * 1.1 <= mem else 'NO'}" for name, mem in ACCELERATORS.items()]
+    lines.append(f"  (planned in {time.time() - start:.1f} s on {jax.device_count()} simulated devices)")
+    report = "\n".join(lines)
+    print(report)
+    return report
