@@ -69,6 +69,11 @@ def _write_samples(workdir: str, step: int, samples: list[dict]) -> None:
         f.writelines(json.dumps(s) + "\n" for s in samples)
 
 
+def _local_mirror(remote: str) -> str:
+    name = remote.split("://", 1)[1].strip("/").replace("/", "_")
+    return os.path.join(os.environ.get("JSFT_LOCAL_DIR", "/tmp/jsft"), name)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train as configured; returns the summary it prints (final metrics, checkpoint location)."""
     with contextlib.ExitStack() as scope:  # undoes the activation-sharding rules however we leave
@@ -79,7 +84,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: 
     start_time = time.time()
     is_main = jax.process_index() == 0
     # ------------------------------------------------------------------ Workdir
-    workdir = os.path.abspath(workdir)  # orbax (tensorstore) needs absolute paths
+    # Checkpoints go to the workdir, local or a bucket (gs://...: orbax writes there through
+    # tensorstore). Everything else (config copy, metrics, TensorBoard, samples, tokenizer, data cache)
+    # needs a local file system: with a remote workdir it goes to a local mirror that is printed.
+    if "://" in workdir:
+        remote, workdir = workdir.rstrip("/"), _local_mirror(workdir)
+        _print(is_main, f"Workdir {remote} is remote: checkpoints go there, logs and caches to {workdir}")
+    else:
+        workdir = remote = os.path.abspath(workdir)  # orbax (tensorstore) needs absolute paths
     os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir, is_main)
     writer = MetricWriter(workdir, enabled=is_main)
@@ -106,7 +118,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: 
         )
         _print(
             is_main,
-            f"Data {src.name!r}: {st['examples']:,} examples of {st['records']:,} records "
+            f"Data {src.name!r}{' (process 0 shards)' if jax.process_count() > 1 else ''}: "
+            f"{st['examples']:,} examples of {st['records']:,} records "
             f"({st['tokens']:,} tokens; mixture weight {data.mixture[src.name]:.3f}; skipped bad "
             f"{st['bad']}{' ' + str(st['bad_by_reason']) if st['bad'] else ''}; truncated "
             f"{st['truncated']}; dropped over-long {st['dropped_overlong']})",
@@ -144,7 +157,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: 
     )
 
     # ------------------------------------------------------------------ Load checkpoint or init
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+    ckpt = Checkpointer(f"{remote}/checkpoints", config.train.keep_checkpoints)
     start_step = ckpt.latest_step()
     if start_step is not None:
         target = jax.tree.map(
