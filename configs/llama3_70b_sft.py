@@ -16,21 +16,13 @@ import ml_collections
 # Configs are loaded by path; make their sibling modules importable from any working directory.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs.llama3_8b_sft import large_model_config  # noqa: E402
+from jsft.models.llama import LlamaConfig  # noqa: E402
 
 MESHES = {
     "gpu8x4": dict(shape=(1, 32, 1), dcn_shape=(1, 4, 1), batch_size=32, grad_accum_steps=1),
     "v5p-128": dict(shape=(1, 64, 1), dcn_shape=(1, 1, 1), batch_size=64, grad_accum_steps=1),
 }
-MODEL = dict(
-    vocab_size=128256,
-    d_model=8192,
-    n_layers=80,
-    n_heads=64,
-    n_kv_heads=8,
-    head_dim=128,
-    mlp_dim=28672,
-    rope_theta=500000.0,
-)
+MODEL = LlamaConfig.llama3_70b().shape_fields()
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -17,21 +17,13 @@ import ml_collections
 # Configs are loaded by path; make their sibling modules importable from any working directory.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import demo  # noqa: E402
+from jsft.models.llama import LlamaConfig  # noqa: E402
 
 MESHES = {
     "gpu8": dict(shape=(1, 8, 1), dcn_shape=(1, 1, 1), batch_size=32, grad_accum_steps=4),
     "v5p-64": dict(shape=(1, 32, 1), dcn_shape=(1, 1, 1), batch_size=64, grad_accum_steps=2),
 }
-MODEL = dict(
-    vocab_size=128256,
-    d_model=4096,
-    n_layers=32,
-    n_heads=32,
-    n_kv_heads=8,
-    head_dim=128,
-    mlp_dim=14336,
-    rope_theta=500000.0,
-)
+MODEL = LlamaConfig.llama3_8b().shape_fields()
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

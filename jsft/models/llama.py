@@ -84,6 +84,28 @@ class LlamaConfig:
         )
         return cls(**{**base, **overrides})
 
+    @classmethod
+    def llama3_70b(cls, **overrides: Any) -> LlamaConfig:
+        return cls.llama3_8b(
+            **{"d_model": 8192, "n_layers": 80, "n_heads": 64, "mlp_dim": 28672, **overrides}
+        )
+
+    def shape_fields(self) -> dict[str, Any]:
+        """The architecture fields (not numerics or remat), e.g. to fill a config's `model` section."""
+        keep = (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "head_dim",
+            "mlp_dim",
+            "rope_theta",
+            "norm_eps",
+            "tie_embeddings",
+        )
+        return {k: getattr(self, k) for k in keep}
+
     def num_params(self) -> int:
         d, h = self.d_model, self.head_dim
         attn = d * h * (2 * self.n_heads + 2 * self.n_kv_heads)
