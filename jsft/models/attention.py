@@ -8,14 +8,17 @@ import jax
 import jax.numpy as jnp
 
 
-def causal_segment_mask(segment_ids_bt):
-    """[B, T, S] bool: query t may see key s iff s <= t and both belong to the same example.
+def causal_segment_mask(segment_ids_bt, sliding_window: int = 0):
+    """[B, T, S] bool: query t may see key s iff s <= t and both belong to the same example
+    (and, with a sliding window, t - s < window).
 
     Packed examples are contiguous in a row, so index-causality inside a segment equals causality in
     the example's own positions. Padding (segment 0) only sees padding, so no query row is empty.
     """
     t = segment_ids_bt.shape[1]
     causal_ts = jnp.tril(jnp.ones((t, t), jnp.bool_))
+    if sliding_window:
+        causal_ts &= ~jnp.tril(jnp.ones((t, t), jnp.bool_), k=-sliding_window)
     same_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
     return causal_ts[None] & same_bts
 

@@ -48,6 +48,11 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on queries and keys, before RoPE
+    sliding_window: int = 0  # Mistral: a query sees at most this many keys back (0: unlimited)
+    # RoPE frequency scaling as (key, value) pairs, e.g. (("rope_type", "llama3"), ("factor", 8.0), ...)
+    rope_scaling: tuple = ()
     init_std: float = 0.02
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
@@ -62,6 +67,9 @@ class LlamaConfig:
             raise ValueError(f"remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
         for name in ("param_dtype", "compute_dtype"):
             jnp.dtype(getattr(self, name))  # fails loudly on a typo such as 'bfloat'
+        rope_type = dict(self.rope_scaling).get("rope_type", "default")
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported (default, linear, llama3)")
 
     @classmethod
     def tiny(cls, vocab_size: int = 256, **overrides: Any) -> LlamaConfig:
@@ -125,9 +133,9 @@ def _fan_in_init(fan_in: int):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype: str, rngs: nnx.Rngs):
+    def __init__(self, dim: int, eps: float, dtype: str, rngs: nnx.Rngs, axis_name: str = "embed"):
         self.eps = eps
-        self.scale = _param(rngs, jax.nn.initializers.ones, (dim,), ("embed",), dtype)
+        self.scale = _param(rngs, jax.nn.initializers.ones, (dim,), (axis_name,), dtype)
 
     def __call__(self, x):
         # Normalise in float32 whatever the compute dtype: bf16 variance is too coarse.
@@ -136,9 +144,29 @@ class RMSNorm(nnx.Module):
         return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_tables(positions_bt, head_dim: int, theta: float):
-    """cos/sin tables [B, T, H/2] for the 'rotate half' layout used by Llama and HF checkpoints."""
+def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()) -> jnp.ndarray:
+    """Inverse frequencies [H/2], with Hugging Face's `linear` or `llama3` scaling when given."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    s = dict(scaling)
+    kind = s.get("rope_type", "default")
+    if kind == "linear":
+        return inv_freq / s["factor"]
+    if kind == "llama3":
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * jnp.pi / inv_freq
+        scaled = jnp.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        return jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(positions_bt, head_dim: int, theta: float, scaling: tuple = ()):
+    """cos/sin tables [B, T, H/2] for the 'rotate half' layout used by Llama and HF checkpoints."""
+    inv_freq = rope_frequencies(head_dim, theta, scaling)
     angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 
@@ -162,12 +190,26 @@ class Attention(nnx.Module):
         self.o_proj = _param(
             rngs, jax.nn.initializers.normal(out_std), (n, h, d), ("heads", "head_dim", "embed"), pd
         )
+        if cfg.qkv_bias:
+            zeros = jax.nn.initializers.zeros
+            self.q_bias = _param(rngs, zeros, (n, h), ("heads", "head_dim"), pd)
+            self.k_bias = _param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), pd)
+            self.v_bias = _param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), pd)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(h, cfg.norm_eps, pd, rngs, axis_name="head_dim")
+            self.k_norm = RMSNorm(h, cfg.norm_eps, pd, rngs, axis_name="head_dim")
 
     def __call__(self, x_btd, cos, sin, mask_bts):
         dt = x_btd.dtype
         q_btnh = jnp.einsum("BTD,DNH->BTNH", x_btd, self.q_proj[...].astype(dt))
         k_btkh = jnp.einsum("BTD,DKH->BTKH", x_btd, self.k_proj[...].astype(dt))
         v_btkh = jnp.einsum("BTD,DKH->BTKH", x_btd, self.v_proj[...].astype(dt))
+        if self.cfg.qkv_bias:
+            q_btnh = q_btnh + self.q_bias[...].astype(dt)
+            k_btkh = k_btkh + self.k_bias[...].astype(dt)
+            v_btkh = v_btkh + self.v_bias[...].astype(dt)
+        if self.cfg.qk_norm:
+            q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
         q_btnh, k_btkh = apply_rope(q_btnh, cos, sin), apply_rope(k_btkh, cos, sin)
         out_btnh = attention.reference_attention(q_btnh, k_btkh, v_btkh, mask_bts)
         return jnp.einsum("BTNH,NHD->BTD", out_btnh, self.o_proj[...].astype(dt))
@@ -243,8 +285,8 @@ class Llama(nnx.Module):
         dt = jnp.dtype(cfg.compute_dtype)
 
         x_btd = constrain(jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt), ACTIVATION_AXES)
-        cos, sin = rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta)
-        mask_bts = attention.causal_segment_mask(segment_ids_bt)
+        cos, sin = rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        mask_bts = attention.causal_segment_mask(segment_ids_bt, cfg.sliding_window)
 
         layers_def, layers_state = nnx.split(self.layers)
 

@@ -1,0 +1,437 @@
+"""Hugging Face checkpoints in and out: config.json <-> LlamaConfig, safetensors <-> jsft params.
+
+Supported families: Llama (2, 3, 3.1/3.2 with `llama3` RoPE scaling and tied embeddings), Mistral
+(sliding window), Qwen2/2.5 (q/k/v biases), Qwen3 (q/k norms). Anything in a config that would change
+the math and that jsft does not implement is refused by name; only safetensors are read (no pickle).
+
+HF stores projections as [out, in] matrices; jsft keeps [in, out] with heads split out
+(q_proj [D, N, H], o_proj [N, H, D]) and layers stacked on a leading axis. `SPECS` lists every
+parameter with its HF name and the two reshapes; import and export both read this one table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jsft.models.llama import LlamaConfig
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# Config keys that are bookkeeping, or that jsft handles, and never change the forward pass.
+IGNORED_KEYS = {
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "initializer_range",
+    "max_position_embeddings",
+    "attention_dropout",
+    "pretraining_tp",
+    "max_window_layers",
+    "_name_or_path",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "layer_types",
+    "tie_word_embeddings",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "rms_norm_eps",
+    "hidden_act",
+    "attention_bias",
+    "mlp_bias",
+    "sliding_window",
+    "use_sliding_window",
+    "bos_token",
+    "eos_token",
+    "id2label",
+    "label2id",
+}
+
+
+class UnsupportedCheckpoint(ValueError):
+    """A checkpoint jsft cannot load faithfully; the message names what and why."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _rope(hf: dict) -> tuple[float, tuple]:
+    """(theta, scaling pairs) from either transformers 4 (`rope_theta`, `rope_scaling`) or 5
+    (`rope_parameters`) config layouts."""
+    params = dict(hf.get("rope_parameters") or {})
+    theta = float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    scaling = dict(hf.get("rope_scaling") or {}) or {k: v for k, v in params.items() if k != "rope_theta"}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, ()
+    if kind == "linear":
+        return theta, (("rope_type", "linear"), ("factor", float(scaling["factor"])))
+    if kind == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        return theta, (("rope_type", "llama3"), *((k, float(scaling[k])) for k in keys))
+    raise UnsupportedCheckpoint(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+
+
+def config_from_hf(hf: dict, **numerics) -> LlamaConfig:
+    """A LlamaConfig equal in math to the HF config; `numerics` sets dtypes/remat."""
+    family = hf.get("model_type")
+    if family not in FAMILIES:
+        raise UnsupportedCheckpoint(f"model_type {family!r} is not supported; jsft imports {FAMILIES}")
+    refuse = []
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse.append(f"hidden_act={hf['hidden_act']!r} (only silu)")
+    if hf.get("mlp_bias"):
+        refuse.append("mlp_bias=true")
+    if hf.get("attention_bias") and family not in ("qwen2",):
+        refuse.append("attention_bias=true")
+    if family == "qwen2" and hf.get("use_sliding_window"):
+        refuse.append("use_sliding_window=true")
+    if family == "qwen3" and hf.get("use_sliding_window"):
+        refuse.append("use_sliding_window=true")
+    unknown = sorted(k for k in hf if k not in IGNORED_KEYS and not k.startswith(("_", "quantization")))
+    if "quantization_config" in hf:
+        refuse.append("quantization_config (quantized weights)")
+    if refuse:
+        raise UnsupportedCheckpoint(f"{family} config fields jsft does not implement: {', '.join(refuse)}")
+    theta, scaling = _rope(hf)
+    n_heads = hf["num_attention_heads"]
+    cfg = LlamaConfig(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        mlp_dim=hf["intermediate_size"],
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=family == "qwen2",
+        qk_norm=family == "qwen3",
+        sliding_window=int(hf.get("sliding_window") or 0) if family == "mistral" else 0,
+        **numerics,
+    )
+    del unknown  # informational keys beyond IGNORED_KEYS (e.g. new bookkeeping) are tolerated
+    return cfg
+
+
+def config_to_hf(cfg: LlamaConfig, family: str, dtype: str, bos_id: int | None, eos_id: int) -> dict:
+    """The config.json `transformers` needs to rebuild `cfg` as `family`."""
+    if family not in FAMILIES:
+        raise UnsupportedCheckpoint(f"cannot export as {family!r}; jsft exports {FAMILIES}")
+    if cfg.qkv_bias != (family == "qwen2") or cfg.qk_norm != (family == "qwen3"):
+        raise UnsupportedCheckpoint(
+            f"a model with qkv_bias={cfg.qkv_bias}, qk_norm={cfg.qk_norm} is not a {family}"
+        )
+    arch = {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+    }[family]
+    rope = {"rope_type": "default", **dict(cfg.rope_scaling)}
+    out = {
+        "architectures": [arch],
+        "model_type": family,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.mlp_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": rope if cfg.rope_scaling else None,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, **rope},
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "max_position_embeddings": 8192,
+    }
+    if family in ("llama", "mistral", "qwen3"):
+        out["attention_bias"] = False
+    if family == "mistral":
+        out["sliding_window"] = cfg.sliding_window or None
+    if family in ("qwen2", "qwen3"):
+        out["use_sliding_window"] = False
+        out["sliding_window"] = None
+    return out
+
+
+# --------------------------------------------------------------------------- weights
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    path: tuple[str, ...]  # in the jsft params dict
+    hf: str  # HF tensor name; `{i}` for per-layer tensors
+    to_jsft: Callable  # (hf array, cfg) -> jsft array (one layer)
+    to_hf: Callable  # (jsft array, cfg) -> hf array (one layer)
+
+
+def _t(w, _cfg):
+    return w.T
+
+
+def _heads_in(n_attr):
+    return lambda w, c: w.T.reshape(c.d_model, getattr(c, n_attr), c.head_dim)
+
+
+def _heads_out(n_attr):
+    return lambda x, c: x.reshape(c.d_model, getattr(c, n_attr) * c.head_dim).T
+
+
+def _bias_in(n_attr):
+    return lambda w, c: w.reshape(getattr(c, n_attr), c.head_dim)
+
+
+def _same(w, _cfg):
+    return w
+
+
+def specs(cfg: LlamaConfig) -> list[Spec]:
+    """Every parameter of a model with `cfg`, in HF terms."""
+    layer = "model.layers.{i}."
+    out = [
+        Spec(("embed",), "model.embed_tokens.weight", _same, _same),
+        Spec(("final_norm", "scale"), "model.norm.weight", _same, _same),
+        Spec(("layers", "attn_norm", "scale"), layer + "input_layernorm.weight", _same, _same),
+        Spec(("layers", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", _same, _same),
+        Spec(
+            ("layers", "attn", "q_proj"),
+            layer + "self_attn.q_proj.weight",
+            _heads_in("n_heads"),
+            _heads_out("n_heads"),
+        ),
+        Spec(
+            ("layers", "attn", "k_proj"),
+            layer + "self_attn.k_proj.weight",
+            _heads_in("n_kv_heads"),
+            _heads_out("n_kv_heads"),
+        ),
+        Spec(
+            ("layers", "attn", "v_proj"),
+            layer + "self_attn.v_proj.weight",
+            _heads_in("n_kv_heads"),
+            _heads_out("n_kv_heads"),
+        ),
+        Spec(
+            ("layers", "attn", "o_proj"),
+            layer + "self_attn.o_proj.weight",
+            lambda w, c: w.T.reshape(c.n_heads, c.head_dim, c.d_model),
+            lambda x, c: x.reshape(c.n_heads * c.head_dim, c.d_model).T,
+        ),
+        Spec(("layers", "mlp", "gate_proj"), layer + "mlp.gate_proj.weight", _t, _t),
+        Spec(("layers", "mlp", "up_proj"), layer + "mlp.up_proj.weight", _t, _t),
+        Spec(("layers", "mlp", "down_proj"), layer + "mlp.down_proj.weight", _t, _t),
+    ]
+    if not cfg.tie_embeddings:
+        out.append(Spec(("lm_head",), "lm_head.weight", _t, _t))
+    if cfg.qkv_bias:
+        for name, n in (("q", "n_heads"), ("k", "n_kv_heads"), ("v", "n_kv_heads")):
+            out.append(
+                Spec(
+                    ("layers", "attn", f"{name}_bias"),
+                    layer + f"self_attn.{name}_proj.bias",
+                    _bias_in(n),
+                    lambda x, _c: x.reshape(-1),
+                )
+            )
+    if cfg.qk_norm:
+        for name in ("q", "k"):
+            out.append(
+                Spec(
+                    ("layers", "attn", f"{name}_norm", "scale"),
+                    layer + f"self_attn.{name}_norm.weight",
+                    _same,
+                    _same,
+                )
+            )
+    return out
+
+
+def _files(directory: str) -> dict[str, str]:
+    """HF tensor name -> safetensors file; pickle-only checkpoints are refused."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return {k: os.path.join(directory, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.exists(single):
+        from safetensors import safe_open  # noqa: PLC0415
+
+        with safe_open(single, "numpy") as f:
+            return dict.fromkeys(f.keys(), single)
+    if glob.glob(os.path.join(directory, "*.bin")) or glob.glob(os.path.join(directory, "*.pt")):
+        raise UnsupportedCheckpoint(
+            f"{directory} holds only pickle weights (*.bin/*.pt); jsft reads safetensors only, since "
+            "unpickling can run arbitrary code. Convert with transformers: "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)"
+        )
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+
+
+def read_config(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no config.json in {directory} (config.model.hf_path)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_params(directory: str, cfg: LlamaConfig, shardings=None, dtype: str | None = None) -> dict:
+    """jsft params from a HF safetensors checkpoint, one tensor at a time, each placed straight into
+    its sharding (when given). Every tensor in the checkpoint must be used; extra ones are refused."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    files = _files(directory)
+    handles: dict[str, object] = {}
+
+    def tensor(name: str) -> np.ndarray:
+        if name not in files:
+            raise UnsupportedCheckpoint(f"{directory}: tensor {name!r} is missing")
+        path = files[name]
+        if path not in handles:
+            handles[path] = safe_open(path, "numpy")
+        return handles[path].get_tensor(name)
+
+    dtype = jnp.dtype(dtype or cfg.param_dtype)
+    params: dict = {}
+    used = set()
+    for spec in specs(cfg):
+        if "{i}" in spec.hf:
+            names = [spec.hf.format(i=i) for i in range(cfg.n_layers)]
+            value = np.stack([spec.to_jsft(tensor(n), cfg).astype(dtype) for n in names])
+        else:
+            names = [spec.hf]
+            value = spec.to_jsft(tensor(spec.hf), cfg).astype(dtype)
+        used.update(names)
+        sharding = _get(shardings, spec.path) if shardings is not None else None
+        _set(
+            params, spec.path, jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
+        )
+    extra = sorted(k for k in files if k not in used and not k.endswith("rotary_emb.inv_freq"))
+    if cfg.tie_embeddings and "lm_head.weight" in extra:
+        extra.remove("lm_head.weight")  # some tied checkpoints store the shared matrix twice
+    if extra:
+        raise UnsupportedCheckpoint(
+            f"{directory}: tensors jsft would ignore (they change the model): "
+            f"{extra[:8]}{' ...' if len(extra) > 8 else ''}"
+        )
+    return params
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set(tree, path, value):
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def hf_tensors(params: dict, cfg: LlamaConfig, dtype: str) -> dict[str, np.ndarray]:
+    """HF-named host arrays from jsft params (gathered from every device)."""
+    out = {}
+    for spec in specs(cfg):
+        value = np.asarray(jax.device_get(_get(params, spec.path)))
+        if "{i}" in spec.hf:
+            for i in range(cfg.n_layers):
+                out[spec.hf.format(i=i)] = np.ascontiguousarray(
+                    spec.to_hf(value[i], cfg).astype(jnp.dtype(dtype))
+                )
+        else:
+            out[spec.hf] = np.ascontiguousarray(spec.to_hf(value, cfg).astype(jnp.dtype(dtype)))
+    return out
+
+
+def save_pretrained(
+    out_dir: str,
+    params: dict,
+    cfg: LlamaConfig,
+    family: str,
+    dtype: str = "float32",
+    bos_id: int | None = None,
+    eos_id: int = 0,
+    max_shard_bytes: int = 2 * 1024**3,
+    tokenizer_dir: str | None = None,
+) -> list[str]:
+    """Write config.json, generation_config.json, sharded safetensors with an index, and the
+    tokenizer files; returns the files written."""
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = hf_tensors(params, cfg, dtype)
+    shards, current, size = [], {}, 0
+    for name, value in tensors.items():
+        if current and size + value.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = value
+        size += value.nbytes
+    shards.append(current)
+    written, weight_map = [], {}
+    for k, shard in enumerate(shards, start=1):
+        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+        written.append(fname)
+    index = {
+        "metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))},
+        "weight_map": weight_map,
+    }
+    _write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
+    _write_json(os.path.join(out_dir, "config.json"), config_to_hf(cfg, family, dtype, bos_id, eos_id))
+    _write_json(
+        os.path.join(out_dir, "generation_config.json"),
+        {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False},
+    )
+    written += ["model.safetensors.index.json", "config.json", "generation_config.json"]
+    if tokenizer_dir and os.path.isdir(tokenizer_dir):
+        import shutil  # noqa: PLC0415
+
+        for name in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "tokenizer.model",
+            "chat_template.jinja",
+        ):
+            if os.path.exists(os.path.join(tokenizer_dir, name)):
+                shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))
+                written.append(name)
+    return written
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)

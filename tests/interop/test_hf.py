@@ -1,0 +1,129 @@
+"""Hugging Face import/export proven by logits against `transformers` (tiny random models, CPU, fp32)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the hf extra (torch==2.13.0, transformers) is not installed")
+transformers = pytest.importorskip("transformers")
+
+from jsft.interop import hf  # noqa: E402
+from jsft.models.registry import ModelDef  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "float32")
+
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0)),
+    "llama3_scaled_tied": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=6)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24)),
+}
+
+
+def _save_tiny(name, directory):
+    config_cls, model_cls, extra = FAMILIES[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**COMMON, **extra)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():  # random norms/biases too, so a mapping slip cannot hide behind ones/zeros
+        for pname, p in model.named_parameters():
+            if "norm" in pname or pname.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+def _hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.float().numpy()
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    model = _save_tiny(request.param, str(d))
+    cfg = hf.config_from_hf(hf.read_config(str(d)))
+    params = hf.load_params(str(d), cfg)
+    return request.param, d, model, cfg, params
+
+
+def test_logits_match_transformers(family):
+    name, _, model, cfg, params = family
+    ids = np.random.default_rng(0).integers(0, 96, (2, 20))
+    ours = np.asarray(ModelDef.create(cfg).apply(params, ids))
+    err = np.abs(ours - _hf_logits(model, ids)).max()
+    print(f"{name}: max abs logit error {err:.2e}")
+    assert err < 1e-4
+
+
+def test_a_packed_row_matches_each_example_alone(family):
+    _, _, model, cfg, params = family
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, 96, 11), rng.integers(0, 96, 7)
+    row = np.concatenate([a, b, np.zeros(2, np.int64)])[None]
+    segs = np.array([[1] * 11 + [2] * 7 + [0] * 2])
+    pos = np.array([list(range(11)) + list(range(7)) + [0, 0]])
+    packed = np.asarray(ModelDef.create(cfg).apply(params, row, pos, segs))[0]
+    assert np.abs(packed[:11] - _hf_logits(model, a[None])[0]).max() < 1e-4
+    assert np.abs(packed[11:18] - _hf_logits(model, b[None])[0]).max() < 1e-4
+
+
+def test_export_loads_in_transformers_with_identical_logits_and_reimports_bit_exactly(family, tmp_path):
+    name, _, model, cfg, params = family
+    family_name = hf.read_config(str(family[1]))["model_type"]
+    hf.save_pretrained(
+        str(tmp_path), params, cfg, family_name, dtype="float32", bos_id=1, eos_id=2, max_shard_bytes=40_000
+    )  # small shards: exercise the index
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ids = np.random.default_rng(2).integers(0, 96, (1, 16))
+    assert np.abs(_hf_logits(reloaded, ids) - _hf_logits(model, ids)).max() == 0.0
+    again = hf.load_params(str(tmp_path), hf.config_from_hf(hf.read_config(str(tmp_path))))
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), params, again)
+
+
+def test_unsupported_architectures_and_pickle_checkpoints_are_refused(tmp_path):
+    with pytest.raises(hf.UnsupportedCheckpoint, match="model_type 'gpt2' is not supported"):
+        hf.config_from_hf({"model_type": "gpt2"})
+    cfg = dict(model_type="llama", hidden_act="gelu", mlp_bias=True, **COMMON)
+    with pytest.raises(hf.UnsupportedCheckpoint, match=r"hidden_act='gelu'.*mlp_bias=true"):
+        hf.config_from_hf(cfg)
+    with pytest.raises(hf.UnsupportedCheckpoint, match="rope scaling type 'yarn'"):
+        hf.config_from_hf(
+            dict(model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 4.0}, **COMMON)
+        )
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(hf.UnsupportedCheckpoint, match=r"only pickle weights .*safetensors only"):
+        hf.load_params(str(tmp_path), hf.config_from_hf(dict(model_type="llama", **COMMON)))
+    os.remove(tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        hf.load_params(str(tmp_path), hf.config_from_hf(dict(model_type="llama", **COMMON)))
