@@ -241,8 +241,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: 
         pbar.update(1)
 
         if step % config.train.log_every_steps == 0 or step == end_step:
+            fetched = jax.device_get(pending)  # waits for the steps: only now is their time known
             elapsed, last_time = time.time() - last_time, time.time()
-            logged = _train_metrics(jax.device_get(pending), elapsed, config.data, data, data_state)
+            logged = _train_metrics(fetched, elapsed, config.data, data, data_state)
             if not np.isfinite(logged["train/loss"]):
                 raise FloatingPointError(f"train loss is {logged['train/loss']} at step {step}")
             writer.write(step, logged)
