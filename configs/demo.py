@@ -61,6 +61,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "llama"
+    config.model.hf_path = ""  # a local Hugging Face checkpoint to start from (architecture + weights)
+    config.model.export_family = "llama"  # HF model_type written by --mode export (HF imports keep theirs)
     config.model.vocab_size = 0  # 0: the tokenizer's vocabulary size
     config.model.d_model = 128
     config.model.n_layers = 4

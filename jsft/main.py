@@ -1,6 +1,7 @@
 """Command-line entry: `python -m jsft.main --config configs/demo.py --workdir DIR [--mode MODE]`.
 
-Modes: `train` (the default) and `inspect` (read and tokenize the data, write a report; no training).
+Modes: `train` (the default), `inspect` (read and tokenize the data, write a report), `plan` (memory
+plan for the mesh) and `export` (a checkpoint as a Hugging Face model directory).
 
 Any config field can be overridden, e.g. `--config.optim.lr=3e-4`; a misspelled field is an error.
 """
@@ -12,6 +13,7 @@ from ml_collections import config_flags
 
 from jsft import config as config_lib
 from jsft.data.sources import DataError
+from jsft.interop.hf import UnsupportedCheckpoint
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -28,6 +30,9 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-process runs: how many processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-process runs: this process's index.")
+_EXPORT_DIR = flags.DEFINE_string("export_dir", "", "--mode export: where to write the HF model directory.")
+_EXPORT_STEP = flags.DEFINE_integer("export_step", 0, "--mode export: checkpoint step (0: the latest).")
+_EXPORT_DTYPE = flags.DEFINE_string("export_dtype", "bfloat16", "--mode export: dtype of the safetensors.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -59,11 +64,17 @@ def main(argv):
     try:
         if _MODE.value == "train":
             loop.train_and_evaluate(config, _WORKDIR.value)
+        elif _MODE.value == "export":
+            if not _EXPORT_DIR.value:
+                sys.exit("jsft: error: --mode export needs --export_dir")
+            from jsft.interop.export import run_export  # noqa: PLC0415
+
+            run_export(config, _WORKDIR.value, _EXPORT_DIR.value, _EXPORT_STEP.value, _EXPORT_DTYPE.value)
         elif _MODE.value == "inspect":
             from jsft.data.inspect import run_inspect  # noqa: PLC0415
 
             run_inspect(config, _WORKDIR.value)
-    except (config_lib.ConfigError, DataError) as e:
+    except (config_lib.ConfigError, DataError, FileNotFoundError, UnsupportedCheckpoint) as e:
         sys.exit(f"jsft: error: {e}")
 
 

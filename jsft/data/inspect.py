@@ -236,7 +236,7 @@ def run_inspect(config: ml_collections.ConfigDict, workdir: str) -> str:
     os.makedirs(workdir, exist_ok=True)
     data_cfg = config.data.copy_and_resolve_references()
     data_cfg.on_bad_record = "skip"  # report bad records instead of stopping at the first source
-    data = build_data(data_cfg, config.seed, workdir)
+    data = build_data(data_cfg, config.seed, workdir, hf_path=config.model.hf_path)
     # (label, source, examples packed together): evaluation packs the whole validation set at once.
     sections = [(f"train {s.name!r}", s, config.data.pack_chunk_examples) for s in data.train_sources]
     sections += [(f"val {s.name!r}", s, PACK_SAMPLE) for s in data.val_sources]

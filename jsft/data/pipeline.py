@@ -429,10 +429,11 @@ def _conversations(table: datasets.Dataset, path: str, fmt: str, fields: dict, l
     return out
 
 
-def build_tokenizer(data_cfg, workdir: str, template_name: str, texts) -> Tokenizer:
-    """The configured tokenizer, or a SentencePiece model trained on the training data, cached."""
-    if data_cfg.tokenizer:
-        return load_tokenizer(data_cfg.tokenizer)
+def build_tokenizer(data_cfg, workdir: str, template_name: str, texts, hf_path: str = "") -> Tokenizer:
+    """The configured tokenizer, else the HF checkpoint's own, else a SentencePiece model trained on
+    the training data and cached in the workdir."""
+    if data_cfg.tokenizer or hf_path:
+        return load_tokenizer(data_cfg.tokenizer or hf_path)
     path = os.path.join(workdir, "tokenizer.model")
     if os.path.exists(path):
         return load_tokenizer(path)
@@ -448,6 +449,7 @@ def build_data(
     process_index: int = 0,
     process_count: int = 1,
     eval_prompt_limit: int = 0,
+    hf_path: str = "",
 ) -> Data:
     """Read, validate, tokenize and mix the configured sources; nothing is written to checkpoints."""
     cache_dir = data_cfg.cache_dir or os.path.join(workdir, "cache")
@@ -480,7 +482,7 @@ def build_data(
                 # Role names appear in chat templates' headers: let them become pieces too.
                 yield from (f"{m.role}\n{m.content}" for m in conv.messages)
 
-    tok = build_tokenizer(data_cfg, workdir, data_cfg.template, texts)
+    tok = build_tokenizer(data_cfg, workdir, data_cfg.template, texts, hf_path)
     template = templates.build_template(data_cfg.template, data_cfg.separator, tok)
 
     # ---- this process's logical shards: it reads and tokenizes only their rows

@@ -26,7 +26,7 @@ from jsft.parallel import multihost, sharding
 from jsft.parallel.mesh import build_mesh
 from jsft.train.checkpoint import Checkpointer
 from jsft.train.optim import build_optimizer, build_schedule
-from jsft.train.state import init_fn, state_shardings
+from jsft.train.state import TrainState, init_fn, state_shardings
 from jsft.train.step import make_train_step
 from jsft.train.writer import MetricWriter
 
@@ -69,6 +69,22 @@ def _write_samples(workdir: str, step: int, samples: list[dict]) -> None:
         f.writelines(json.dumps(s) + "\n" for s in samples)
 
 
+def _initial_state(config, model, tx, init_state, state_sharding):
+    """Fresh weights, or a Hugging Face checkpoint's, created or streamed straight into their shardings."""
+    key = jax.random.key(config.seed)
+    if not config.model.hf_path:
+        # Created in place, already sharded: no full copy of the model on any one device.
+        return jax.jit(init_state, out_shardings=state_sharding)(key)
+    from jsft.interop import hf  # noqa: PLC0415
+
+    params = hf.load_params(config.model.hf_path, model.config, state_sharding.params)
+    _, train_rng = jax.random.split(key)
+    create = jax.jit(
+        lambda p, rng: TrainState.create(p, tx, rng), out_shardings=state_sharding, donate_argnums=0
+    )
+    return create(params, train_rng)
+
+
 def _local_mirror(remote: str) -> str:
     name = remote.split("://", 1)[1].strip("/").replace("/", "_")
     return os.path.join(os.environ.get("JSFT_LOCAL_DIR", "/tmp/jsft"), name)
@@ -105,6 +121,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: 
         jax.process_index(),
         jax.process_count(),
         eval_prompt_limit=config.eval.exact_match_examples,
+        hf_path=config.model.hf_path,
     )
     data_metrics = {}
     for src in data.train_sources:
@@ -169,8 +186,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: 
         _print(is_main, f"Resuming from the checkpoint at step {start_step} in {ckpt.directory}")
     else:
         start_step = 0
-        # Created in place, already sharded: no full copy of the model on any one device.
-        state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
+        state = _initial_state(config, model, tx, init_state, state_sharding)
 
     # ------------------------------------------------------------------ Update step
     train_step = jax.jit(

@@ -1,0 +1,113 @@
+"""Fine-tune an imported HF model through its own tokenizer and chat template, export, reload."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the hf extra (torch==2.13.0, transformers) is not installed")
+transformers = pytest.importorskip("transformers")
+
+from tests.conftest import make_records, write_jsonl  # noqa: E402
+from tests.data.test_templates import CHATML_JINJA  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _hf_model_dir(d):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = [r["prompt"] + " " + r["response"] for r in make_records(300, 0)] + ["system user assistant"]
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "bos_token": None,
+                "chat_template": CHATML_JINJA,
+            }
+        )
+    )
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    transformers.Qwen2ForCausalLM(config).save_pretrained(str(d), safe_serialization=True)
+
+
+@pytest.mark.slow
+def test_finetune_an_imported_model_export_and_load_in_transformers(tiny_data_dir, tmp_path):
+    model_dir = tmp_path / "qwen_tiny"
+    model_dir.mkdir()
+    _hf_model_dir(model_dir)
+    write_jsonl(tmp_path / "train.jsonl", make_records(200, 5))
+    write_jsonl(tmp_path / "val.jsonl", make_records(8, 6))
+    wd, out = tmp_path / "wd", tmp_path / "exported"
+    base = [
+        sys.executable,
+        "-m",
+        "jsft.main",
+        f"--config={REPO}/tests/tiny_config.py:{tmp_path}",
+        f"--workdir={wd}",
+        f"--config.model.hf_path={model_dir}",
+        "--config.data.template=hf",
+        "--config.data.seq_len=64",
+        "--config.train.steps=8",
+        "--config.optim.lr=0.003",
+    ]
+    r = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = [
+        json.loads(x)["train/loss"]
+        for x in (wd / "metrics.jsonl").read_text().splitlines()
+        if "train/loss" in x
+    ]
+    assert losses[-1] < losses[0]
+    r = subprocess.run(
+        base + ["--mode=export", f"--export_dir={out}", "--export_dtype=float32"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= set(os.listdir(out))
+
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    original = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "upper: a b"}], add_generation_prompt=True, tokenize=False
+    )
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        a, b = tuned(ids).logits.numpy(), original(ids).logits.numpy()
+    assert np.isfinite(a).all() and np.abs(a - b).max() > 1e-3  # the weights were trained
+    assert tuned.config.model_type == "qwen2"
