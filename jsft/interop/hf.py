@@ -1,11 +1,13 @@
 """Hugging Face checkpoints in and out: config.json <-> LlamaConfig, safetensors <-> jsft params.
 
 Supported families: Llama (2, 3, 3.1/3.2 with `llama3` RoPE scaling and tied embeddings), Mistral
-(sliding window), Qwen2/2.5 (q/k/v biases), Qwen3 (q/k norms). Anything in a config that would change
-the math and that jsft does not implement is refused by name; only safetensors are read (no pickle).
+(sliding window), Qwen2/2.5 (q/k/v biases), Qwen3 (q/k norms), Gemma 2 (norm offset, embedding scale,
+attention and final logit soft-capping, sandwich norms, GeLU, alternating sliding-window layers).
+Anything in a config that would change the math and that jsft does not implement is refused by name;
+only safetensors are read (no pickle).
 
 HF stores projections as [out, in] matrices; jsft keeps [in, out] with heads split out
-(q_proj [D, N, H], o_proj [N, H, D]) and layers stacked on a leading axis. `SPECS` lists every
+(q_proj [D, N, H], o_proj [N, H, D]) and layers stacked on a leading axis. `specs()` lists every
 parameter with its HF name and the two reshapes; import and export both read this one table.
 """
 
@@ -23,7 +25,7 @@ import numpy as np
 
 from jsft.models.llama import LlamaConfig
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 # Config keys that are bookkeeping, or that jsft handles, and never change the forward pass.
 IGNORED_KEYS = {
     "architectures",
@@ -60,6 +62,15 @@ IGNORED_KEYS = {
     "hidden_act",
     "attention_bias",
     "mlp_bias",
+    "hidden_activation",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "use_bidirectional_attention",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "problem_type",
+    "cache_implementation",
     "sliding_window",
     "use_sliding_window",
     "bos_token",
@@ -67,6 +78,9 @@ IGNORED_KEYS = {
     "id2label",
     "label2id",
 }
+
+
+GEMMA_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
 class UnsupportedCheckpoint(ValueError):
@@ -99,8 +113,14 @@ def config_from_hf(hf: dict, **numerics) -> LlamaConfig:
     if family not in FAMILIES:
         raise UnsupportedCheckpoint(f"model_type {family!r} is not supported; jsft imports {FAMILIES}")
     refuse = []
-    if hf.get("hidden_act", "silu") != "silu":
-        refuse.append(f"hidden_act={hf['hidden_act']!r} (only silu)")
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+    if family == "gemma2":
+        if act not in GEMMA_ACTIVATIONS:
+            refuse.append(f"hidden_activation={act!r} (only gelu_pytorch_tanh)")
+        if hf.get("use_bidirectional_attention"):
+            refuse.append("use_bidirectional_attention=true")
+    elif act != "silu":
+        refuse.append(f"hidden_act={act!r} (only silu)")
     if hf.get("mlp_bias"):
         refuse.append("mlp_bias=true")
     if hf.get("attention_bias") and family not in ("qwen2",):
@@ -131,25 +151,53 @@ def config_from_hf(hf: dict, **numerics) -> LlamaConfig:
         qkv_bias=family == "qwen2",
         qk_norm=family == "qwen3",
         sliding_window=int(hf.get("sliding_window") or 0) if family == "mistral" else 0,
+        **(_gemma2_fields(hf) if family == "gemma2" else {}),
         **numerics,
     )
     del unknown  # informational keys beyond IGNORED_KEYS (e.g. new bookkeeping) are tolerated
     return cfg
 
 
+def _gemma2_fields(hf: dict) -> dict:
+    """Gemma 2's departures from Llama, as LlamaConfig fields."""
+    n = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or [
+        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)
+    ]
+    window = int(hf.get("sliding_window") or 0)
+    return dict(
+        norm_offset=1.0,
+        embed_scale=True,
+        post_norms=True,
+        activation=GEMMA_ACTIVATIONS[
+            hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        ],
+        attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
+        final_softcap=float(hf.get("final_logit_softcapping") or 0.0),
+        query_scale=float(hf.get("query_pre_attn_scalar") or 0.0),
+        layer_windows=tuple(window if t == "sliding_attention" else 0 for t in types),
+    )
+
+
 def config_to_hf(cfg: LlamaConfig, family: str, dtype: str, bos_id: int | None, eos_id: int) -> dict:
     """The config.json `transformers` needs to rebuild `cfg` as `family`."""
     if family not in FAMILIES:
         raise UnsupportedCheckpoint(f"cannot export as {family!r}; jsft exports {FAMILIES}")
-    if cfg.qkv_bias != (family == "qwen2") or cfg.qk_norm != (family == "qwen3"):
+    if (cfg.qkv_bias, cfg.qk_norm, cfg.post_norms) != (
+        family == "qwen2",
+        family == "qwen3",
+        family == "gemma2",
+    ):
         raise UnsupportedCheckpoint(
-            f"a model with qkv_bias={cfg.qkv_bias}, qk_norm={cfg.qk_norm} is not a {family}"
+            f"this model (qkv_bias={cfg.qkv_bias}, qk_norm={cfg.qk_norm}, post_norms={cfg.post_norms}) "
+            f"is not a {family}"
         )
     arch = {
         "llama": "LlamaForCausalLM",
         "mistral": "MistralForCausalLM",
         "qwen2": "Qwen2ForCausalLM",
         "qwen3": "Qwen3ForCausalLM",
+        "gemma2": "Gemma2ForCausalLM",
     }[family]
     rope = {"rope_type": "default", **dict(cfg.rope_scaling)}
     out = {
@@ -181,7 +229,25 @@ def config_to_hf(cfg: LlamaConfig, family: str, dtype: str, bos_id: int | None, 
     if family in ("qwen2", "qwen3"):
         out["use_sliding_window"] = False
         out["sliding_window"] = None
+    if family == "gemma2":
+        out.update(_gemma2_hf_fields(cfg))
+        del out["hidden_act"]
     return out
+
+
+def _gemma2_hf_fields(cfg: LlamaConfig) -> dict:
+    windows = [w for w in cfg.layer_windows if w]
+    return dict(
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=int(cfg.query_scale or cfg.head_dim),
+        attn_logit_softcapping=cfg.attn_softcap or None,
+        final_logit_softcapping=cfg.final_softcap or None,
+        sliding_window=windows[0] if windows else None,
+        attention_bias=False,
+        layer_types=[
+            "sliding_attention" if w else "full_attention" for w in cfg.layer_windows or (0,) * cfg.n_layers
+        ],
+    )
 
 
 # --------------------------------------------------------------------------- weights
@@ -222,7 +288,6 @@ def specs(cfg: LlamaConfig) -> list[Spec]:
         Spec(("embed",), "model.embed_tokens.weight", _same, _same),
         Spec(("final_norm", "scale"), "model.norm.weight", _same, _same),
         Spec(("layers", "attn_norm", "scale"), layer + "input_layernorm.weight", _same, _same),
-        Spec(("layers", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", _same, _same),
         Spec(
             ("layers", "attn", "q_proj"),
             layer + "self_attn.q_proj.weight",
@@ -251,6 +316,23 @@ def specs(cfg: LlamaConfig) -> list[Spec]:
         Spec(("layers", "mlp", "up_proj"), layer + "mlp.up_proj.weight", _t, _t),
         Spec(("layers", "mlp", "down_proj"), layer + "mlp.down_proj.weight", _t, _t),
     ]
+    if cfg.post_norms:  # Gemma 2: HF's post_attention_layernorm is the norm *after* attention
+        out += [
+            Spec(
+                ("layers", "post_attn_norm", "scale"), layer + "post_attention_layernorm.weight", _same, _same
+            ),
+            Spec(("layers", "mlp_norm", "scale"), layer + "pre_feedforward_layernorm.weight", _same, _same),
+            Spec(
+                ("layers", "post_mlp_norm", "scale"),
+                layer + "post_feedforward_layernorm.weight",
+                _same,
+                _same,
+            ),
+        ]
+    else:
+        out.append(
+            Spec(("layers", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", _same, _same)
+        )
     if not cfg.tie_embeddings:
         out.append(Spec(("lm_head",), "lm_head.weight", _t, _t))
     if cfg.qkv_bias:

@@ -23,12 +23,17 @@ def causal_segment_mask(segment_ids_bt, sliding_window: int = 0):
     return causal_ts[None] & same_bts
 
 
-def reference_attention(q_btnh, k_bskh, v_bskh, mask_bts):
-    """Grouped-query softmax attention in plain XLA; logits and softmax in float32."""
+def reference_attention(q_btnh, k_bskh, v_bskh, mask_bts, scale: float | None = None, softcap: float = 0.0):
+    """Grouped-query softmax attention in plain XLA; logits and softmax in float32.
+
+    `scale` defaults to head_dim**-0.5; `softcap` > 0 squashes logits with cap * tanh(logits / cap).
+    """
     b, t, n, h = q_btnh.shape
     k = k_bskh.shape[2]
     q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_btkgh, k_bskh).astype(jnp.float32) * h**-0.5
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_btkgh, k_bskh).astype(jnp.float32) * (scale or h**-0.5)
+    if softcap:
+        logits = jnp.tanh(logits / softcap) * softcap
     logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v_bskh.dtype)
     out_btkgh = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_bskh)

@@ -25,6 +25,7 @@ from jsft.parallel.sharding import constrain
 LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "layers")
 
 ACTIVATION_AXES = ("batch", "seq", "embed")  # the residual stream between blocks
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: keep every activation (fastest, most memory)
@@ -53,6 +54,17 @@ class LlamaConfig:
     sliding_window: int = 0  # Mistral: a query sees at most this many keys back (0: unlimited)
     # RoPE frequency scaling as (key, value) pairs, e.g. (("rope_type", "llama3"), ("factor", 8.0), ...)
     rope_scaling: tuple = ()
+    # Gemma 2: RMSNorm scales by (norm_offset + w); embeddings scaled by sqrt(d_model); tanh soft-caps
+    # on attention and final logits; queries scaled by query_scale**-0.5 instead of head_dim**-0.5;
+    # GeLU (tanh) MLP; extra norms after attention and MLP; a sliding window on some layers.
+    norm_offset: float = 0.0
+    embed_scale: bool = False
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
+    query_scale: float = 0.0
+    activation: str = "silu"
+    post_norms: bool = False
+    layer_windows: tuple = ()  # per-layer sliding window (0: global); overrides sliding_window
     init_std: float = 0.02
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
@@ -67,6 +79,12 @@ class LlamaConfig:
             raise ValueError(f"remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
         for name in ("param_dtype", "compute_dtype"):
             jnp.dtype(getattr(self, name))  # fails loudly on a typo such as 'bfloat'
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}")
+        if self.layer_windows and len(self.layer_windows) != self.n_layers:
+            raise ValueError(
+                f"layer_windows has {len(self.layer_windows)} entries for {self.n_layers} layers"
+            )
         rope_type = dict(self.rope_scaling).get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"rope_scaling type {rope_type!r} is not supported (default, linear, llama3)")
@@ -133,15 +151,18 @@ def _fan_in_init(fan_in: int):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype: str, rngs: nnx.Rngs, axis_name: str = "embed"):
-        self.eps = eps
-        self.scale = _param(rngs, jax.nn.initializers.ones, (dim,), (axis_name,), dtype)
+    def __init__(
+        self, dim: int, eps: float, dtype: str, rngs: nnx.Rngs, axis_name: str = "embed", offset: float = 0.0
+    ):
+        self.eps, self.offset = eps, offset
+        init = jax.nn.initializers.zeros if offset else jax.nn.initializers.ones  # starts as identity
+        self.scale = _param(rngs, init, (dim,), (axis_name,), dtype)
 
     def __call__(self, x):
         # Normalise in float32 whatever the compute dtype: bf16 variance is too coarse.
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        return (x32 * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()) -> jnp.ndarray:
@@ -196,8 +217,8 @@ class Attention(nnx.Module):
             self.k_bias = _param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), pd)
             self.v_bias = _param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), pd)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(h, cfg.norm_eps, pd, rngs, axis_name="head_dim")
-            self.k_norm = RMSNorm(h, cfg.norm_eps, pd, rngs, axis_name="head_dim")
+            self.q_norm = RMSNorm(h, cfg.norm_eps, pd, rngs, "head_dim", cfg.norm_offset)
+            self.k_norm = RMSNorm(h, cfg.norm_eps, pd, rngs, "head_dim", cfg.norm_offset)
 
     def __call__(self, x_btd, cos, sin, mask_bts):
         dt = x_btd.dtype
@@ -211,7 +232,10 @@ class Attention(nnx.Module):
         if self.cfg.qk_norm:
             q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
         q_btnh, k_btkh = apply_rope(q_btnh, cos, sin), apply_rope(k_btkh, cos, sin)
-        out_btnh = attention.reference_attention(q_btnh, k_btkh, v_btkh, mask_bts)
+        scale = (self.cfg.query_scale or self.cfg.head_dim) ** -0.5
+        out_btnh = attention.reference_attention(
+            q_btnh, k_btkh, v_btkh, mask_bts, scale, self.cfg.attn_softcap
+        )
         return jnp.einsum("BTNH,NHD->BTD", out_btnh, self.o_proj[...].astype(dt))
 
 
@@ -222,26 +246,38 @@ class MLP(nnx.Module):
         self.up_proj = _param(rngs, _fan_in_init(d), (d, f), ("embed", "mlp"), pd)
         down_std = f**-0.5 / (2 * cfg.n_layers) ** 0.5
         self.down_proj = _param(rngs, jax.nn.initializers.normal(down_std), (f, d), ("mlp", "embed"), pd)
+        self.activation = cfg.activation
 
     def __call__(self, x_btd):
         dt = x_btd.dtype
         gate_btf = jnp.einsum("BTD,DF->BTF", x_btd, self.gate_proj[...].astype(dt))
         up_btf = jnp.einsum("BTD,DF->BTF", x_btd, self.up_proj[...].astype(dt))
-        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_btf) * up_btf, self.down_proj[...].astype(dt))
+        act = ACTIVATIONS[self.activation]
+        return jnp.einsum("BTF,FD->BTD", act(gate_btf) * up_btf, self.down_proj[...].astype(dt))
 
 
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
-        self.attn = Attention(cfg, rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
-        self.mlp = MLP(cfg, rngs)
+        def norm():
+            return RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs, offset=cfg.norm_offset)
+
+        self.attn_norm, self.attn, self.mlp_norm, self.mlp = (
+            norm(),
+            Attention(cfg, rngs),
+            norm(),
+            MLP(cfg, rngs),
+        )
+        self.post_norms = cfg.post_norms
+        if cfg.post_norms:  # Gemma 2's "sandwich": the sublayer's output is normalised too
+            self.post_attn_norm, self.post_mlp_norm = norm(), norm()
 
     def __call__(self, x_btd, cos, sin, mask_bts):
-        x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos, sin, mask_bts)
-        return x_btd + self.mlp(self.mlp_norm(x_btd))
+        attn_btd = self.attn(self.attn_norm(x_btd), cos, sin, mask_bts)
+        x_btd = x_btd + (self.post_attn_norm(attn_btd) if self.post_norms else attn_btd)
+        mlp_btd = self.mlp(self.mlp_norm(x_btd))
+        return x_btd + (self.post_mlp_norm(mlp_btd) if self.post_norms else mlp_btd)
 
 
 class Llama(nnx.Module):
@@ -263,7 +299,7 @@ class Llama(nnx.Module):
             return Block(cfg, rngs)
 
         self.layers = make_layers(rngs)
-        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs, offset=cfg.norm_offset)
         if not cfg.tie_embeddings:
             self.lm_head = _param(
                 rngs,
@@ -284,22 +320,34 @@ class Llama(nnx.Module):
             segment_ids_bt = jnp.ones((b, t), jnp.int32)
         dt = jnp.dtype(cfg.compute_dtype)
 
-        x_btd = constrain(jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt), ACTIVATION_AXES)
+        x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
+        if cfg.embed_scale:  # the scale is rounded to the compute dtype first, as Gemma does
+            x_btd = x_btd * jnp.asarray(cfg.d_model**0.5, dt)
+        x_btd = constrain(x_btd, ACTIVATION_AXES)
         cos, sin = rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        mask_bts = attention.causal_segment_mask(segment_ids_bt, cfg.sliding_window)
+        mask_bts = attention.causal_segment_mask(
+            segment_ids_bt, 0 if cfg.layer_windows else cfg.sliding_window
+        )
+        windows = jnp.asarray(cfg.layer_windows or (0,) * cfg.n_layers, jnp.int32)
+        distance_ts = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]
 
         layers_def, layers_state = nnx.split(self.layers)
 
-        def one_layer(x_btd, layer_state):
-            x_btd = nnx.merge(layers_def, layer_state)(x_btd, cos, sin, mask_bts)
+        def one_layer(x_btd, layer):
+            layer_state, window = layer
+            # A layer with a window (0: none) sees only the last `window` keys.
+            layer_mask = mask_bts & ((window == 0) | (distance_ts < window))[None]
+            x_btd = nnx.merge(layers_def, layer_state)(x_btd, cos, sin, layer_mask)
             return constrain(x_btd, ACTIVATION_AXES), None
 
         policy = REMAT_POLICIES[cfg.remat]
         if cfg.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=policy, prevent_cse=False)
-        x_btd, _ = jax.lax.scan(one_layer, x_btd, layers_state)
+        x_btd, _ = jax.lax.scan(one_layer, x_btd, (layers_state, windows))
 
         x_btd = self.final_norm(x_btd)
         head_dv = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         logits_btv = jnp.einsum("BTD,DV->BTV", x_btd, head_dv.astype(dt)).astype(jnp.float32)
+        if cfg.final_softcap:
+            logits_btv = jnp.tanh(logits_btv / cfg.final_softcap) * cfg.final_softcap
         return constrain(logits_btv, ("batch", "seq", "vocab"))
