@@ -29,6 +29,24 @@ def source(path: str, val_path: str = "", weight: float = 1.0, **kw) -> ml_colle
     return ml_collections.ConfigDict(fields)
 
 
+def task(path: str, kind: str, metrics: str = "exact_match", max_examples: int = 1000, **kw):
+    """One eval task; `kind`: generate | choice | loss (jsft.evals.suite)."""
+    fields = dict(
+        path=os.path.normpath(path),
+        kind=kind,
+        metrics=metrics,
+        max_examples=max_examples,
+        max_new_tokens=16,
+        temperature=0.0,
+        top_k=0,
+        top_p=1.0,
+        seed=0,
+        stop_strings="",
+    )
+    fields.update(kw)
+    return ml_collections.ConfigDict(fields)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -118,12 +136,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.checkpoint_every_steps = 150
     config.train.keep_checkpoints = 2
     config.train.stop_after_steps = 0  # >0: leave after this step (checkpointed); rerun to go on
+    config.train.best_metric = "eval/exact_match"  # keep the best checkpoint by this metric ("": off)
+    config.train.best_mode = "max"  # or "min" (e.g. for eval/loss)
+    config.train.early_stopping_patience = 0  # >0: stop after this many evals without improvement
 
     config.eval = ml_collections.ConfigDict()
     config.eval.at_start = True
     config.eval.batch_size = 50
     config.eval.max_new_tokens = 16
     config.eval.exact_match_examples = 200
+    # The eval suite: named tasks on held-out data (see jsft/evals/suite.py for kinds and metrics).
+    config.eval.tasks = ml_collections.ConfigDict(
+        {
+            "words": task(
+                os.path.join(DATA_DIR, "eval_words.jsonl"), "generate", metrics="exact_match,rouge_l,bleu"
+            ),
+            "parity": task(os.path.join(DATA_DIR, "eval_parity_choice.jsonl"), "choice"),
+        }
+    )
 
     if arg == "smoke":  # a few seconds: for tests and for checking an install
         config.train.steps = 6
@@ -135,6 +165,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.eval.exact_match_examples = 8
         config.eval.batch_size = 8
         config.eval.max_new_tokens = 8
+        for t in config.eval.tasks.values():
+            t.max_examples = 8
     elif arg:
         raise ValueError(f"configs/demo.py: unknown argument {arg!r} (known: 'smoke')")
     return config

@@ -8,9 +8,16 @@ import pytest
 from jsft import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASES = [("demo.py", None), ("demo.py", "smoke"), ("hf_sft.py", None), ("hf_sft.py", "cpu"),
-         ("llama3_8b_sft.py", None), ("llama3_8b_sft.py", "v5p-64"), ("llama3_70b_sft.py", None),
-         ("llama3_70b_sft.py", "v5p-128")]
+CASES = [
+    ("demo.py", None),
+    ("demo.py", "smoke"),
+    ("hf_sft.py", None),
+    ("hf_sft.py", "cpu"),
+    ("llama3_8b_sft.py", None),
+    ("llama3_8b_sft.py", "v5p-64"),
+    ("llama3_70b_sft.py", None),
+    ("llama3_70b_sft.py", "v5p-128"),
+]
 
 
 @pytest.mark.parametrize("name,arg", CASES)

@@ -51,10 +51,26 @@ def generate(n: int, want_val: bool, seed: int) -> list[dict]:
     return out
 
 
+def eval_sets() -> dict[str, list[dict]]:
+    """Two held-out eval tasks (keys never seen in training): word transforms scored on generated
+    text, and even/odd scored by the log-likelihood of each choice (no generation)."""
+    words = [r for r in generate(2000, True, 2) if r["task"] in ("upper", "reverse", "sort")][:150]
+    parity = []
+    for r in generate(4000, True, 3):
+        if r["task"] == "parity" and len(parity) < 150:
+            choices = ["even", "odd"]
+            parity.append({"prompt": r["prompt"], "choices": choices, "answer": choices.index(r["response"])})
+    return {
+        "eval_words": [{"prompt": r["prompt"], "response": r["response"]} for r in words],
+        "eval_parity_choice": parity,
+    }
+
+
 def main():
-    for split, n, want_val, seed in (("train", 20000, False, 0), ("val", 500, True, 1)):
-        with open(os.path.join(HERE, f"{split}.jsonl"), "w") as f:
-            for rec in generate(n, want_val, seed):
+    sets = {"train": generate(20000, False, 0), "val": generate(500, True, 1), **eval_sets()}
+    for name, records in sets.items():
+        with open(os.path.join(HERE, f"{name}.jsonl"), "w") as f:
+            for rec in records:
                 f.write(json.dumps(rec) + "\n")
 
 

@@ -326,9 +326,12 @@ class Prefetcher:
         self._thread.join(timeout=5)
 
 
-def eval_batches(examples: list[packing.Example], seq_len: int, batch_size: int) -> list[dict]:
-    """Pack once, in order, and pad the last batch with empty rows (loss mask 0) to a full batch."""
-    rows = packing.pack(examples, seq_len)
+def eval_batches(
+    examples: list[packing.Example], seq_len: int, batch_size: int, mode: str = "best_fit"
+) -> list[dict]:
+    """Pack once, in order, and pad the last batch with empty rows (loss mask 0) to a full batch.
+    `mode="pad"` keeps one example per row, in order (for per-example scores)."""
+    rows = packing.pack(examples, seq_len, mode)
     n = len(rows["inputs"])
     padded = -(-n // batch_size) * batch_size
     rows = {k: np.pad(v, ((0, padded - n), (0, 0))) for k, v in rows.items()}

@@ -1,10 +1,15 @@
-"""Greedy decoding by repeated full forward passes (simple and exact; a KV cache comes later).
+"""Batched decoding with a KV cache: one jitted prefill, then a jitted `lax.while_loop` of steps.
 
-Prompts of different lengths share one right-padded buffer: causal attention means the padding after
-a row's current length never affects that row's next token, so each row decodes as if alone.
+Prompts of different lengths share one batch: each row is right-padded, its padding never attended
+to, and row b's new tokens go to cache slots len_b, len_b + 1, ... (RoPE positions equal slots), so
+every row decodes exactly as it would alone. Sampling is greedy (temperature 0) or temperature with
+optional top-k and top-p, from a seed. Generation stops at any stop id or after `max_new_tokens`;
+stop strings are cut on the host after decoding (`cut_at_stop_strings`).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -13,58 +18,104 @@ import numpy as np
 from jsft.models.registry import ModelDef
 
 
-def make_greedy_decoder(
-    model: ModelDef, max_new_tokens: int, stop_ids: list[int], pad_id: int, out_sharding=None
-):
-    """decode(params, tokens [B, L], lengths [B]) -> tokens [B, L] with continuations written in."""
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int = 0
 
+
+def sample(logits_bv, rng, s: Sampling):
+    """One token per row from float32 logits."""
+    if s.temperature <= 0:
+        return jnp.argmax(logits_bv, axis=-1)
+    logits_bv = logits_bv / s.temperature
+    if s.top_k:
+        kth = jax.lax.top_k(logits_bv, s.top_k)[0][:, -1:]
+        logits_bv = jnp.where(logits_bv < kth, -jnp.inf, logits_bv)
+    if s.top_p < 1.0:
+        order = jnp.argsort(-logits_bv, axis=-1)
+        sorted_bv = jnp.take_along_axis(logits_bv, order, axis=-1)
+        cum = jnp.cumsum(jax.nn.softmax(sorted_bv, axis=-1), axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop_sorted = (cum - jax.nn.softmax(sorted_bv, axis=-1)) >= s.top_p
+        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits_bv.shape[0])[:, None], order].set(drop_sorted)
+        logits_bv = jnp.where(drop, -jnp.inf, logits_bv)
+    return jax.random.categorical(rng, logits_bv, axis=-1)
+
+
+def make_generator(
+    model: ModelDef,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+    sampling: Sampling = Sampling(),
+    out_sharding=None,
+):
+    """generate(params, prompts [B, P] right-padded, lengths [B]) -> new tokens [B, max_new_tokens]
+    (pad_id after a row stops; a stop token itself is kept)."""
     stop = jnp.asarray(stop_ids, jnp.int32)
 
-    def decode(params, tokens_bl, lengths_b):
-        rows = jnp.arange(tokens_bl.shape[0])
+    def generate(params, prompts_bp, lengths_b):
+        module = model.module(params)
+        b, p = prompts_bp.shape
+        rows = jnp.arange(b)
+        cache = module.init_cache(b, p + max_new_tokens)
+        is_token = jnp.arange(p)[None, :] < lengths_b[:, None]
+        logits, cache = module.cached_forward(prompts_bp, jnp.zeros(b, jnp.int32), is_token, cache)
+        rng = jax.random.key(sampling.seed)
+        first = sample(logits[rows, lengths_b - 1], jax.random.fold_in(rng, 0), sampling).astype(jnp.int32)
+        out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
 
         def not_finished(carry):
-            i, _, _, done = carry
+            i, _, _, done, _ = carry
             return (i < max_new_tokens) & ~jnp.all(done)
 
-        def one_token(carry):
-            i, tokens_bl, lengths_b, done = carry
-            logits_blv = model.apply(params, tokens_bl)
-            next_b = jnp.argmax(logits_blv[rows, lengths_b - 1], axis=-1).astype(tokens_bl.dtype)
-            next_b = jnp.where(done, pad_id, next_b)
-            tokens_bl = tokens_bl.at[rows, lengths_b].set(next_b)
-            return i + 1, tokens_bl, lengths_b + 1, done | jnp.isin(next_b, stop)
+        def step(carry):
+            i, out, cache, done, last = carry
+            logits, cache = module.cached_forward(last[:, None], lengths_b + i - 1, ~done[:, None], cache)
+            token = sample(logits[:, 0], jax.random.fold_in(rng, i), sampling).astype(jnp.int32)
+            token = jnp.where(done, pad_id, token)
+            return i + 1, out.at[:, i].set(token), cache, done | jnp.isin(token, stop), token
 
-        done = jnp.zeros(tokens_bl.shape[0], jnp.bool_)
-        _, tokens_bl, _, _ = jax.lax.while_loop(not_finished, one_token, (0, tokens_bl, lengths_b, done))
-        return tokens_bl
+        done = jnp.isin(first, stop)
+        _, out, _, _, _ = jax.lax.while_loop(not_finished, step, (1, out, cache, done, first))
+        return out
 
-    return jax.jit(decode, out_shardings=out_sharding)
+    return jax.jit(generate, out_shardings=out_sharding)
 
 
-def greedy_generate(
-    decoder,
+def cut_at_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
+    ends = [k for k, t in enumerate(ids) if t in stop_ids]
+    return ids[: ends[0]] if ends else ids
+
+
+def cut_at_stop_strings(text: str, stop_strings: list[str]) -> str:
+    """The text before the earliest occurrence of any stop string."""
+    cuts = [text.find(s) for s in stop_strings if s and s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def generate_ids(
+    generator,
     params,
     prompts: list[list[int]],
-    buffer_len: int,
-    max_new_tokens: int,
+    max_prompt_len: int,
     batch_size: int,
     stop_ids: list[int],
     pad_id: int,
     put=lambda x: x,
 ) -> list[list[int]]:
-    """Continuations (cut before the first stop id) for every prompt, in batches of a fixed shape."""
-    keep = buffer_len - max_new_tokens  # longer prompts keep their last `keep` tokens
+    """Continuations (cut before the first stop id) for every prompt, in batches of one fixed shape;
+    prompts longer than `max_prompt_len` keep their last tokens."""
     outputs = []
     for start in range(0, len(prompts), batch_size):
-        chunk = [p[-keep:] for p in prompts[start : start + batch_size]]
-        tokens = np.full((batch_size, buffer_len), pad_id, np.int32)
-        lengths = np.ones(batch_size, np.int32)  # dummy rows decode from a one-token prompt
+        chunk = [p[-max_prompt_len:] for p in prompts[start : start + batch_size]]
+        tokens = np.full((batch_size, max_prompt_len), pad_id, np.int32)
+        lengths = np.ones(batch_size, np.int32)  # filler rows decode from a one-token prompt
         for r, p in enumerate(chunk):
             tokens[r, : len(p)], lengths[r] = p, len(p)
-        out = np.asarray(decoder(params, put(tokens), put(lengths)))
-        for r, p in enumerate(chunk):
-            new = out[r, len(p) : len(p) + max_new_tokens].tolist()
-            ends = [k for k, t in enumerate(new) if t in stop_ids]
-            outputs.append(new[: ends[0]] if ends else new)
+        out = np.asarray(generator(params, put(tokens), put(lengths)))
+        outputs += [cut_at_stop(out[r].tolist(), stop_ids) for r in range(len(chunk))]
     return outputs

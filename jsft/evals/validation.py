@@ -41,10 +41,10 @@ class ValidationEvaluator:
         self.eval_step = jax.jit(make_eval_step(model, num_sources=len(self.names)), out_shardings=replicated)
         self.prompts = data.eval_prompts
         longest = max((len(p.prompt_ids) for p in self.prompts), default=1)
-        # One buffer shape for every batch (one compile): the longest prompt plus the new tokens.
-        self.buffer_len = min(seq_len, -(-(longest + max_new_tokens) // 8) * 8)
+        # One prompt shape for every batch (one compile): the longest prompt, rounded up.
+        self.max_prompt_len = min(seq_len, -(-longest // 8) * 8)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.decoder = generate.make_greedy_decoder(
+        self.generator = generate.make_generator(
             model, max_new_tokens, data.stop_ids, data.tokenizer.pad_id, out_sharding=replicated
         )
 
@@ -76,15 +76,15 @@ class ValidationEvaluator:
         if not self.prompts:
             return out, []
         tok = self.data.tokenizer
-        generated = generate.greedy_generate(
-            self.decoder,
+        generated = generate.generate_ids(
+            self.generator,
             params,
             [p.prompt_ids for p in self.prompts],
-            self.buffer_len,
-            self.max_new_tokens,
+            self.max_prompt_len,
             self.batch_size,
             self.data.stop_ids,
             tok.pad_id,
+            put=self._put,
         )
         samples = []
         for p, ids in zip(self.prompts, generated, strict=True):

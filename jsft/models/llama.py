@@ -220,7 +220,10 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(h, cfg.norm_eps, pd, rngs, "head_dim", cfg.norm_offset)
             self.k_norm = RMSNorm(h, cfg.norm_eps, pd, rngs, "head_dim", cfg.norm_offset)
 
-    def __call__(self, x_btd, cos, sin, mask_bts):
+    def __call__(self, x_btd, cos, sin, mask_bts, kv_cache=None):
+        """Returns (output, kv). With `kv_cache` = (k [B, S, K, H], v, slots [B, T]) the new keys and
+        values are written at `slots` and the queries attend over the whole cache (decoding); kv is
+        the updated cache. Without it, attention is over the T tokens themselves and kv is None."""
         dt = x_btd.dtype
         q_btnh = jnp.einsum("BTD,DNH->BTNH", x_btd, self.q_proj[...].astype(dt))
         k_btkh = jnp.einsum("BTD,DKH->BTKH", x_btd, self.k_proj[...].astype(dt))
@@ -232,11 +235,18 @@ class Attention(nnx.Module):
         if self.cfg.qk_norm:
             q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
         q_btnh, k_btkh = apply_rope(q_btnh, cos, sin), apply_rope(k_btkh, cos, sin)
+        kv = None
+        if kv_cache is not None:
+            k_cache, v_cache, slots_bt = kv_cache
+            rows_b1 = jnp.arange(x_btd.shape[0])[:, None]
+            k_btkh = k_cache.at[rows_b1, slots_bt].set(k_btkh.astype(k_cache.dtype))  # now [B, S, K, H]
+            v_btkh = v_cache.at[rows_b1, slots_bt].set(v_btkh.astype(v_cache.dtype))
+            kv = (k_btkh, v_btkh)
         scale = (self.cfg.query_scale or self.cfg.head_dim) ** -0.5
         out_btnh = attention.reference_attention(
-            q_btnh, k_btkh, v_btkh, mask_bts, scale, self.cfg.attn_softcap
+            q_btnh, k_btkh.astype(dt), v_btkh.astype(dt), mask_bts, scale, self.cfg.attn_softcap
         )
-        return jnp.einsum("BTNH,NHD->BTD", out_btnh, self.o_proj[...].astype(dt))
+        return jnp.einsum("BTNH,NHD->BTD", out_btnh, self.o_proj[...].astype(dt)), kv
 
 
 class MLP(nnx.Module):
@@ -273,11 +283,11 @@ class Block(nnx.Module):
         if cfg.post_norms:  # Gemma 2's "sandwich": the sublayer's output is normalised too
             self.post_attn_norm, self.post_mlp_norm = norm(), norm()
 
-    def __call__(self, x_btd, cos, sin, mask_bts):
-        attn_btd = self.attn(self.attn_norm(x_btd), cos, sin, mask_bts)
+    def __call__(self, x_btd, cos, sin, mask_bts, kv_cache=None):
+        attn_btd, kv = self.attn(self.attn_norm(x_btd), cos, sin, mask_bts, kv_cache)
         x_btd = x_btd + (self.post_attn_norm(attn_btd) if self.post_norms else attn_btd)
         mlp_btd = self.mlp(self.mlp_norm(x_btd))
-        return x_btd + (self.post_mlp_norm(mlp_btd) if self.post_norms else mlp_btd)
+        return x_btd + (self.post_mlp_norm(mlp_btd) if self.post_norms else mlp_btd), kv
 
 
 class Llama(nnx.Module):
@@ -318,12 +328,7 @@ class Llama(nnx.Module):
             positions_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones((b, t), jnp.int32)
-        dt = jnp.dtype(cfg.compute_dtype)
-
-        x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
-        if cfg.embed_scale:  # the scale is rounded to the compute dtype first, as Gemma does
-            x_btd = x_btd * jnp.asarray(cfg.d_model**0.5, dt)
-        x_btd = constrain(x_btd, ACTIVATION_AXES)
+        x_btd = self._embed(tokens_bt)
         cos, sin = rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         mask_bts = attention.causal_segment_mask(
             segment_ids_bt, 0 if cfg.layer_windows else cfg.sliding_window
@@ -337,7 +342,7 @@ class Llama(nnx.Module):
             layer_state, window = layer
             # A layer with a window (0: none) sees only the last `window` keys.
             layer_mask = mask_bts & ((window == 0) | (distance_ts < window))[None]
-            x_btd = nnx.merge(layers_def, layer_state)(x_btd, cos, sin, layer_mask)
+            x_btd, _ = nnx.merge(layers_def, layer_state)(x_btd, cos, sin, layer_mask)
             return constrain(x_btd, ACTIVATION_AXES), None
 
         policy = REMAT_POLICIES[cfg.remat]
@@ -345,9 +350,55 @@ class Llama(nnx.Module):
             one_layer = jax.checkpoint(one_layer, policy=policy, prevent_cse=False)
         x_btd, _ = jax.lax.scan(one_layer, x_btd, (layers_state, windows))
 
+        return self._logits(x_btd)
+
+    def _embed(self, tokens_bt):
+        dt = jnp.dtype(self.cfg.compute_dtype)
+        x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
+        if self.cfg.embed_scale:  # the scale is rounded to the compute dtype first, as Gemma does
+            x_btd = x_btd * jnp.asarray(self.cfg.d_model**0.5, dt)
+        return constrain(x_btd, ACTIVATION_AXES)
+
+    def _logits(self, x_btd):
+        cfg = self.cfg
         x_btd = self.final_norm(x_btd)
         head_dv = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits_btv = jnp.einsum("BTD,DV->BTV", x_btd, head_dv.astype(dt)).astype(jnp.float32)
+        logits_btv = jnp.einsum("BTD,DV->BTV", x_btd, head_dv.astype(x_btd.dtype)).astype(jnp.float32)
         if cfg.final_softcap:
             logits_btv = jnp.tanh(logits_btv / cfg.final_softcap) * cfg.final_softcap
         return constrain(logits_btv, ("batch", "seq", "vocab"))
+
+    def init_cache(self, batch: int, length: int) -> dict:
+        """An empty KV cache for `batch` rows of `length` slots (compute dtype)."""
+        cfg = self.cfg
+        shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+        zeros = jnp.zeros(shape, jnp.dtype(cfg.compute_dtype))
+        return {"k": zeros, "v": zeros, "valid": jnp.zeros((batch, length), jnp.bool_)}
+
+    def cached_forward(self, tokens_bt, start_b, is_token_bt, cache: dict):
+        """Decode-time forward: row b's T tokens take cache slots start_b[b] + 0..T-1 (and RoPE
+        positions equal to their slots); `is_token_bt` marks real tokens (False: right padding of a
+        shorter prompt, never attended to). Returns (logits [B, T, V], updated cache)."""
+        cfg = self.cfg
+        b, t = tokens_bt.shape
+        slots_bt = start_b[:, None] + jnp.arange(t)[None, :]
+        rows_b1 = jnp.arange(b)[:, None]
+        valid_bs = cache["valid"].at[rows_b1, slots_bt].set(is_token_bt)
+        key_slots_s = jnp.arange(valid_bs.shape[1])
+        distance_bts = slots_bt[:, :, None] - key_slots_s[None, None, :]
+        mask_bts = valid_bs[:, None, :] & (distance_bts >= 0)
+        cos, sin = rope_tables(slots_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        windows = jnp.asarray(cfg.layer_windows or (cfg.sliding_window,) * cfg.n_layers, jnp.int32)
+        layers_def, layers_state = nnx.split(self.layers)
+
+        def one_layer(x_btd, layer):
+            layer_state, window, k_cache, v_cache = layer
+            layer_mask = mask_bts & ((window == 0) | (distance_bts < window))
+            block = nnx.merge(layers_def, layer_state)
+            x_btd, (k_cache, v_cache) = block(x_btd, cos, sin, layer_mask, (k_cache, v_cache, slots_bt))
+            return x_btd, (k_cache, v_cache)
+
+        x_btd, (k, v) = jax.lax.scan(
+            one_layer, self._embed(tokens_bt), (layers_state, windows, cache["k"], cache["v"])
+        )
+        return self._logits(x_btd), {"k": k, "v": v, "valid": valid_bs}

@@ -7,6 +7,8 @@ a save leaves the previous checkpoint as the latest one, never a half-written on
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -41,3 +43,50 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+class BestCheckpoint:
+    """Keeps the checkpoint with the best value of one metric, apart from the keep-K rotation.
+
+    `best.json` beside it records the step, the value and how many evaluations have passed without
+    improvement (for early stopping), so a resumed run carries on comparing against the same best.
+    """
+
+    def __init__(self, directory: str, metric: str, mode: str, is_main: bool = True):
+        if mode not in ("max", "min"):
+            raise ValueError(f"config.train.best_mode={mode!r} must be 'max' or 'min'")
+        self.metric, self.mode, self.is_main = metric, mode, is_main
+        self.checkpointer = Checkpointer(directory, keep=1, async_save=False)
+        self.record_path = os.path.join(directory, "best.json")
+        self.record = {"step": None, "value": None, "evals_since_best": 0}
+        if os.path.exists(self.record_path):
+            with open(self.record_path) as f:
+                self.record = json.load(f)
+
+    def _better(self, value: float) -> bool:
+        best = self.record["value"]
+        return best is None or (value > best if self.mode == "max" else value < best)
+
+    def update(self, step: int, metrics: dict, state: Any, data_state: dict) -> bool:
+        """Save `state` if `metrics[metric]` beats the best so far; True if it did."""
+        if self.metric not in metrics:
+            raise KeyError(
+                f"config.train.best_metric={self.metric!r} is not among the eval metrics {sorted(metrics)}"
+            )
+        value = float(metrics[self.metric])
+        improved = self._better(value)
+        if improved:
+            self.checkpointer.save(step, state, data_state)
+            self.checkpointer.wait()
+            self.record = {"step": step, "value": value, "evals_since_best": 0}
+        else:
+            self.record["evals_since_best"] += 1
+        if self.is_main:
+            tmp = f"{self.record_path}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.record, f)
+            os.replace(tmp, self.record_path)
+        return improved
+
+    def close(self) -> None:
+        self.checkpointer.close()

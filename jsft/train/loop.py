@@ -20,11 +20,12 @@ from tqdm import tqdm
 
 from jsft import config as config_lib
 from jsft.data.pipeline import Prefetcher, build_data, merge_states
+from jsft.evals.suite import Context, build_suite
 from jsft.evals.validation import ValidationEvaluator
 from jsft.models.registry import build_model
 from jsft.parallel import multihost, sharding
 from jsft.parallel.mesh import build_mesh
-from jsft.train.checkpoint import Checkpointer
+from jsft.train.checkpoint import BestCheckpoint, Checkpointer
 from jsft.train.optim import build_optimizer, build_schedule
 from jsft.train.state import TrainState, init_fn, state_shardings
 from jsft.train.step import make_train_step
@@ -218,15 +219,47 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: 
 
     summary: dict = {k: v for k, v in data_metrics.items() if v}
 
+    suite = build_suite(
+        config.eval.tasks,
+        Context(
+            model,
+            data.tokenizer,
+            data.template,
+            data.stop_ids,
+            config.data.seq_len,
+            evaluator.batch_size,
+            put=evaluator._put,
+            replicated=replicated,
+        ),
+    )
+    best = None
+    if config.train.best_metric:
+        best = BestCheckpoint(
+            f"{remote}/checkpoints_best", config.train.best_metric, config.train.best_mode, is_main
+        )
+
     def evaluate(step: int) -> None:
         metrics, samples = evaluator.run(state.params)
+        samples_by_task = {"": samples}
+        for name, task in suite.items():
+            task_metrics, samples_by_task[name] = task.run(state.params)
+            metrics.update(task_metrics)
         writer.write(step, metrics)
-        if is_main and samples:
-            _write_samples(workdir, step, samples)
+        if is_main:
+            for name, task_samples in samples_by_task.items():
+                if task_samples:
+                    _write_samples(os.path.join(workdir, name) if name else workdir, step, task_samples)
         summary.update(metrics)
         _print(is_main, f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if best is not None and best.update(step, metrics, state, data_state):
+            _print(
+                is_main,
+                f"step {step}: new best {best.metric} {best.record['value']:.4f} "
+                f"(kept in {best.checkpointer.directory})",
+            )
 
     # ------------------------------------------------------------------ Train loop
+    data_state = data.train.state()
     if start_step == 0:
         writer.write(0, data_metrics)
         if config.eval.at_start and config.train.eval_every_steps:
@@ -268,14 +301,25 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: 
             pending = []
 
         eval_every = config.train.eval_every_steps
+        early_stop = False
         if eval_every and (step % eval_every == 0 or step == total_steps):
             evaluate(step)
             last_time = time.time()  # evaluation time is not training throughput
+            patience = config.train.early_stopping_patience
+            early_stop = bool(best and patience and best.record["evals_since_best"] >= patience)
+            if early_stop:
+                _print(
+                    is_main,
+                    f"Early stopping at step {step}: {best.metric} has not improved for "
+                    f"{patience} evaluations (best {best.record['value']:.4f} at step {best.record['step']})",
+                )
         stopping = stop.signum is not None
         if jax.process_count() > 1:  # act on a signal only at points every process agrees on
             stopping = step % config.train.log_every_steps == 0 and multihost.any_process(stopping)
-        if step % config.train.checkpoint_every_steps == 0 or step == end_step or stopping:
+        if step % config.train.checkpoint_every_steps == 0 or step == end_step or stopping or early_stop:
             ckpt.save(step, state, merge_states(multihost.allgather_json(data_state)))
+        if early_stop:
+            break
         if stopping:
             _print(is_main, f"Signal {stop.signum or 15}: saved a checkpoint at step {step}; rerun to resume")
             break
@@ -283,6 +327,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: 
     pbar.close()
     ckpt.wait()
     ckpt.close()
+    if best is not None:
+        best.close()
+        if best.record["step"] is not None:
+            summary.update(best_step=best.record["step"], best_value=best.record["value"])
     writer.close()
 
     # ------------------------------------------------------------------ Summary

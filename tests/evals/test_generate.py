@@ -1,12 +1,32 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jsft.evals import generate, metrics
 from jsft.models.llama import LlamaConfig
 from jsft.models.registry import ModelDef
 
 jax.config.update("jax_default_matmul_precision", "float32")
+NO_STOP = 10_000  # an id the model can never produce: decode the full budget
+
+CONFIGS = {
+    "llama": LlamaConfig.tiny(vocab_size=50),
+    # Gemma-2-like: soft-caps, sandwich norms, GeLU, a window of 3 on alternate layers, q/k norms.
+    "windows": LlamaConfig.tiny(
+        vocab_size=50,
+        n_layers=3,
+        layer_windows=(3, 0, 3),
+        attn_softcap=5.0,
+        final_softcap=8.0,
+        post_norms=True,
+        norm_offset=1.0,
+        activation="gelu_tanh",
+        embed_scale=True,
+        qk_norm=True,
+        qkv_bias=True,
+    ),
+}
 
 
 def _argmax_by_full_forwards(model, params, prompt, n):
@@ -16,26 +36,54 @@ def _argmax_by_full_forwards(model, params, prompt, n):
     return seq[len(prompt) :]
 
 
-def test_greedy_batch_of_mixed_lengths_equals_one_prompt_at_a_time():
-    model = ModelDef.create(LlamaConfig.tiny(vocab_size=50))
-    params = model.init(jax.random.key(0))
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_cached_greedy_equals_full_forwards_and_rows_decode_as_if_alone(name):
+    model = ModelDef.create(CONFIGS[name])
+    params = jax.tree.map(
+        lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape), model.init(jax.random.key(0))
+    )  # perturb zero-initialised biases/norms
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
-    eos = 49  # chosen so that the random model (almost surely) does not stop early
-    decoder = generate.make_greedy_decoder(model, 5, stop_ids=[eos], pad_id=0)
-    out = generate.greedy_generate(decoder, params, prompts, 16, 5, batch_size=4, stop_ids=[eos], pad_id=0)
-    for p, o in zip(prompts, out, strict=True):
-        ref = _argmax_by_full_forwards(model, params, p, 5)
-        if eos in ref:
-            ref = ref[: ref.index(eos)]
-        assert o == ref
+    gen = generate.make_generator(model, 6, stop_ids=[NO_STOP], pad_id=0)
+    batched = generate.generate_ids(gen, params, prompts, 8, batch_size=4, stop_ids=[NO_STOP], pad_id=0)
+    for p, out in zip(prompts, batched, strict=True):
+        assert out == _argmax_by_full_forwards(model, params, p, 6)
+        alone = generate.generate_ids(gen, params, [p], 8, batch_size=4, stop_ids=[NO_STOP], pad_id=0)
+        assert alone == [out]
 
 
-def test_generation_stops_at_eos():
-    model = ModelDef.create(LlamaConfig.tiny(vocab_size=50))
+def test_generation_stops_at_a_stop_id_and_pads_after():
+    model = ModelDef.create(CONFIGS["llama"])
     params = model.init(jax.random.key(0))
-    first = _argmax_by_full_forwards(model, params, [5, 6], 1)[0]
-    decoder = generate.make_greedy_decoder(model, 5, stop_ids=[48, first], pad_id=0)
-    assert generate.greedy_generate(decoder, params, [[5, 6]], 8, 5, 1, [48, first], 0) == [[]]
+    free = _argmax_by_full_forwards(model, params, [5, 6], 4)
+    gen = generate.make_generator(model, 4, stop_ids=[free[1]], pad_id=0)
+    raw = np.asarray(gen(params, np.array([[5, 6]]), np.array([2])))[0].tolist()
+    assert raw[:2] == free[:2] and raw[2:] == [0, 0]
+    assert generate.cut_at_stop(raw, [free[1]]) == free[:1]
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    model = ModelDef.create(CONFIGS["llama"])
+    params = model.init(jax.random.key(0))
+    prompts, lengths = np.array([[5, 6, 7]] * 2), np.array([3, 3])
+
+    def run(**kw):
+        gen = generate.make_generator(model, 8, [NO_STOP], 0, generate.Sampling(**kw))
+        return np.asarray(gen(params, prompts, lengths))
+
+    hot = dict(temperature=5.0, seed=1)
+    np.testing.assert_array_equal(run(**hot), run(**hot))
+    assert not np.array_equal(run(**hot), run(temperature=5.0, seed=2))
+    np.testing.assert_array_equal(run(temperature=5.0, top_k=1), run())
+    np.testing.assert_array_equal(run(temperature=5.0, top_p=1e-6), run())
+
+
+def test_stop_strings_cut_exactly():
+    assert (
+        generate.cut_at_stop_strings("The answer: 42\nQuestion: next", ["\nQuestion:", "###"])
+        == "The answer: 42"
+    )
+    assert generate.cut_at_stop_strings("a###b\nQuestion:", ["\nQuestion:", "###"]) == "a"
+    assert generate.cut_at_stop_strings("nothing to cut", ["###"]) == "nothing to cut"
 
 
 def test_exact_match_ignores_only_whitespace_differences():
