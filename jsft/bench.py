@@ -1,10 +1,12 @@
-"""Benchmarks: is the input pipeline fast enough to keep the train step busy?
+"""Benchmarks: is the input pipeline fast enough to keep the train step busy? How fast do we decode?
 
     python -m jsft.bench data --config configs/demo.py [--config.data.seq_len=256] [--seconds 10]
+    python -m jsft.bench generate --config configs/demo.py
 
 `data` builds the configured data twice in a temporary workdir (the first build tokenizes, the
 second hits the cache), pulls batches from the train stream for `--seconds`, then times the train
-step on the same batch shape and prints one table with the ratio of the two rates.
+step on the same batch shape and prints one table with the ratio of the two rates. `generate` times
+KV-cache decoding of the configured model at batch 1 and 16.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ml_collections import config_flags
 if TYPE_CHECKING:
     from jsft.data.pipeline import Data
 
-BENCHMARKS = ("data",)
+BENCHMARKS = ("data", "generate")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -124,6 +126,46 @@ def bench_data(config: ml_collections.ConfigDict, seconds: float, steps: int) ->
     return "\n".join([title] + [f"  {name:<{width}}  {value:>12}" for name, value in rows])
 
 
+def bench_generate(
+    config: ml_collections.ConfigDict,
+    batch_sizes=(1, 16),
+    prompt_len: int = 16,
+    new_tokens: int = 64,
+    repeats: int = 3,
+) -> str:
+    """KV-cache generation tokens/s of the configured model (random weights: speed does not depend on
+    them; no stop token, so every row decodes the full budget)."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from jsft.evals import generate  # noqa: PLC0415
+    from jsft.models.registry import build_model  # noqa: PLC0415
+
+    vocab = config.model.vocab_size or config.data.vocab_size
+    model = build_model(config.model, vocab)
+    params = jax.jit(model.init)(jax.random.key(0))
+    rows = []
+    for b in batch_sizes:
+        gen = generate.make_generator(model, new_tokens, stop_ids=[-1], pad_id=0)
+        prompts = np.random.default_rng(0).integers(0, vocab, (b, prompt_len)).astype(np.int32)
+        lengths = np.full(b, prompt_len, np.int32)
+        jax.block_until_ready(gen(params, prompts, lengths))  # compile
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(gen(params, prompts, lengths))
+            times.append(time.perf_counter() - start)
+        best = min(times)
+        rows.append((f"batch {b:>3}: new tokens/s", f"{b * new_tokens / best:,.0f}"))
+        rows.append((f"batch {b:>3}: ms per step", f"{1000 * best / new_tokens:,.2f}"))
+    title = (
+        f"jsft bench generate: {model.config.num_params():,} parameters, prompt {prompt_len} tokens, "
+        f"{new_tokens} new tokens (greedy, KV cache), best of {repeats}, {jax.devices()[0].platform}"
+    )
+    width = max(len(name) for name, _ in rows)
+    return "\n".join([title] + [f"  {name:<{width}}  {value:>12}" for name, value in rows])
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in BENCHMARKS:
         given = f"got {argv[1:]}" if len(argv) > 1 else "got none"
@@ -143,7 +185,10 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     try:
         config_lib.validate(config)
-        print(bench_data(config, _SECONDS.value, _STEPS.value))
+        if argv[1] == "data":
+            print(bench_data(config, _SECONDS.value, _STEPS.value))
+        else:
+            print(bench_generate(config))
     except (config_lib.ConfigError, DataError) as e:
         sys.exit(f"jsft: error: {e}")
 

@@ -12,7 +12,7 @@ from jsft.models.llama import REMAT_POLICIES
 from jsft.train.losses import NORMALIZATIONS
 from jsft.train.optim import DECAYS
 
-MODES = ("train", "inspect", "plan", "export")
+MODES = ("train", "inspect", "plan", "export", "eval", "generate")
 
 
 class ConfigError(ValueError):

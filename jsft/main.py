@@ -1,7 +1,8 @@
 """Command-line entry: `python -m jsft.main --config configs/demo.py --workdir DIR [--mode MODE]`.
 
 Modes: `train` (the default), `inspect` (read and tokenize the data, write a report), `plan` (memory
-plan for the mesh) and `export` (a checkpoint as a Hugging Face model directory).
+plan for the mesh), `export` (a checkpoint as a Hugging Face model directory), `eval` (validation and
+the eval suite on a checkpoint) and `generate` (outputs for a JSONL of prompts, or interactively).
 
 Any config field can be overridden, e.g. `--config.optim.lr=3e-4`; a misspelled field is an error.
 """
@@ -33,6 +34,14 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-process runs: this pr
 _EXPORT_DIR = flags.DEFINE_string("export_dir", "", "--mode export: where to write the HF model directory.")
 _EXPORT_STEP = flags.DEFINE_integer("export_step", 0, "--mode export: checkpoint step (0: the latest).")
 _EXPORT_DTYPE = flags.DEFINE_string("export_dtype", "bfloat16", "--mode export: dtype of the safetensors.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "latest", "--mode eval/generate: latest, best, a step, or hf."
+)
+_PROMPTS = flags.DEFINE_string("prompts", "", "--mode generate: a JSONL of prompts (empty: read stdin).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "--mode generate: 0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "--mode generate: top-k sampling (0: off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "--mode generate: nucleus sampling (1: off).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0, "--mode generate: 0 takes config.eval.max_new_tokens.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -70,6 +79,23 @@ def main(argv):
             from jsft.interop.export import run_export  # noqa: PLC0415
 
             run_export(config, _WORKDIR.value, _EXPORT_DIR.value, _EXPORT_STEP.value, _EXPORT_DTYPE.value)
+        elif _MODE.value == "eval":
+            from jsft.evals.run import run_eval  # noqa: PLC0415
+
+            run_eval(config, _WORKDIR.value, _CHECKPOINT.value)
+        elif _MODE.value == "generate":
+            from jsft.evals import generate  # noqa: PLC0415
+            from jsft.evals.run import run_generate  # noqa: PLC0415
+
+            sampling = generate.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, config.seed)
+            run_generate(
+                config,
+                _WORKDIR.value,
+                _CHECKPOINT.value,
+                _PROMPTS.value,
+                sampling,
+                _MAX_NEW.value or config.eval.max_new_tokens,
+            )
         elif _MODE.value == "inspect":
             from jsft.data.inspect import run_inspect  # noqa: PLC0415
 

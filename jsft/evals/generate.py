@@ -119,3 +119,33 @@ def generate_ids(
         out = np.asarray(generator(params, put(tokens), put(lengths)))
         outputs += [cut_at_stop(out[r].tolist(), stop_ids) for r in range(len(chunk))]
     return outputs
+
+
+def stream(
+    model: ModelDef,
+    params,
+    prompt: list[int],
+    max_new_tokens: int,
+    stop_ids: list[int],
+    sampling: Sampling = Sampling(),
+):
+    """Yield one token id at a time for one prompt (for interactive use); the same cache and math as
+    `make_generator`, stepped from the host so each token can be shown as soon as it exists."""
+    module_step = jax.jit(
+        lambda p, tok, start, cache: model.module(p).cached_forward(
+            tok, start, jnp.ones_like(tok, jnp.bool_), cache
+        )
+    )
+    cache = jax.jit(lambda p: model.module(p).init_cache(1, len(prompt) + max_new_tokens))(params)
+    logits, cache = module_step(params, jnp.asarray([prompt], jnp.int32), jnp.zeros(1, jnp.int32), cache)
+    rng = jax.random.key(sampling.seed)
+    last = logits[:, -1]
+    for i in range(max_new_tokens):
+        token = int(sample(last, jax.random.fold_in(rng, i), sampling)[0])
+        if token in stop_ids:
+            return
+        yield token
+        logits, cache = module_step(
+            params, jnp.asarray([[token]], jnp.int32), jnp.asarray([len(prompt) + i], jnp.int32), cache
+        )
+        last = logits[:, -1]
