@@ -15,8 +15,7 @@ import ml_collections
 from jsft.data import formats, sources, templates
 from jsft.data.pipeline import build_data
 from jsft.evals import generate
-from jsft.evals.suite import Context, build_suite
-from jsft.evals.validation import ValidationEvaluator
+from jsft.evals.suite import Evaluation
 from jsft.interop import hf
 from jsft.models.registry import build_model
 from jsft.parallel import sharding
@@ -68,34 +67,15 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 
     )
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     with sharding.use_rules(mesh, rules):
-        evaluator = ValidationEvaluator(
+        evaluation = Evaluation(
+            config,
             model,
             data,
-            config.data.seq_len,
-            config.eval.batch_size,
-            config.eval.max_new_tokens,
             sharding.batch_sharding(mesh, rules),
             replicated,
             sharding.batch_divisor(mesh, rules),
         )
-        suite = build_suite(
-            config.eval.tasks,
-            Context(
-                model,
-                data.tokenizer,
-                data.template,
-                data.stop_ids,
-                config.data.seq_len,
-                evaluator.batch_size,
-                put=evaluator._put,
-                replicated=replicated,
-            ),
-        )
-        results, samples = evaluator.run(params)
-        all_samples = {"validation": samples}
-        for name, task in suite.items():
-            task_metrics, all_samples[name] = task.run(params)
-            results.update(task_metrics)
+        results, all_samples = evaluation.run(params)
     out_dir = os.path.join(os.path.abspath(workdir), f"eval_{label}")
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)

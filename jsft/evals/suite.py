@@ -24,6 +24,7 @@ import numpy as np
 
 from jsft.data import formats, packing, pipeline, sources, templates
 from jsft.evals import generate, metrics
+from jsft.evals.validation import ValidationEvaluator
 from jsft.models.registry import ModelDef
 from jsft.train import losses
 from jsft.train.step import make_eval_step
@@ -194,3 +195,49 @@ def build_suite(tasks_cfg: ml_collections.ConfigDict, ctx: Context) -> dict:
             raise ValueError(f"config.eval.tasks.{name}.kind={cfg.kind!r} is not one of {KINDS}")
         suite[name] = TASKS[cfg.kind](name, cfg, ctx)
     return suite
+
+
+class Evaluation:
+    """Everything evaluated at an eval step: the validation split (loss, exact match) and the suite.
+
+    `run(params) -> (metrics, samples by task)`; validation samples are under "validation".
+    """
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        model: ModelDef,
+        data: pipeline.Data,
+        batch_sharding=None,
+        replicated=None,
+        batch_divisor: int = 1,
+    ):
+        self.validation = ValidationEvaluator(
+            model,
+            data,
+            config.data.seq_len,
+            config.eval.batch_size,
+            config.eval.max_new_tokens,
+            batch_sharding,
+            replicated,
+            batch_divisor,
+        )
+        ctx = Context(
+            model,
+            data.tokenizer,
+            data.template,
+            data.stop_ids,
+            config.data.seq_len,
+            self.validation.batch_size,
+            put=self.validation._put,
+            replicated=replicated,
+        )
+        self.suite = build_suite(config.eval.tasks, ctx)
+
+    def run(self, params) -> tuple[dict, dict[str, list[dict]]]:
+        results, samples = self.validation.run(params)
+        by_task = {"validation": samples}
+        for name, task in self.suite.items():
+            task_metrics, by_task[name] = task.run(params)
+            results.update(task_metrics)
+        return results, by_task

@@ -20,8 +20,7 @@ from tqdm import tqdm
 
 from jsft import config as config_lib
 from jsft.data.pipeline import Prefetcher, build_data, merge_states
-from jsft.evals.suite import Context, build_suite
-from jsft.evals.validation import ValidationEvaluator
+from jsft.evals.suite import Evaluation
 from jsft.models.registry import build_model
 from jsft.parallel import multihost, sharding
 from jsft.parallel.mesh import build_mesh
@@ -203,35 +202,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: 
         out_shardings=(state_sharding, replicated),
         donate_argnums=0,
     )
-    evaluator = ValidationEvaluator(
-        model,
-        data,
-        config.data.seq_len,
-        config.eval.batch_size,
-        config.eval.max_new_tokens,
-        batch_sharding,
-        replicated,
-        divisor,
-    )
+    evaluation = Evaluation(config, model, data, batch_sharding, replicated, divisor)
 
     def to_global(batch):
         return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
 
     summary: dict = {k: v for k, v in data_metrics.items() if v}
 
-    suite = build_suite(
-        config.eval.tasks,
-        Context(
-            model,
-            data.tokenizer,
-            data.template,
-            data.stop_ids,
-            config.data.seq_len,
-            evaluator.batch_size,
-            put=evaluator._put,
-            replicated=replicated,
-        ),
-    )
     best = None
     if config.train.best_metric:
         best = BestCheckpoint(
@@ -239,16 +216,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: 
         )
 
     def evaluate(step: int) -> None:
-        metrics, samples = evaluator.run(state.params)
-        samples_by_task = {"": samples}
-        for name, task in suite.items():
-            task_metrics, samples_by_task[name] = task.run(state.params)
-            metrics.update(task_metrics)
+        metrics, samples_by_task = evaluation.run(state.params)
         writer.write(step, metrics)
         if is_main:
             for name, task_samples in samples_by_task.items():
                 if task_samples:
-                    _write_samples(os.path.join(workdir, name) if name else workdir, step, task_samples)
+                    task_dir = workdir if name == "validation" else os.path.join(workdir, name)
+                    _write_samples(task_dir, step, task_samples)
         summary.update(metrics)
         _print(is_main, f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if best is not None and best.update(step, metrics, state, data_state):
