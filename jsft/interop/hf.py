@@ -407,17 +407,17 @@ def load_params(directory: str, cfg: LlamaConfig, shardings=None, dtype: str | N
     params: dict = {}
     used = set()
     for spec in specs(cfg):
+        sharding = _get(shardings, spec.path) if shardings is not None else None
         if "{i}" in spec.hf:
             names = [spec.hf.format(i=i) for i in range(cfg.n_layers)]
-            value = np.stack([spec.to_jsft(tensor(n), cfg).astype(dtype) for n in names])
+            layers = (spec.to_jsft(tensor(n), cfg).astype(dtype) for n in names)
+            value = _stack_layers(layers, sharding)
         else:
             names = [spec.hf]
             value = spec.to_jsft(tensor(spec.hf), cfg).astype(dtype)
+            value = jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
         used.update(names)
-        sharding = _get(shardings, spec.path) if shardings is not None else None
-        _set(
-            params, spec.path, jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
-        )
+        _set(params, spec.path, value)
     extra = sorted(k for k in files if k not in used and not k.endswith("rotary_emb.inv_freq"))
     if cfg.tie_embeddings and "lm_head.weight" in extra:
         extra.remove("lm_head.weight")  # some tied checkpoints store the shared matrix twice
@@ -427,6 +427,17 @@ def load_params(directory: str, cfg: LlamaConfig, shardings=None, dtype: str | N
             f"{extra[:8]}{' ...' if len(extra) > 8 else ''}"
         )
     return params
+
+
+def _stack_layers(layers, sharding) -> jax.Array:
+    """[L, ...] from per-layer host arrays. With a sharding whose layer axis is not split, each layer
+    goes to the devices as it is read (one layer on the host at a time) and is stacked there."""
+    if sharding is None or sharding.spec[:1] not in ((), (None,)):
+        stacked = np.stack(list(layers))
+        return jax.device_put(stacked, sharding) if sharding is not None else jnp.asarray(stacked)
+    per_layer = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+    placed = [jax.device_put(layer, per_layer) for layer in layers]
+    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)(*placed)
 
 
 def _get(tree, path):

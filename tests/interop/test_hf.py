@@ -140,3 +140,42 @@ def test_unsupported_architectures_and_pickle_checkpoints_are_refused(tmp_path):
     os.remove(tmp_path / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         hf.load_params(str(tmp_path), hf.config_from_hf(dict(model_type="llama", **COMMON)))
+
+
+SHARDED_LOAD = r"""
+import sys, jax, numpy as np
+from jsft.interop import hf
+from jsft.models.registry import ModelDef
+from jsft.parallel import sharding
+from jsft.parallel.mesh import build_mesh
+d = sys.argv[1]
+cfg = hf.config_from_hf(hf.read_config(d))
+model = ModelDef.create(cfg)
+mesh = build_mesh((1, 2, 2))
+rules = sharding.parse_rules(dict(batch="data,fsdp", embed="fsdp", mlp="tensor", heads="tensor",
+                                  kv_heads="tensor", vocab="tensor", head_dim="", layers="", seq=""))
+shardings = sharding.param_shardings(model.abstract_params(), model.logical_axes(), mesh, rules)
+sharded, plain = hf.load_params(d, cfg, shardings), hf.load_params(d, cfg)
+for (path, a), b, s in zip(jax.tree_util.tree_leaves_with_path(sharded), jax.tree.leaves(plain),
+                           jax.tree.leaves(shardings)):
+    assert a.sharding == s, (path, a.sharding, s)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+print("ok", len(jax.tree.leaves(sharded)))
+"""
+
+
+def test_weights_stream_into_their_shardings(tmp_path):
+    import subprocess
+    import sys
+
+    _save_tiny("qwen3", str(tmp_path))  # the placement code is family-independent
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    r = subprocess.run(
+        [sys.executable, "-c", SHARDED_LOAD, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("ok")
