@@ -52,12 +52,14 @@ class BestCheckpoint:
     improvement (for early stopping), so a resumed run carries on comparing against the same best.
     """
 
-    def __init__(self, directory: str, metric: str, mode: str, is_main: bool = True):
+    def __init__(self, directory: str, metric: str, mode: str, is_main: bool = True, record_path: str = ""):
+        """`record_path`: where best.json lives (default: inside `directory`; a remote directory needs a
+        local one)."""
         if mode not in ("max", "min"):
             raise ValueError(f"config.train.best_mode={mode!r} must be 'max' or 'min'")
         self.metric, self.mode, self.is_main = metric, mode, is_main
         self.checkpointer = Checkpointer(directory, keep=1, async_save=False)
-        self.record_path = os.path.join(directory, "best.json")
+        self.record_path = record_path or os.path.join(directory, "best.json")
         self.record = {"step": None, "value": None, "evals_since_best": 0}
         if os.path.exists(self.record_path):
             with open(self.record_path) as f:

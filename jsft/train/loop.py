@@ -212,7 +212,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: 
     best = None
     if config.train.best_metric:
         best = BestCheckpoint(
-            f"{remote}/checkpoints_best", config.train.best_metric, config.train.best_mode, is_main
+            f"{remote}/checkpoints_best",
+            config.train.best_metric,
+            config.train.best_mode,
+            is_main,
+            record_path="" if remote == workdir else os.path.join(workdir, "best.json"),
         )
 
     def evaluate(step: int) -> None:
