@@ -34,16 +34,6 @@ class Example:
     source: int = 0
 
 
-@dataclasses.dataclass
-class PackStats:
-    examples: int = 0
-    truncated: int = 0  # longer than seq_len + 1 tokens, cut at the end
-    dropped: int = 0  # nothing left to train after truncation
-
-    def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-
 def fit_ids(ids: list[int], mask: list[bool], seq_len: int, policy: str):
     """(ids, mask, truncated) fitted to seq_len + 1 tokens by `policy`; ids empty when dropped."""
     limit = seq_len + 1
@@ -62,17 +52,6 @@ def fit_ids(ids: list[int], mask: list[bool], seq_len: int, policy: str):
     if not any(mask[1:]):  # nothing left to train
         return [], [], True
     return ids, mask, True
-
-
-def fit_example(ex: Example, seq_len: int, stats: PackStats, policy: str = "truncate") -> Example | None:
-    """`fit_ids` on an Example, counting truncations and drops in `stats`."""
-    stats.examples += 1
-    ids, mask, truncated = fit_ids(ex.ids.tolist(), ex.mask.tolist(), seq_len, policy)
-    stats.truncated += int(truncated and bool(ids))
-    if not ids:
-        stats.dropped += 1
-        return None
-    return Example(np.asarray(ids, np.int32), np.asarray(mask, np.bool_), ex.source)
 
 
 def best_fit_bins(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -373,14 +373,6 @@ class Data:
             for n, size, (e, p) in zip(self.source_names, sizes, positions, strict=True)
         }
 
-    def summary(self) -> dict:
-        out = {"mixture": self.mixture}
-        for s in self.train_sources:
-            out[s.name] = s.stats
-        for s in self.val_sources:
-            out[f"{s.name}/val"] = s.stats
-        return out
-
 
 def source_specs(data_cfg: ml_collections.ConfigDict) -> list[sources.SourceSpec]:
     specs = []

@@ -26,58 +26,6 @@ import numpy as np
 from jsft.models.llama import LlamaConfig
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
-# Config keys that are bookkeeping, or that jsft handles, and never change the forward pass.
-IGNORED_KEYS = {
-    "architectures",
-    "model_type",
-    "transformers_version",
-    "torch_dtype",
-    "dtype",
-    "use_cache",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "initializer_range",
-    "max_position_embeddings",
-    "attention_dropout",
-    "pretraining_tp",
-    "max_window_layers",
-    "_name_or_path",
-    "output_attentions",
-    "output_hidden_states",
-    "return_dict",
-    "layer_types",
-    "tie_word_embeddings",
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "intermediate_size",
-    "rope_theta",
-    "rope_scaling",
-    "rope_parameters",
-    "rms_norm_eps",
-    "hidden_act",
-    "attention_bias",
-    "mlp_bias",
-    "hidden_activation",
-    "query_pre_attn_scalar",
-    "attn_logit_softcapping",
-    "final_logit_softcapping",
-    "use_bidirectional_attention",
-    "chunk_size_feed_forward",
-    "is_encoder_decoder",
-    "problem_type",
-    "cache_implementation",
-    "sliding_window",
-    "use_sliding_window",
-    "bos_token",
-    "eos_token",
-    "id2label",
-    "label2id",
-}
 
 
 GEMMA_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
@@ -129,7 +77,6 @@ def config_from_hf(hf: dict, **numerics) -> LlamaConfig:
         refuse.append("use_sliding_window=true")
     if family == "qwen3" and hf.get("use_sliding_window"):
         refuse.append("use_sliding_window=true")
-    unknown = sorted(k for k in hf if k not in IGNORED_KEYS and not k.startswith(("_", "quantization")))
     if "quantization_config" in hf:
         refuse.append("quantization_config (quantized weights)")
     if refuse:
@@ -154,7 +101,6 @@ def config_from_hf(hf: dict, **numerics) -> LlamaConfig:
         **(_gemma2_fields(hf) if family == "gemma2" else {}),
         **numerics,
     )
-    del unknown  # informational keys beyond IGNORED_KEYS (e.g. new bookkeeping) are tolerated
     return cfg
 
 

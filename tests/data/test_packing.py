@@ -38,12 +38,20 @@ def test_rows_hold_every_example_once_with_restarting_positions():
     assert rows["loss_mask"].sum() == sum(ex.mask[1:].sum() for ex in examples)
 
 
-def test_over_long_examples_follow_the_policy_and_are_counted():
-    stats = packing.PackStats()
-    cut = packing.fit_example(_ex(3, 20), 10, stats)
-    assert len(cut.ids) == 11 and list(cut.ids[:3]) == [1, 2, 3]  # truncate keeps the start
-    assert packing.fit_example(_ex(12, 3), 10, stats) is None  # only prompt survives: nothing to train
-    assert stats.as_dict() == {"examples": 2, "truncated": 1, "dropped": 1}
+def test_over_long_examples_follow_the_policy():
+    long_reply = _ex(3, 20)
+    cut, cut_mask, truncated = packing.fit_ids(
+        long_reply.ids.tolist(), long_reply.mask.tolist(), 10, "truncate"
+    )
+    assert truncated and len(cut) == 11 and cut[:3] == [1, 2, 3] and any(cut_mask[1:])  # keeps the start
+    long_prompt = _ex(12, 3)  # only prompt survives truncation: nothing to train, so it is dropped
+    assert packing.fit_ids(long_prompt.ids.tolist(), long_prompt.mask.tolist(), 10, "truncate") == (
+        [],
+        [],
+        True,
+    )
+    short = _ex(2, 3)
+    assert packing.fit_ids(short.ids.tolist(), short.mask.tolist(), 10, "truncate")[2] is False
 
     ids, mask = list(range(20)), [False] * 15 + [True] * 5
     left, lmask, truncated = packing.fit_ids(ids, mask, 10, "truncate_prompt")
