@@ -7,6 +7,15 @@
 
 A source may rename fields (`fields={"prompt": "question"}`); ShareGPT-style messages
 (`{"from": "human"|"gpt", "value": ...}`) are read as chat.
+
+Every bad record carries a short, stable reason code (counted in the data stats' `bad_by_reason`)
+and a detail for the listing that names its file and line:
+  invalid_json, not_utf8     the line (or .json file) is not JSON text          (sources.py)
+  not_an_object              valid JSON, but not an object (e.g. an array)      (sources.py, here)
+  missing_field, wrong_type, empty_field                                        a field of the format
+  bad_role, role_order, empty_response, no_assistant_turn                       chat turns
+  unknown_format             the fields match no format
+  template                   the chat template could not render it             (templates.py)
 """
 
 from __future__ import annotations
@@ -29,7 +38,23 @@ FORMAT_FIELDS = {
 
 
 class BadRecord(ValueError):
-    """A record that cannot be trained on; the message is the reason, shown with its location."""
+    """A record that cannot be trained on: the message is the detail, shown with its location, and
+    `code` the kind of problem (see the module docstring); reasons raised without one come from
+    rendering the conversation with the chat template."""
+
+    def __init__(self, detail: str, code: str = "template"):
+        super().__init__(detail)
+        self.code = code
+
+
+JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number"}
+
+
+def not_an_object(value: Any) -> BadRecord:
+    """The reason for a record that is valid JSON but not an object."""
+    kind = "true/false" if isinstance(value, bool) else "null" if value is None else None
+    kind = kind or JSON_TYPES.get(type(value), type(value).__name__)
+    return BadRecord(f"not a JSON object (a JSON {kind})", code="not_an_object")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +73,7 @@ class Conversation:
         for i in range(len(self.messages) - 1, -1, -1):
             if self.messages[i].role == "assistant":
                 return Conversation(self.messages[:i]), self.messages[i].content
-        raise BadRecord("no assistant turn")
+        raise BadRecord("no assistant turn", code="no_assistant_turn")
 
 
 def detect_format(columns: list[str], fields: Mapping[str, str]) -> str:
@@ -58,8 +83,8 @@ def detect_format(columns: list[str], fields: Mapping[str, str]) -> str:
             return fmt
     wanted = " or ".join("{" + ", ".join(n) + "}" for n in FORMAT_FIELDS.values())
     raise BadRecord(
-        f"cannot tell the record format from the fields {sorted(columns)}; expected {wanted}"
-        " (or set the source's `format` and `fields`)"
+        f"cannot tell the record format from the fields {sorted(columns)}; expected {wanted}",
+        code="unknown_format",
     )
 
 
@@ -73,13 +98,13 @@ def _string(
     key = fields.get(name, name)
     if key not in record or record[key] is None:
         if required:
-            raise BadRecord(f"missing field {key!r}")
+            raise BadRecord(f"missing field {key!r}", code="missing_field")
         return ""
     value = record[key]
     if not isinstance(value, str):
-        raise BadRecord(f"field {key!r} must be a string, got {type(value).__name__}")
+        raise BadRecord(f"field {key!r} must be a string, got {type(value).__name__}", code="wrong_type")
     if not allow_empty and not value.strip():
-        raise BadRecord(f"field {key!r} is empty")
+        raise BadRecord(f"field {key!r} is empty", code="empty_field")
     return value
 
 
@@ -87,22 +112,26 @@ def _chat(record: Mapping[str, Any], fields: Mapping[str, str]) -> Conversation:
     key = fields.get("messages", "messages")
     raw = record.get(key)
     if raw is None:
-        raise BadRecord(f"missing field {key!r}")
-    if not isinstance(raw, list | tuple) or not raw:
-        raise BadRecord(f"field {key!r} must be a non-empty list of messages")
+        raise BadRecord(f"missing field {key!r}", code="missing_field")
+    if not isinstance(raw, list | tuple):
+        got = type(raw).__name__
+        raise BadRecord(f"field {key!r} must be a list of messages, got {got}", code="wrong_type")
+    if not raw:
+        raise BadRecord(f"field {key!r} is an empty list of messages", code="empty_field")
     role_key, content_key = fields.get("role", "role"), fields.get("content", "content")
     messages = []
     for i, m in enumerate(raw):
         if not isinstance(m, Mapping):
-            raise BadRecord(f"message {i} is a {type(m).__name__}, not an object")
+            raise BadRecord(f"message {i} is a {type(m).__name__}, not an object", code="wrong_type")
         if role_key not in m and "from" in m:  # ShareGPT
             role_key, content_key = "from", "value"
         role, content = m.get(role_key), m.get(content_key)
         role = ROLE_ALIASES.get(role, role)
         if role not in ROLES:
-            raise BadRecord(f"message {i} has role {role!r}; expected one of {ROLES}")
+            raise BadRecord(f"message {i} has role {role!r}; expected one of {ROLES}", code="bad_role")
         if not isinstance(content, str):
-            raise BadRecord(f"message {i} ({role}) content must be a string, got {type(content).__name__}")
+            got = type(content).__name__
+            raise BadRecord(f"message {i} ({role}) content must be a string, got {got}", code="wrong_type")
         messages.append(Message(role, content))
     _check_turn_order(messages)
     return Conversation(tuple(messages))
@@ -112,24 +141,26 @@ def _check_turn_order(messages: list[Message]) -> None:
     """Optional system first, then user/assistant alternating from a user turn, at least one reply."""
     body = messages[1:] if messages[0].role == "system" else messages
     if not body or body[0].role != "user":
-        raise BadRecord("role order: the first non-system message must come from the user")
+        raise BadRecord("role order: the first non-system message must come from the user", code="role_order")
     for i, m in enumerate(body):
         expected = "user" if i % 2 == 0 else "assistant"
         if m.role != expected:
             raise BadRecord(
                 f"role order: message {i + len(messages) - len(body)} is {m.role!r}, "
-                f"expected {expected!r} (turns must alternate; system only first)"
+                f"expected {expected!r} (turns must alternate; system only first)",
+                code="role_order",
             )
         if m.role == "assistant" and not m.content.strip():
-            raise BadRecord(f"message {i + len(messages) - len(body)}: empty assistant reply")
+            index = i + len(messages) - len(body)
+            raise BadRecord(f"message {index}: empty assistant reply", code="empty_response")
     if not any(m.role == "assistant" for m in body):
-        raise BadRecord("no assistant turn, so there is nothing to train")
+        raise BadRecord("no assistant turn, so there is nothing to train", code="no_assistant_turn")
 
 
 def to_conversation(record: Mapping[str, Any], fmt: str, fields: Mapping[str, str]) -> Conversation:
     """Parse one record (a mapping of its fields) in the given format."""
-    if not isinstance(record, Mapping):
-        raise BadRecord(f"expected a JSON object, got {type(record).__name__}")
+    if not isinstance(record, Mapping):  # sources.py finds these first in JSON files
+        raise not_an_object(record)
     if fmt == "prompt_response":
         system = _string(record, "system", fields, required=False)
         turns = [
@@ -148,4 +179,4 @@ def to_conversation(record: Mapping[str, Any], fmt: str, fields: Mapping[str, st
         return _chat(record, fields)
     if fmt == "text":
         return Conversation((Message("assistant", _string(record, "text", fields)),), is_text=True)
-    raise BadRecord(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    raise BadRecord(f"unknown format {fmt!r}; expected one of {FORMATS}", code="unknown_format")

@@ -32,11 +32,14 @@ TOKENIZED_FEATURES = datasets.Features(
         "ids": datasets.Sequence(datasets.Value("int32")),
         "mask": datasets.Sequence(datasets.Value("int8")),
         "where": datasets.Value("string"),
-        "error": datasets.Value("string"),
+        "error": datasets.Value("string"),  # why the record is bad ("" for a good one) ...
+        "code": datasets.Value("string"),  # ... and that reason's code (formats.BadRecord.code)
         "truncated": datasets.Value("bool"),
         "dropped": datasets.Value("bool"),
+        "full_length": datasets.Value("int32"),  # tokens before the overlong policy
     }
 )
+TOKENIZED_VERSION = "2"  # bump when TOKENIZED_FEATURES or their meaning change: old caches are stale
 ON_BAD_RECORD = ("error", "skip")
 
 
@@ -54,6 +57,7 @@ class TokenizeSpec:
 
     def cache_key(self, data_fingerprint: str) -> str:
         parts = [
+            TOKENIZED_VERSION,
             data_fingerprint,
             self.fmt,
             json.dumps(self.fields, sort_keys=True),
@@ -69,21 +73,24 @@ class TokenizeSpec:
 def _tokenize_batch(batch: dict, indices: list[int], *, spec: TokenizeSpec, path: str) -> dict:
     out = {k: [] for k in TOKENIZED_FEATURES}
     for j, index in enumerate(indices):
-        where, record, error = sources.row_record({k: v[j] for k, v in batch.items()}, index, path)
-        ids, mask, truncated = [], [], False
-        if not error:
+        where, record, bad = sources.read_row({k: v[j] for k, v in batch.items()}, index, path)
+        ids, mask, truncated, full_length = [], [], False, 0
+        if bad is None:
             try:
                 conv = formats.to_conversation(record, spec.fmt, spec.fields)
                 ids, mask = templates.render(spec.template, spec.tokenizer, conv, spec.train_on)
+                full_length = len(ids)
                 ids, mask, truncated = packing.fit_ids(ids, mask, spec.seq_len, spec.overlong)
             except formats.BadRecord as e:
-                error = str(e)
+                bad = e
         out["ids"].append(ids)
         out["mask"].append([int(m) for m in mask])
         out["where"].append(where)
-        out["error"].append(error)
+        out["error"].append(str(bad or ""))
+        out["code"].append(bad.code if bad else "")
         out["truncated"].append(truncated)
-        out["dropped"].append(not error and not ids)
+        out["dropped"].append(bad is None and not ids)
+        out["full_length"].append(full_length)
     return out
 
 
@@ -142,6 +149,7 @@ def collect(name: str, index: int, tokenized: datasets.Dataset) -> TokenizedSour
     ids = ids_col.values.to_numpy(zero_copy_only=False)
     mask = mask_col.values.to_numpy(zero_copy_only=False)
     errors = np.asarray(tbl.column("error").to_pylist(), dtype=object)
+    codes = tbl.column("code").to_pylist()
     dropped = tbl.column("dropped").to_numpy(zero_copy_only=False)
     truncated = tbl.column("truncated").to_numpy(zero_copy_only=False)
     is_bad = errors != ""
@@ -153,7 +161,7 @@ def collect(name: str, index: int, tokenized: datasets.Dataset) -> TokenizedSour
         "records": int(len(tbl)),
         "examples": int(len(kept)),
         "bad": int(is_bad.sum()),
-        "bad_by_reason": dict(collections.Counter(reason_kind(r) for _, r in bad)),
+        "bad_by_reason": dict(collections.Counter(codes[i] for i in np.flatnonzero(is_bad))),
         "truncated": int((truncated & ~dropped).sum()),
         "dropped_overlong": int(dropped.sum()),
         "tokens": int(lengths.sum()),
@@ -162,20 +170,66 @@ def collect(name: str, index: int, tokenized: datasets.Dataset) -> TokenizedSour
 
 
 def reason_kind(reason: str) -> str:
-    """'invalid JSON (Expecting ...)' -> 'invalid JSON': group reasons without their details."""
+    """'invalid JSON (Expecting ...)' -> 'invalid JSON': a heading for a reason in inspect's report
+    (counts use the reason's code: the `code` column, `stats['bad_by_reason']`)."""
     return reason.split(" (")[0].split(": ")[0]
 
 
+def _listing(bad: list[tuple[str, object]], count: int, limit: int = 10) -> str:
+    """The first bad records, one `  file:line: reason` line each."""
+    lines = [f"  {where}: {reason}" for where, reason in bad[:limit]]
+    more = [f"  ... and {count - limit} more"] if count > limit else []
+    return "\n".join(lines + more)
+
+
 def bad_records_error(src: TokenizedSource, limit: int = 10) -> sources.DataError:
-    lines = [f"  {where}: {reason}" for where, reason in src.bad[:limit]]
-    more = f"\n  ... and {len(src.bad) - limit} more" if len(src.bad) > limit else ""
     return sources.DataError(
         f"source {src.name!r}: {len(src.bad)} bad record(s) of {src.stats['records']}:\n"
-        + "\n".join(lines)
-        + more
+        + _listing(src.bad, len(src.bad), limit)
         + "\nFix them, or set config.data.on_bad_record='skip' to train without them (they are "
         "counted and reported)."
     )
+
+
+def all_bad_error(name: str, path: str, bad: list[tuple[str, object]], count: int) -> sources.DataError:
+    return sources.DataError(
+        f"source {name!r} ({path}): all {count} record(s) are bad, so there is nothing to train on:\n"
+        + _listing(bad, count)
+        + "\nFix them (config.data.on_bad_record='skip' cannot help when every record is bad), or "
+        f"check config.data.sources.{name}.format and .fields."
+    )
+
+
+def no_examples_error(src: TokenizedSource, path: str, seq_len: int, overlong: str) -> sources.DataError:
+    """Why a source kept no example: every record bad, or the good ones all dropped as over-long."""
+    st = src.stats
+    good = st["records"] - st["bad"]
+    if not st["records"]:
+        return sources.DataError(
+            f"source {src.name!r} ({path}): this process's data shards hold none of its records (it has "
+            "fewer records than config.data.num_shards); add records or lower config.data.num_shards"
+        )
+    if not good:
+        return all_bad_error(src.name, path, src.bad, st["bad"])
+    shortest = int(np.asarray(src.table["full_length"])[np.asarray(src.table["dropped"], bool)].min())
+    if overlong == "drop":
+        policy, other = "config.data.overlong='drop' dropped them", "truncate"
+    else:
+        policy = (
+            f"config.data.overlong={overlong!r} cut them to {seq_len + 1} tokens, which left no trained "
+            "(response) token"
+        )
+        other = "truncate_prompt" if overlong == "truncate" else ""
+    fix = f"raise config.data.seq_len (the shortest example has {shortest} tokens)"
+    fix += f" or set config.data.overlong={other!r}" if other else ""
+    which = f"all {good}"
+    if st["bad"]:
+        which = f"{st['bad']} of {st['records']} records are bad (skipped; listed below) and the other {good}"
+    msg = (
+        f"source {src.name!r} ({path}): no usable examples: {which} examples have more than "
+        f"config.data.seq_len + 1 = {seq_len + 1} tokens and {policy}; {fix}"
+    )
+    return sources.DataError(msg + ("\n" + _listing(src.bad, st["bad"]) if st["bad"] else ""))
 
 
 class PackedStream:
@@ -390,38 +444,92 @@ def source_specs(data_cfg: ml_collections.ConfigDict) -> list[sources.SourceSpec
     return specs
 
 
-def _detect(spec: sources.SourceSpec, table: datasets.Dataset, path: str) -> str:
-    if spec.format != "auto":
-        if spec.format not in formats.FORMATS:
-            raise ValueError(
-                f"config.data.sources.{spec.name}.format={spec.format!r} is not one of "
-                f"{('auto',) + formats.FORMATS}"
+def _rows(table: datasets.Dataset, path: str, batch_size: int = 1000):
+    """(where, record, why it is unreadable or None) for each row of a raw table, in order."""
+    for start in range(0, len(table), batch_size):
+        batch = table[start : start + batch_size]
+        for j in range(len(next(iter(batch.values())))):
+            yield sources.read_row({k: v[j] for k, v in batch.items()}, start + j, path)
+
+
+def _check_format(spec: sources.SourceSpec, fmt: str, table: datasets.Dataset, path: str) -> str:
+    """The source's format (detected from its first readable record when "auto"), once a record
+    parses in it: a source of only bad records fails here, before a tokenizer is trained on nothing.
+    Reads up to the first good record (all of them only when none is good)."""
+    key = f"config.data.sources.{spec.name}"
+    if fmt != "auto" and fmt not in formats.FORMATS:
+        raise sources.DataError(f"{key}.format={fmt!r} is not one of {('auto',) + formats.FORMATS}")
+    columns = [c for c in table.column_names if c != sources.ROW_COLUMN]
+    if fmt != "auto" and sources.ROW_COLUMN in table.column_names:  # a table with named columns
+        missing = [spec.fields.get(n, n) for n in formats.FORMAT_FIELDS[fmt]]
+        missing = [c for c in missing if c not in columns]
+        if missing:
+            raise sources.DataError(
+                f"source {spec.name!r} ({path}): format {fmt!r} needs the column(s) {missing}, but the "
+                f"table has {columns}; name the columns to read with {key}.fields (e.g. "
+                f"{{{formats.FORMAT_FIELDS[fmt][0]!r}: <column>}}) or set {key}.format"
             )
-        return spec.format
-    for i in range(min(len(table), 100)):
-        where, record, error = sources.row_record(table[i], i, path)
-        if not error and isinstance(record, dict):
+    bad = []
+    for where, record, why in _rows(table, path):
+        if why is None and fmt == "auto":
             try:
-                return formats.detect_format(list(record), spec.fields)
+                fmt = formats.detect_format(list(record), spec.fields)
             except formats.BadRecord as e:
-                raise sources.DataError(f"source {spec.name!r} ({where}): {e}") from e
-    raise sources.DataError(f"source {spec.name!r}: no readable record among the first 100 of {path}")
+                raise sources.DataError(
+                    f"source {spec.name!r} ({where}): {e}; name the format with {key}.format and the "
+                    f"columns it reads with {key}.fields"
+                ) from e
+        if why is None:
+            try:
+                formats.to_conversation(record, fmt, spec.fields)
+                return fmt
+            except formats.BadRecord as e:
+                why = e
+        if len(bad) < 10:
+            bad.append((where, why))
+    raise all_bad_error(spec.name, path, bad, len(table))
 
 
 def _conversations(table: datasets.Dataset, path: str, fmt: str, fields: dict, limit: int):
     """Up to `limit` parsed conversations (bad records skipped: they are reported elsewhere)."""
     out = []
-    for i in range(len(table)):
+    for _, record, why in _rows(table, path):
         if len(out) >= limit:
             break
-        _, record, error = sources.row_record(table[i], i, path)
-        if error:
-            continue
-        try:
-            out.append(formats.to_conversation(record, fmt, fields))
-        except formats.BadRecord:
-            continue
+        if why is None:
+            try:
+                out.append(formats.to_conversation(record, fmt, fields))
+            except formats.BadRecord:
+                continue
     return out
+
+
+def _read_source(spec: sources.SourceSpec, seed: int, cache_dir: str):
+    """(train table, validation table or None, its path); a read error names the config key."""
+
+    def read(key: str, path: str, split: str) -> datasets.Dataset:
+        try:
+            return sources.read_table(path, split, cache_dir)
+        except sources.DataError as e:
+            where = f"config.data.sources.{spec.name}.{key}"
+            raise sources.DataError(f"source {spec.name!r} ({where}): {e}") from e
+
+    train = read("path", spec.path, spec.split)
+    if spec.val_path:
+        return train, read("val_path", spec.val_path, spec.val_split or spec.split), spec.val_path
+    if spec.val_split:
+        return train, read("val_split", spec.path, spec.val_split), spec.path
+    if spec.val_fraction > 0:
+        try:
+            split = train.train_test_split(test_size=spec.val_fraction, seed=seed, shuffle=True)
+        except ValueError as e:
+            raise sources.DataError(
+                f"source {spec.name!r} ({spec.path}): cannot hold out config.data.sources.{spec.name}"
+                f".val_fraction={spec.val_fraction} of its {len(train)} records ({e}); change it or "
+                "give a val_path"
+            ) from e
+        return split["train"], split["test"], spec.path
+    return train, None, ""
 
 
 def build_tokenizer(data_cfg, workdir: str, template_name: str, texts, hf_path: str = "") -> Tokenizer:
@@ -451,23 +559,13 @@ def build_data(
     if process_count > 1:  # processes tokenize different shards; keep their cache writers apart
         cache_dir = os.path.join(cache_dir, f"process_{process_index}")
     specs = source_specs(data_cfg)
-    # ---- raw tables and their formats
+    # ---- raw tables and their formats, each checked to hold a usable record
     raw = []
     for spec in specs:
-        train = sources.read_table(spec.path, spec.split, cache_dir)
-        if spec.val_path:
-            val, val_path = (
-                sources.read_table(spec.val_path, spec.val_split or spec.split, cache_dir),
-                spec.val_path,
-            )
-        elif spec.val_split:
-            val, val_path = sources.read_table(spec.path, spec.val_split, cache_dir), spec.path
-        elif spec.val_fraction > 0:
-            split = train.train_test_split(test_size=spec.val_fraction, seed=seed, shuffle=True)
-            train, val, val_path = split["train"], split["test"], spec.path
-        else:
-            val, val_path = None, ""
-        fmt = _detect(spec, train, spec.path)
+        train, val, val_path = _read_source(spec, seed, cache_dir)
+        fmt = _check_format(spec, spec.format, train, spec.path)
+        if val is not None:
+            _check_format(spec, fmt, val, val_path)
         raw.append((spec, fmt, train, val, val_path))
 
     # ---- tokenizer (from the full data, so every process trains the same one) and template
@@ -506,7 +604,7 @@ def build_data(
         if src.bad and data_cfg.on_bad_record == "error":
             raise bad_records_error(src)
         if not len(src):
-            raise sources.DataError(f"source {spec.name!r} ({spec.path}) has no usable examples: {src.stats}")
+            raise no_examples_error(src, spec.path, data_cfg.seq_len, data_cfg.overlong)
         train_srcs.append(src)
         if val is not None:
             vsrc = collect(spec.name, i, tokenize_table(val, val_path, tspec, cache_dir, data_cfg.num_proc))

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from jsft.data.formats import BadRecord, Conversation, Message, detect_format, to_conversation
@@ -54,7 +56,7 @@ def test_format_detection():
         ({"prompt": "p", "response": 3}, "prompt_response", "field 'response' must be a string, got int"),
         ({"prompt": "p", "response": " "}, "prompt_response", "field 'response' is empty"),
         ({"instruction": "", "output": "o"}, "alpaca", "field 'instruction' is empty"),
-        ({"messages": []}, "chat", "non-empty list"),
+        ({"messages": []}, "chat", "empty list of messages"),
         ({"messages": [{"role": "assistant", "content": "a"}]}, "chat", "role order: the first non-system"),
         (
             {"messages": [{"role": "user", "content": "u"}, {"role": "user", "content": "u"}]},
@@ -81,11 +83,11 @@ def test_format_detection():
         ({"messages": [{"role": "wizard", "content": "u"}]}, "chat", "role 'wizard'"),
         ({"messages": [{"role": "user", "content": ["u"]}]}, "chat", "content must be a string"),
         ({"text": ""}, "text", "field 'text' is empty"),
-        (["not", "an", "object"], "prompt_response", "expected a JSON object"),
+        (["not", "an", "object"], "prompt_response", "not a JSON object (a JSON array)"),
     ],
 )
 def test_bad_records_say_why(record, fmt, reason):
-    with pytest.raises(BadRecord, match=reason.replace("(", r"\(")):
+    with pytest.raises(BadRecord, match=re.escape(reason)):
         to_conversation(record, fmt, {})
 
 

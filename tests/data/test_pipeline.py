@@ -181,11 +181,11 @@ def test_role_order_errors_and_skip_mode_counts(tmp_path):
     stats = data.train_sources[0].stats
     assert stats["bad"] == len(BAD_LINES) and stats["examples"] == 40
     assert stats["bad_by_reason"] == {
-        "invalid JSON": 1,
-        "missing field 'response'": 1,
-        "field 'response' must be a string, got int": 1,
-        "field 'response' is empty": 1,
-        "not valid UTF-8": 1,
+        "invalid_json": 1,
+        "missing_field": 1,
+        "wrong_type": 1,
+        "empty_field": 1,
+        "not_utf8": 1,
     }
 
 
