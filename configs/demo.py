@@ -47,6 +47,9 @@ def task(path: str, kind: str, metrics: str = "exact_match", max_examples: int =
     return ml_collections.ConfigDict(fields)
 
 
+ARGS = (None, "smoke")  # the named arguments get_config takes (tests run each)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -62,6 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.mixture_cap = 0
     config.data.mixture_temperature = 1.0
     config.data.on_bad_record = "error"  # error: stop before training; skip: count, report, go on
+    # A resumed run whose data stream differs from the checkpoint's (files, batch_size, seq_len, ...):
+    # error (default) names the changed fields; restart keeps the weights and starts the data afresh.
+    config.data.on_changed_data = "error"
     config.data.tokenizer = ""  # .model (SentencePiece) or HF tokenizer dir; empty: train one
     config.data.vocab_size = 512  # size of the tokenizer trained when none is given
     config.data.template = "plain"  # plain | chatml | llama3 | hf (the tokenizer's chat_template)
@@ -139,6 +145,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.best_metric = "eval/exact_match"  # keep the best checkpoint by this metric ("": off)
     config.train.best_mode = "max"  # or "min" (e.g. for eval/loss)
     config.train.early_stopping_patience = 0  # >0: stop after this many evals without improvement
+    # A step whose loss or gradient is not finite is never applied. stop: end the run (nothing new is
+    # saved); skip: drop that update, count it in metrics.jsonl, stop after max_skipped_steps in a row.
+    config.train.on_nonfinite = "stop"
+    config.train.max_skipped_steps = 10
 
     config.eval = ml_collections.ConfigDict()
     config.eval.at_start = True

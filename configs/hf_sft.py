@@ -18,17 +18,18 @@ import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import demo  # noqa: E402
+from jsft.config import REQUIRED  # noqa: E402
+
+ARGS = (None, "cpu")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = demo.get_config()
-    config.model.hf_path = "/path/to/hf_model_dir"  # required: --config.model.hf_path=...
+    config.model.hf_path = REQUIRED  # a local HF directory or a hub id in the HF cache
     config.model.param_dtype = "float32"
     config.model.compute_dtype = "bfloat16"
     config.model.remat = "full"
-    config.data.sources = ml_collections.ConfigDict(
-        {"sft": demo.source("/path/to/train.jsonl", val_fraction=0.02)}
-    )
+    config.data.sources = ml_collections.ConfigDict({"sft": demo.source(REQUIRED, val_fraction=0.02)})
     config.data.template = "hf"  # the checkpoint's own chat template
     config.data.seq_len = 2048
     config.data.batch_size = 16
@@ -43,6 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.max_new_tokens = 256
     config.eval.batch_size = 16
     config.eval.exact_match_examples = 64
+    config.eval.tasks = ml_collections.ConfigDict()  # add benchmark tasks here (see configs/demo.py)
+    config.train.best_metric = "eval/loss"
+    config.train.best_mode = "min"
     if arg == "cpu":
         config.model.compute_dtype = "float32"
         config.data.seq_len, config.data.batch_size = 512, 4

@@ -23,6 +23,7 @@ MESHES = {
     "v5p-128": dict(shape=(1, 64, 1), dcn_shape=(1, 1, 1), batch_size=64, grad_accum_steps=1),
 }
 MODEL = LlamaConfig.llama3_70b().shape_fields()
+ARGS = (None, *MESHES)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -13,6 +13,10 @@ from jsft.train.losses import NORMALIZATIONS
 from jsft.train.optim import DECAYS
 
 MODES = ("train", "inspect", "plan", "export", "eval", "generate")
+# A config file marks the fields a user must set with this value (e.g. `model.hf_path`).
+REQUIRED = "<required>"
+ON_NONFINITE = ("stop", "skip")
+ON_CHANGED_DATA = ("error", "restart")
 
 
 class ConfigError(ValueError):
@@ -35,8 +39,64 @@ def _positive(config, key: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"config.{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def _required(config, prefix: str = "config") -> list[str]:
+    missing = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            missing += _required(value, f"{prefix}.{key}")
+        elif isinstance(value, str) and value == REQUIRED:
+            missing.append(f"{prefix}.{key}")
+    return missing
+
+
+def _check_best_metric(config) -> None:
+    """The best-checkpoint metric must be one the evaluation produces, or the run dies at its first eval.
+
+    Names: `eval/loss|perplexity|exact_match` (validation split), `eval/<metric>/<source>` per source,
+    `eval/<task>/<metric>` for a task in config.eval.tasks.
+    """
+    metric = config.train.best_metric
+    if not metric:
+        return
+    _choice(config, "train.best_mode", ("max", "min"))
+    key = f"config.train.best_metric={metric!r}"
+    if not config.train.eval_every_steps:
+        raise ConfigError(f"{key} needs evaluations: set config.train.eval_every_steps (or best_metric='')")
+    parts = metric.split("/")
+    tasks = config.eval.get("tasks") or {}
+    validation = ["loss", "perplexity"] + (["exact_match"] if config.eval.exact_match_examples else [])
+    if parts[0] == "eval" and len(parts) == 3 and parts[1] in tasks:
+        task = tasks[parts[1]]
+        reported = {"choice": ["accuracy"], "loss": ["loss", "perplexity"]}.get(task.kind)
+        reported = reported or [m.strip() for m in str(task.get("metrics", "")).split(",") if m.strip()]
+        if parts[2] not in reported:
+            raise ConfigError(f"{key}: eval task {parts[1]!r} reports {reported}")
+        return
+    if parts[0] != "eval" or len(parts) not in (2, 3) or parts[1] not in validation:
+        choices = [f"eval/{m}" for m in validation] + [f"eval/{t}/..." for t in sorted(tasks)]
+        raise ConfigError(f"{key} is not a metric this config reports; choose one of {choices}")
+    if len(parts) == 3 and parts[2] not in config.data.sources:
+        raise ConfigError(f"{key}: no source {parts[2]!r} in config.data.sources")
+    has_validation = any(
+        src.get("val_path") or src.get("val_split") or src.get("val_fraction", 0) > 0
+        for src in config.data.sources.values()
+    )
+    if not has_validation:
+        raise ConfigError(
+            f"{key} needs a validation split, and no source in config.data.sources has val_path, "
+            "val_split or val_fraction; add one (e.g. --config.data.sources.<name>.val_fraction=0.01) "
+            "or set config.train.best_metric=''"
+        )
+
+
+def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     """Fail before any work starts on values that would fail (or silently misbehave) later."""
+    missing = _required(config)
+    if missing and mode != "plan":  # a plan needs shapes only
+        raise ConfigError(
+            f"{', '.join(missing)} must be set for this config (pass --{missing[0][len('config.') :]}"
+            "=... on the command line, or edit the config file)".replace("--", "--config.", 1)
+        )
     _choice(config, "loss.normalization", NORMALIZATIONS)
     _choice(config, "optim.decay", DECAYS)
     _choice(config, "model.remat", REMAT_POLICIES)
@@ -46,6 +106,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(config, "data.overlong", packing.OVERLONG_POLICIES)
     _choice(config, "data.on_bad_record", pipeline.ON_BAD_RECORD)
     _choice(config, "data.mixture", mixture.RULES)
+    _choice(config, "train.on_nonfinite", ON_NONFINITE)
+    _choice(config, "data.on_changed_data", ON_CHANGED_DATA)
     try:
         pipeline.source_specs(config.data)
     except ValueError as e:
@@ -74,6 +136,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "eval.exact_match_examples",
         "optim.weight_decay",
         "optim.clip_norm",
+        "train.max_skipped_steps",
     ):
         _positive(config, key, allow_zero=True)
     if config.data.batch_size % config.optim.grad_accum_steps:
@@ -83,6 +146,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if not 0.0 <= config.optim.final_lr_ratio <= 1.0:
         raise ConfigError(f"config.optim.final_lr_ratio={config.optim.final_lr_ratio} must be in [0, 1]")
+    if mode != "plan":
+        _check_best_metric(config)
+    if (
+        config.model.vocab_size
+        and config.model.vocab_size < config.data.vocab_size
+        and not (config.data.tokenizer or config.model.hf_path)
+    ):
+        raise ConfigError(
+            f"config.model.vocab_size={config.model.vocab_size} is smaller than the tokenizer it trains "
+            f"(config.data.vocab_size={config.data.vocab_size}); set it to 0 to follow the tokenizer"
+        )
     if config.eval.max_new_tokens >= config.data.seq_len:
         raise ConfigError(
             f"config.eval.max_new_tokens={config.eval.max_new_tokens} must be below "

@@ -7,6 +7,7 @@ the eval suite on a checkpoint) and `generate` (outputs for a JSONL of prompts, 
 Any config field can be overridden, e.g. `--config.optim.lr=3e-4`; a misspelled field is an error.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -45,6 +46,49 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0, "--mode generate: 0 takes c
 flags.mark_flags_as_required(["config"])
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from jsft.train.checkpoint import CheckpointError  # noqa: PLC0415
+    from jsft.train.nonfinite import NonFiniteError  # noqa: PLC0415
+
+    return (
+        config_lib.ConfigError,
+        DataError,
+        UnsupportedCheckpoint,
+        CheckpointError,
+        NonFiniteError,
+        OSError,  # names its path: permissions, a full disk, a file where a directory should be
+    )
+
+
+def _fail(e: BaseException) -> None:
+    """One line on the console; the traceback only with an explicit --verbosity >= 1."""
+    if flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1:
+        logging.exception("jsft: the error below came from here")
+    sys.exit(f"jsft: error: {e}")
+
+
+def check_workdir(path: str) -> str:
+    """The absolute workdir, created if needed; a file, a read-only or a forbidden path fails here, in
+    the first second, instead of after the data is tokenized. Remote (gs://) paths are left to orbax."""
+    if "://" in path:
+        return path
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise config_lib.ConfigError(f"--workdir={path} is a file, not a directory: name a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".jsft-write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise config_lib.ConfigError(
+            f"--workdir={path}: cannot write there ({reason}); choose a directory you can write to"
+        ) from e
+    return path
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -55,83 +99,106 @@ def main(argv):
 
         datasets.disable_progress_bars()  # one line per source is printed instead
         datasets.logging.set_verbosity_error()
-    config = _CONFIG.value
+    config = _load_config()
     try:
-        config_lib.validate(config)
-    except config_lib.ConfigError as e:
-        sys.exit(f"jsft: error: {e}")
-    logging.info("Config:\n%s", config)
-    if _MODE.value == "plan":
-        return _plan(config)
-    if not _WORKDIR.value:
-        sys.exit(f"jsft: error: --workdir is required for --mode={_MODE.value}")
+        config_lib.validate(config, _MODE.value)
+        if _MODE.value == "plan":
+            return _plan(config)
+        if not _WORKDIR.value:
+            raise config_lib.ConfigError(f"--workdir is required for --mode={_MODE.value}")
+        workdir = check_workdir(_WORKDIR.value)
+        if config.model.hf_path:  # cheap (config.json and a file listing): before any data is read
+            from jsft.interop import hf  # noqa: PLC0415
+
+            hf.check_directory(config.model.hf_path)
+        _run_mode(config, workdir)
+    except _user_errors() as e:
+        _fail(e)
+
+
+def _load_config():
+    """The parsed config; a missing config file or one whose get_config raises is one line."""
+    try:
+        return _CONFIG.value
+    except Exception as e:  # noqa: BLE001 - ml_collections wraps the file's own error in OSError
+        _fail(
+            config_lib.ConfigError(
+                f"--config={flags.FLAGS['config'].serialize().split('=', 1)[-1]}: {_last_line(str(e))}"
+            )
+        )
+
+
+def _last_line(message: str) -> str:
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else message
+
+
+def _run_mode(config, workdir: str) -> None:
     from jsft.parallel.mesh import initialize_distributed  # noqa: PLC0415
 
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from jsft.train import loop  # import jax-heavy modules only once flags are parsed
 
-    try:
-        if _MODE.value == "train":
-            loop.train_and_evaluate(config, _WORKDIR.value)
-        elif _MODE.value == "export":
-            if not _EXPORT_DIR.value:
-                sys.exit("jsft: error: --mode export needs --export_dir")
-            from jsft.interop.export import run_export  # noqa: PLC0415
+    if _MODE.value == "train":
+        loop.train_and_evaluate(config, workdir)
+    elif _MODE.value == "export":
+        if not _EXPORT_DIR.value:
+            raise config_lib.ConfigError("--mode export needs --export_dir")
+        from jsft.interop.export import run_export  # noqa: PLC0415
 
-            run_export(config, _WORKDIR.value, _EXPORT_DIR.value, _EXPORT_STEP.value, _EXPORT_DTYPE.value)
-        elif _MODE.value == "eval":
-            from jsft.evals.run import run_eval  # noqa: PLC0415
+        run_export(config, workdir, _EXPORT_DIR.value, _EXPORT_STEP.value, _EXPORT_DTYPE.value)
+    elif _MODE.value == "eval":
+        from jsft.evals.run import run_eval  # noqa: PLC0415
 
-            run_eval(config, _WORKDIR.value, _CHECKPOINT.value)
-        elif _MODE.value == "generate":
-            from jsft.evals import generate  # noqa: PLC0415
-            from jsft.evals.run import run_generate  # noqa: PLC0415
+        run_eval(config, workdir, _CHECKPOINT.value)
+    elif _MODE.value == "generate":
+        from jsft.evals import generate  # noqa: PLC0415
+        from jsft.evals.run import run_generate  # noqa: PLC0415
 
-            sampling = generate.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, config.seed)
-            run_generate(
-                config,
-                _WORKDIR.value,
-                _CHECKPOINT.value,
-                _PROMPTS.value,
-                sampling,
-                _MAX_NEW.value or config.eval.max_new_tokens,
-            )
-        elif _MODE.value == "inspect":
-            from jsft.data.inspect import run_inspect  # noqa: PLC0415
+        sampling = generate.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, config.seed)
+        max_new = _MAX_NEW.value or config.eval.max_new_tokens
+        run_generate(config, workdir, _CHECKPOINT.value, _PROMPTS.value, sampling, max_new)
+    elif _MODE.value == "inspect":
+        from jsft.data.inspect import run_inspect  # noqa: PLC0415
 
-            run_inspect(config, _WORKDIR.value)
-    except (config_lib.ConfigError, DataError, FileNotFoundError, UnsupportedCheckpoint) as e:
-        sys.exit(f"jsft: error: {e}")
+        run_inspect(config, workdir)
 
 
 def _plan(config) -> None:
     """Memory plan on as many simulated CPU devices as the mesh names (set before JAX starts)."""
-    import os  # noqa: PLC0415
-
     from jsft.parallel import plan  # noqa: PLC0415
 
+    if config.model.hf_path == config_lib.REQUIRED:  # a plan takes the shapes from the config
+        config.model.hf_path = ""
     try:
         n = plan.devices_needed(config.mesh)
     except ValueError as e:
-        sys.exit(f"jsft: error: {e}")
+        raise config_lib.ConfigError(str(e)) from e
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
     import jax  # noqa: PLC0415
 
     jax.config.update("jax_platforms", "cpu")
-    plan.run_plan(config)
+    try:
+        plan.run_plan(config)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from e
 
 
 def _parse_flags(argv):
-    """absl's parser, with a misspelled `--config.x.y` reported in one line instead of a traceback."""
+    """absl's parser, with every flag mistake (a misspelled `--config.x.y` above all) in one line."""
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:
-        bad = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-        msg = str(e).replace("\\n", "\n")
+        # ml_collections names only the first unknown component ('lrr'); find the flag that holds it.
+        msg = str(e).replace("\\n", "\n").strip("'\"")
+        name = msg.split("\n")[0].strip("'\"")
+        passed = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        bad = [a for a in passed if name in a[len("--config.") :].split(".")] or passed
         hint = msg[msg.find("Did you mean") :].split("\n")[0].rstrip("'\"") if "Did you mean" in msg else ""
-        sys.exit(f"jsft: error: unknown config field among {bad}. {hint}".rstrip())
+        sys.exit(f"jsft: error: {bad[0]}: no such config field. {hint}".rstrip())
     except flags.Error as e:
-        sys.exit(f"jsft: error: {e}\nPass --help for the flags.")
+        text = _last_line(str(e)) if "Traceback" in str(e) else str(e).split("\n")[0]
+        sys.exit(f"jsft: error: {text} (pass --help for the flags)")
 
 
 def run() -> None:

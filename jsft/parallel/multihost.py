@@ -26,3 +26,9 @@ def any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
     return bool(np.any(multihost_utils.process_allgather(np.array([flag], np.bool_))))
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (no-op with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -10,6 +10,7 @@ import optax
 
 from jsft.models.registry import ModelDef
 from jsft.train.losses import cross_entropy_sums
+from jsft.train.nonfinite import keep_if_finite
 from jsft.train.state import TrainState
 
 
@@ -48,15 +49,20 @@ def make_train_step(
         # Sums over the whole global batch are divided once: accumulation leaves the objective as is.
         denom = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(
-            step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+        # A NaN/inf loss or gradient is never applied: the step counts, the state stays as it was.
+        finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
+        params, opt_state = keep_if_finite(
+            finite, (optax.apply_updates(state.params, updates), opt_state), (state.params, state.opt_state)
         )
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         metrics = {
             "loss": sums["loss_sum"] / denom,
             "lr": schedule(state.step),
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "target_tokens": sums["target_tokens"],
+            "nonfinite": ~finite,
         }
         metrics.update({k: v for k, v in sums.items() if k.endswith("_by_source")})
         return new_state, metrics

@@ -1,8 +1,14 @@
-"""Metric sinks: `metrics.jsonl` (one JSON object per line) and TensorBoard; process 0 only."""
+"""Metric sinks: `metrics.jsonl` (one JSON object per line) and TensorBoard; process 0 only.
+
+`metrics.jsonl` is strict JSON: a NaN or infinite value is written as `null`, and the line lists the
+keys concerned under `"nonfinite"`, so any JSON reader loads it.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 
 
@@ -32,7 +38,7 @@ class MetricWriter:
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"step": int(step), **metrics}) + "\n")
+        self._jsonl.write(json_line(step, metrics) + "\n")
         for key, value in metrics.items():
             self._tb.add_scalar(key, value, int(step))
 
@@ -40,3 +46,18 @@ class MetricWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def json_line(step: int, metrics: dict[str, float]) -> str:
+    """One strict-JSON line: non-finite values become null and are named under "nonfinite"."""
+    row: dict = {"step": int(step)}
+    bad = []
+    for key, value in metrics.items():
+        if isinstance(value, numbers.Real) and not math.isfinite(value):
+            row[key] = None
+            bad.append(key)
+        else:
+            row[key] = value
+    if bad:
+        row["nonfinite"] = bad
+    return json.dumps(row, allow_nan=False)
