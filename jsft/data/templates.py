@@ -11,17 +11,22 @@ learns to stop.
   llama3  `<|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>`
   hf      the Jinja2 `chat_template` of a Hugging Face tokenizer; stock templates have no
           `{% generation %}` markers, so replies are located by rendering growing prefixes of the
-          conversation (with and without the generation prompt) and taking the differences.
+          conversation (with and without the generation prompt) and taking the differences. A
+          reply's trained span ends at the first special token after its content (its end-of-turn
+          token, e.g. `<|im_end|>`); what the template writes after that (a newline) is not trained,
+          exactly as in the built-in templates.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 from typing import Any
 
 from jsft.data.formats import BadRecord, Conversation, Message
-from jsft.data.tokenizer import Tokenizer
+from jsft.data.sources import DataError
+from jsft.data.tokenizer import CHAT_TEMPLATE_FILES, Tokenizer
 
 Segment = tuple[str | list[int], bool]  # (text or literal ids, trained)
 TRAIN_ON = ("all_assistant", "last_assistant")
@@ -82,11 +87,22 @@ class Llama3Template:
 
 
 class JinjaTemplate:
-    """A Hugging Face `chat_template` (Jinja2, sandboxed, as `transformers` renders it)."""
+    """A Hugging Face `chat_template` (Jinja2, sandboxed, as `transformers` renders it).
+
+    `end_tokens` are the tokens a reply can end with (the tokenizer's special tokens); EOS and
+    `end_of_turn` always count.
+    """
 
     special_tokens: tuple[str, ...] = ()
 
-    def __init__(self, source: str, bos_token: str = "", eos_token: str = "", end_of_turn: str | None = None):
+    def __init__(
+        self,
+        source: str,
+        bos_token: str = "",
+        eos_token: str = "",
+        end_of_turn: str | None = None,
+        end_tokens: tuple[str, ...] = (),
+    ):
         import jinja2.sandbox  # noqa: PLC0415  (only HF templates need jinja2)
 
         def raise_exception(message):
@@ -103,12 +119,20 @@ class JinjaTemplate:
         self.source = source
         self._template = env.from_string(source)
         self.bos_token, self.eos_token, self.end_of_turn = bos_token, eos_token, end_of_turn
+        self.end_tokens = tuple(end_tokens)
 
     def __getstate__(self):  # compiled Jinja templates do not pickle; worker processes recompile
-        return (self.source, self.bos_token, self.eos_token, self.end_of_turn)
+        return (self.source, self.bos_token, self.eos_token, self.end_of_turn, self.end_tokens)
 
     def __setstate__(self, state):
         self.__init__(*state)
+
+    def __repr__(self):  # part of the tokenized-data cache key: names the template by its content
+        digest = hashlib.sha256(self.source.encode()).hexdigest()[:16]
+        return (
+            f"JinjaTemplate(sha256={digest}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
+            f"end_of_turn={self.end_of_turn!r}, end_tokens={self.end_tokens!r})"
+        )
 
     def render_text(self, messages: list[Message], add_generation_prompt: bool) -> str:
         return self._template.render(
@@ -117,6 +141,20 @@ class JinjaTemplate:
             bos_token=self.bos_token,
             eos_token=self.eos_token,
         )
+
+    def reply_end(self, reply: str, content: str) -> int:
+        """Where the trained part of a rendered reply ends: just after the first end token that
+        follows the content (the whole reply if the template closes it with no such token)."""
+        ends = {t for t in (self.end_of_turn, self.eos_token, *self.end_tokens) if t}
+        # Search after the content (as written, or trimmed as many templates do), so a reply that
+        # quotes a special token is not cut short.
+        text = next((c for c in (content, content.strip()) if c and c in reply), "")
+        start = reply.rfind(text) + len(text) if text else 0
+        found = [(reply.find(t, start), t) for t in ends if reply.find(t, start) >= 0]
+        if not found:
+            return len(reply)
+        pos, token = min(found, key=lambda x: (x[0], -len(x[1])))
+        return pos + len(token)
 
     def segments(self, conv: Conversation, tok: Tokenizer, generation_prompt: bool = False):
         msgs, segs, done = list(conv.messages), [], ""
@@ -130,13 +168,32 @@ class JinjaTemplate:
                     "the chat template renders earlier turns differently once later turns follow, so "
                     "replies cannot be located by prefix; use a built-in template (data.template)"
                 )
-            segs += [(prompt[len(done) :], False), (with_reply[len(prompt) :], True)]
+            reply = with_reply[len(prompt) :]
+            cut = self.reply_end(reply, m.content)
+            segs += [(prompt[len(done) :], False), (reply[:cut], True), (reply[cut:], False)]
             done = with_reply
         full = self.render_text(msgs, add_generation_prompt=generation_prompt)
         if not full.startswith(done):
             raise BadRecord("the chat template is not prefix-stable for this conversation")
         segs.append((full[len(done) :], False))
         return [(text, trained) for text, trained in segs if text]
+
+
+def _detect_end_of_turn(template: JinjaTemplate) -> str | None:
+    """The token that closes an assistant turn in `template` (found by rendering a probe), so that
+    generation stops there and choice scores leave it out; None if the probe cannot tell."""
+    probe = Conversation((Message("user", "Hi"), Message("assistant", "Hello")))
+    try:
+        prompt = template.render_text(list(probe.messages[:1]), add_generation_prompt=True)
+        full = template.render_text(list(probe.messages), add_generation_prompt=False)
+    except Exception:  # noqa: BLE001  (a template may refuse a bare probe; generation then stops at EOS)
+        return None
+    if not full.startswith(prompt):
+        return None
+    reply = full[len(prompt) :]
+    trained = reply[: template.reply_end(reply, "Hello")]
+    ends = [t for t in (template.eos_token, *template.end_tokens) if t and trained.endswith(t)]
+    return max(ends, key=len) if ends else None
 
 
 def _encode(tok: Tokenizer, piece: str | list[int]) -> list[int]:
@@ -195,11 +252,19 @@ def build_template(name: str, separator: str = "\n", tokenizer: Any = None):
     if name == "hf":
         source = getattr(tokenizer, "chat_template", None)
         if not source:
-            raise ValueError(
-                "config.data.template='hf' needs a Hugging Face tokenizer whose tokenizer_config.json "
-                "has a chat_template"
+            where = getattr(tokenizer, "path", None) or "(none)"
+            raise DataError(
+                f"config.data.template='hf': the tokenizer {where} has no chat template (looked in "
+                f"{', '.join(CHAT_TEMPLATE_FILES)}); set config.data.template to a built-in "
+                "template (chatml, llama3 or plain), or use a tokenizer that has a chat template"
             )
-        return JinjaTemplate(
-            source, tokenizer.bos_token or "", tokenizer.eos_token or "", tokenizer.end_of_turn
+        template = JinjaTemplate(
+            source,
+            tokenizer.bos_token or "",
+            tokenizer.eos_token or "",
+            tokenizer.end_of_turn,
+            getattr(tokenizer, "special_tokens", ()),
         )
+        template.end_of_turn = tokenizer.end_of_turn or _detect_end_of_turn(template)
+        return template
     raise ValueError(f"config.data.template={name!r} is not one of {sorted(BUILTIN) + ['hf']}")

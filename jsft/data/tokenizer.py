@@ -16,12 +16,15 @@ from typing import Protocol
 
 import sentencepiece as spm
 
+from jsft.data.sources import DataError
+
 
 class Tokenizer(Protocol):
     vocab_size: int
     bos_id: int | None
     eos_id: int
     pad_id: int
+    pad_token: str | None  # None: the tokenizer defines no padding token (pad_id is then EOS)
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -52,9 +55,10 @@ class SentencePieceTokenizer:
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         self.eos_id = self._sp.eos_id()
         if self.eos_id < 0:
-            raise ValueError(f"{path}: the SentencePiece model defines no EOS id; SFT needs one")
+            raise DataError(f"{path}: the SentencePiece model defines no EOS id; SFT needs one")
         # Padding positions are never trained or attended to, so any valid id will do.
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+        self.pad_token = self._sp.id_to_piece(self.pad_id) if self._sp.pad_id() >= 0 else None
         self.bos_token = self._sp.id_to_piece(self.bos_id) if self.bos_id is not None else None
         self.eos_token = self._sp.id_to_piece(self.eos_id)
 
@@ -86,32 +90,79 @@ def _token_text(value) -> str | None:
     return value
 
 
+# Where `transformers` finds a tokenizer directory's chat template, highest precedence first
+# (AutoTokenizer: the .jinja files override tokenizer_config.json; chat_template.json is the older
+# processor file). `read_chat_template` follows this order and error messages quote it.
+CHAT_TEMPLATE_FILES = (
+    "chat_template.jinja",
+    "chat_template.json",
+    "additional_chat_templates/default.jinja",
+    "tokenizer_config.json",
+)
+
+
+def _default_template(value) -> str | None:
+    """tokenizer_config.json's `chat_template`: a string, or named templates where "default" is used."""
+    if isinstance(value, list):  # [{"name": "default", "template": ...}, ...]
+        value = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+    if isinstance(value, dict):
+        value = value.get("default")
+    return value if isinstance(value, str) and value else None
+
+
+def read_chat_template(directory: str) -> str | None:
+    """The default chat template of a Hugging Face tokenizer directory, read from the first of
+    CHAT_TEMPLATE_FILES that has one; None if none does."""
+    for name in CHAT_TEMPLATE_FILES:
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            if name.endswith(".jinja"):
+                return f.read()
+            try:
+                template = _default_template(json.load(f).get("chat_template"))
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise DataError(f"{path}: not a JSON object ({e}); fix or delete the file") from e
+        if template:
+            return template
+    return None
+
+
 class HFTokenizer:
     """A Hugging Face tokenizer directory (tokenizer.json + tokenizer_config.json), via `tokenizers`.
 
-    Special tokens and the chat template come from tokenizer_config.json; without one, BOS/EOS are
-    looked up among the tokenizer's added special tokens by their usual names.
+    Special tokens come from tokenizer_config.json and the chat template from where `transformers`
+    reads it (`read_chat_template`); without a config, BOS/EOS are looked up among the tokenizer's
+    added special tokens by their usual names.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, key: str = "config.data.tokenizer"):
         from tokenizers import Tokenizer as _Tokenizer  # noqa: PLC0415
 
         directory = path if os.path.isdir(path) else os.path.dirname(path)
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.exists(file):
-            raise FileNotFoundError(f"no tokenizer.json at {path}")
+            raise DataError(f"{key}={path!r}: no tokenizer.json there")
         self.path, self.file = path, file
-        self._tok = _Tokenizer.from_file(file)
+        try:
+            self._tok = _Tokenizer.from_file(file)
+        except Exception as e:  # tokenizers raises a bare Exception for unreadable files
+            raise DataError(f"{key}={path!r}: {file} is not a tokenizers JSON file ({e})") from e
         config_path = os.path.join(directory, "tokenizer_config.json")
         config = {}
         if os.path.exists(config_path):
             with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
+                try:
+                    config = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{key}={path!r}: {config_path} is not valid JSON ({e})") from e
         self.config_path = config_path if config else None
-        template = config.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        self.chat_template = template
+        self.chat_template = read_chat_template(directory)
+        # Added tokens marked special (<|im_end|>, <|eot_id|>, ...): where a templated reply can end.
+        self.special_tokens = tuple(
+            t.content for _, t in sorted(self._tok.get_added_tokens_decoder().items()) if t.special
+        )
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
@@ -127,17 +178,21 @@ class HFTokenizer:
                 None,
             )
         if self.eos_token is None or self._tok.token_to_id(self.eos_token) is None:
-            raise ValueError(f"{path}: cannot find the EOS token (set eos_token in tokenizer_config.json)")
+            raise DataError(
+                f"{key}={path!r}: cannot find the EOS token; set eos_token in tokenizer_config.json"
+            )
         self.eos_id = self._tok.token_to_id(self.eos_token)
         pad_id = self._tok.token_to_id(pad_token) if pad_token else None
+        self.pad_token = pad_token if pad_id is not None else None
         self.pad_id = pad_id if pad_id is not None else self.eos_id
         self.end_of_turn = None  # HF templates end replies with EOS or a token named by the template
+        self._key = key
 
     def __getstate__(self):
-        return self.path
+        return (self.path, self._key)
 
-    def __setstate__(self, path):
-        self.__init__(path)
+    def __setstate__(self, state):
+        self.__init__(*state)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -153,15 +208,32 @@ class HFTokenizer:
         return "hf-" + "-".join(parts)
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    """A `.model` file is SentencePiece; a directory or `.json` file is a Hugging Face tokenizer."""
+def load_tokenizer(path: str, key: str = "config.data.tokenizer") -> Tokenizer:
+    """A `.model` file is SentencePiece; a directory or `.json` file is a Hugging Face tokenizer.
+
+    `key` is the config key that named `path` (errors quote it): config.data.tokenizer, or
+    config.model.hf_path when the tokenizer is the checkpoint's own.
+    """
+    if not os.path.exists(path):
+        raise DataError(f"{key}={path!r}: no such file or directory")
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "tokenizer.json")):
+            return HFTokenizer(path, key)
+        if os.path.exists(os.path.join(path, "tokenizer.model")):  # a SentencePiece-only HF directory
+            tok = SentencePieceTokenizer(os.path.join(path, "tokenizer.model"))
+            tok.chat_template = read_chat_template(path)
+            return tok
+        raise DataError(
+            f"{key}={path!r}: the directory has neither tokenizer.json (Hugging Face) nor "
+            "tokenizer.model (SentencePiece); point it at a directory or file that has one"
+        )
     if path.endswith(".model"):
         return SentencePieceTokenizer(path)
-    if os.path.isdir(path) or path.endswith(".json"):
-        return HFTokenizer(path)
-    raise ValueError(
-        f"config.data.tokenizer={path!r}: expected a SentencePiece .model file, a "
-        "tokenizer.json file or a Hugging Face tokenizer directory"
+    if path.endswith(".json"):
+        return HFTokenizer(path, key)
+    raise DataError(
+        f"{key}={path!r}: expected a SentencePiece .model file, a tokenizer.json file or a "
+        "Hugging Face tokenizer directory"
     )
 
 

@@ -3,8 +3,10 @@
 Prompts of different lengths share one batch: each row is right-padded, its padding never attended
 to, and row b's new tokens go to cache slots len_b, len_b + 1, ... (RoPE positions equal slots), so
 every row decodes exactly as it would alone. Sampling is greedy (temperature 0) or temperature with
-optional top-k and top-p, from a seed. Generation stops at any stop id or after `max_new_tokens`;
-stop strings are cut on the host after decoding (`cut_at_stop_strings`).
+optional top-k and top-p, from a key made of the seed, the eval step and the batch index: different
+batches and evaluations draw different samples, and a given seed and step always draw the same ones.
+Generation stops at any stop id or after `max_new_tokens`; stop strings are cut on the host after
+decoding (`cut_at_stop_strings`).
 """
 
 from __future__ import annotations
@@ -53,18 +55,19 @@ def make_generator(
     sampling: Sampling = Sampling(),
     out_sharding=None,
 ):
-    """generate(params, prompts [B, P] right-padded, lengths [B]) -> new tokens [B, max_new_tokens]
-    (pad_id after a row stops; a stop token itself is kept)."""
+    """generate(params, prompts [B, P] right-padded, lengths [B], step=0, batch=0) -> new tokens
+    [B, max_new_tokens] (pad_id after a row stops; a stop token itself is kept). `step` (the eval
+    step) and `batch` (the batch index), int32 scalars, are folded into the sampling key."""
     stop = jnp.asarray(stop_ids, jnp.int32)
 
-    def generate(params, prompts_bp, lengths_b):
+    def generate(params, prompts_bp, lengths_b, step=0, batch=0):
         module = model.module(params)
         b, p = prompts_bp.shape
         rows = jnp.arange(b)
         cache = module.init_cache(b, p + max_new_tokens)
         is_token = jnp.arange(p)[None, :] < lengths_b[:, None]
         logits, cache = module.cached_forward(prompts_bp, jnp.zeros(b, jnp.int32), is_token, cache)
-        rng = jax.random.key(sampling.seed)
+        rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(sampling.seed), step), batch)
         first = sample(logits[rows, lengths_b - 1], jax.random.fold_in(rng, 0), sampling).astype(jnp.int32)
         out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
 
@@ -106,17 +109,19 @@ def generate_ids(
     stop_ids: list[int],
     pad_id: int,
     put=lambda x: x,
+    step: int = 0,
 ) -> list[list[int]]:
     """Continuations (cut before the first stop id) for every prompt, in batches of one fixed shape;
-    prompts longer than `max_prompt_len` keep their last tokens."""
+    prompts longer than `max_prompt_len` keep their last tokens. Sampling keys derive from `step`
+    (the eval step) and the batch index."""
     outputs = []
-    for start in range(0, len(prompts), batch_size):
+    for batch, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = [p[-max_prompt_len:] for p in prompts[start : start + batch_size]]
         tokens = np.full((batch_size, max_prompt_len), pad_id, np.int32)
         lengths = np.ones(batch_size, np.int32)  # filler rows decode from a one-token prompt
         for r, p in enumerate(chunk):
             tokens[r, : len(p)], lengths[r] = p, len(p)
-        out = np.asarray(generator(params, put(tokens), put(lengths)))
+        out = np.asarray(generator(params, put(tokens), put(lengths), np.int32(step), np.int32(batch)))
         outputs += [cut_at_stop(out[r].tolist(), stop_ids) for r in range(len(chunk))]
     return outputs
 
@@ -128,9 +133,11 @@ def stream(
     max_new_tokens: int,
     stop_ids: list[int],
     sampling: Sampling = Sampling(),
+    index: int = 0,
 ):
     """Yield one token id at a time for one prompt (for interactive use); the same cache and math as
-    `make_generator`, stepped from the host so each token can be shown as soon as it exists."""
+    `make_generator`, stepped from the host so each token can be shown as soon as it exists. `index`
+    (the prompt's number in a session) is folded into the sampling key."""
     module_step = jax.jit(
         lambda p, tok, start, cache: model.module(p).cached_forward(
             tok, start, jnp.ones_like(tok, jnp.bool_), cache
@@ -138,7 +145,7 @@ def stream(
     )
     cache = jax.jit(lambda p: model.module(p).init_cache(1, len(prompt) + max_new_tokens))(params)
     logits, cache = module_step(params, jnp.asarray([prompt], jnp.int32), jnp.zeros(1, jnp.int32), cache)
-    rng = jax.random.key(sampling.seed)
+    rng = jax.random.fold_in(jax.random.key(sampling.seed), index)
     last = logits[:, -1]
     for i in range(max_new_tokens):
         token = int(sample(last, jax.random.fold_in(rng, i), sampling)[0])

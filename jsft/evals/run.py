@@ -12,6 +12,7 @@ import sys
 import jax
 import ml_collections
 
+from jsft import config as config_lib
 from jsft.data import formats, sources, templates
 from jsft.data.pipeline import build_data
 from jsft.evals import generate
@@ -26,7 +27,8 @@ from jsft.train.state import state_shardings
 
 
 def load(config: ml_collections.ConfigDict, workdir: str, checkpoint: str, eval_prompt_limit: int = 0):
-    """(data, model, params, label, mesh objects) for a named checkpoint of `workdir`."""
+    """(data, model, params, label, step, mesh objects) for a named checkpoint of `workdir`
+    (step 0 for --checkpoint=hf)."""
     workdir = os.path.abspath(workdir)
     data = build_data(
         config.data, config.seed, workdir, eval_prompt_limit=eval_prompt_limit, hf_path=config.model.hf_path
@@ -38,14 +40,12 @@ def load(config: ml_collections.ConfigDict, workdir: str, checkpoint: str, eval_
     abstract, shardings, _ = state_shardings(model, tx, mesh, rules)
     if checkpoint == "hf":
         if not config.model.hf_path:
-            raise ValueError("--checkpoint=hf needs config.model.hf_path")
-        return (
-            data,
-            model,
-            hf.load_params(config.model.hf_path, model.config, shardings.params),
-            "hf",
-            (mesh, rules),
-        )
+            raise config_lib.ConfigError(
+                "--checkpoint=hf evaluates the weights of config.model.hf_path, which is not set; set it "
+                "or name a checkpoint of the workdir (--checkpoint=latest, best or a step)"
+            )
+        params = hf.load_params(config.model.hf_path, model.config, shardings.params)
+        return data, model, params, "hf", 0, (mesh, rules)
     directory = os.path.join(workdir, "checkpoints_best" if checkpoint == "best" else "checkpoints")
     ckpt = Checkpointer(directory, keep=1000)
     step = ckpt.latest_step() if checkpoint in ("latest", "best") else int(checkpoint)
@@ -56,13 +56,13 @@ def load(config: ml_collections.ConfigDict, workdir: str, checkpoint: str, eval_
     )
     state, _ = ckpt.restore(step, target)
     ckpt.close()
-    return data, model, state.params, f"{checkpoint}_step_{step}", (mesh, rules)
+    return data, model, state.params, f"{checkpoint}_step_{step}", step, (mesh, rules)
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "latest") -> dict:
     """Validation metrics and the eval suite on one checkpoint: prints a table, writes
     WORKDIR/eval_<label>.json and the samples under WORKDIR/eval_<label>/."""
-    data, model, params, label, (mesh, rules) = load(
+    data, model, params, label, step, (mesh, rules) = load(
         config, workdir, checkpoint, config.eval.exact_match_examples
     )
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -75,7 +75,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 
             replicated,
             sharding.batch_divisor(mesh, rules),
         )
-        results, all_samples = evaluation.run(params)
+        # The checkpoint's step seeds sampled generations, as the evaluation during training did.
+        results, all_samples = evaluation.run(params, step)
     out_dir = os.path.join(os.path.abspath(workdir), f"eval_{label}")
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
@@ -113,12 +114,12 @@ def run_generate(
 ) -> str | None:
     """Generate for every record of `prompts_file` (writing `<name>.outputs.jsonl` next to it), or,
     without a file, for each line typed on stdin, streaming tokens as they come."""
-    data, model, params, label, (mesh, rules) = load(config, workdir, checkpoint)
+    data, model, params, label, step, (mesh, rules) = load(config, workdir, checkpoint)
     tok, template = data.tokenizer, data.template
     with sharding.use_rules(mesh, rules):
         if not prompts_file:
             print(f"jsft generate ({label}); one prompt per line, Ctrl-D to end", file=sys.stderr)
-            for line in sys.stdin:
+            for index, line in enumerate(sys.stdin):
                 if not line.strip():
                     continue
                 conv = formats.Conversation((formats.Message("user", line.rstrip("\n")),))
@@ -130,6 +131,7 @@ def run_generate(
                     max_new_tokens,
                     data.stop_ids,
                     sampling,
+                    index,
                 ):
                     ids.append(token)
                     text = tok.decode(ids)
@@ -145,7 +147,7 @@ def run_generate(
         longest = max(len(p) for p in prompts)
         gen = generate.make_generator(model, max_new_tokens, data.stop_ids, tok.pad_id, sampling)
         outputs = generate.generate_ids(
-            gen, params, prompts, longest, config.eval.batch_size, data.stop_ids, tok.pad_id
+            gen, params, prompts, longest, config.eval.batch_size, data.stop_ids, tok.pad_id, step=step
         )
     out_path = os.path.splitext(prompts_file)[0] + ".outputs.jsonl"
     with open(out_path, "w") as f:

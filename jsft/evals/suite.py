@@ -3,13 +3,15 @@
     config.eval.tasks.<name> = task(path, kind, metrics=..., ...)   (see configs/demo.py)
 
   generate  prompt -> generated text, scored against the reference by `metrics` (exact_match,
-            exact_match_squad, f1, bleu, rouge_l); the prompt is the conversation before the last reply
+            exact_match_squad, f1, bleu, rouge_l); the prompt is the conversation before the last reply;
+            with temperature > 0 the samples depend on the seed, the eval step and the batch
   choice    {"prompt", "choices": [...], "answer": index}: the choice with the highest
-            log-likelihood (summed over its tokens, end token excluded) is the prediction; accuracy
+            log-likelihood (summed over its tokens; the end-of-turn token or EOS that the template
+            trains after a reply is excluded, for every template) is the prediction; accuracy
   loss      per-token loss and perplexity on the references (the trained tokens)
 
-Each returns metrics as `eval/<task>/<metric>` and samples (prompt, reference, output) for the
-samples file.
+Each `run(params, step)` returns metrics as `eval/<task>/<metric>` and samples (prompt, reference,
+output) for the samples file.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class GenerateTask:
             ctx.model, cfg.max_new_tokens, ctx.stop_ids, ctx.tokenizer.pad_id, sampling, ctx.replicated
         )
 
-    def run(self, params) -> tuple[dict, list[dict]]:
+    def run(self, params, step: int = 0) -> tuple[dict, list[dict]]:
         tok = self.ctx.tokenizer
         ids = generate.generate_ids(
             self.generator,
@@ -97,6 +99,7 @@ class GenerateTask:
             self.ctx.stop_ids,
             tok.pad_id,
             self.ctx.put,
+            step=step,
         )
         outputs = [generate.cut_at_stop_strings(tok.decode(x), self.stop_strings) for x in ids]
         result = {f"eval/{self.name}/{m}": metrics.METRICS[m](outputs, self.refs) for m in self.metrics}
@@ -117,6 +120,15 @@ def _score_step(model: ModelDef):
     return score
 
 
+def _without_end_token(ids: list[int], mask: list[bool], stop_ids: list[int]) -> list[bool]:
+    """The mask with the reply's end token (its last trained token, if a stop id) untrained: a choice
+    is scored by its own tokens, whatever the template writes after that token (chatml's newline)."""
+    last = max((i for i, m in enumerate(mask) if m), default=None)
+    if last is None or ids[last] not in stop_ids:
+        return mask
+    return mask[:last] + [False] + mask[last + 1 :]
+
+
 class ChoiceTask:
     def __init__(self, name: str, cfg: ml_collections.ConfigDict, ctx: Context):
         self.name, self.ctx = name, ctx
@@ -135,9 +147,11 @@ class ChoiceTask:
                 conv = formats.Conversation(
                     (formats.Message("user", record["prompt"]), formats.Message("assistant", str(choice)))
                 )
-                ids, mask = templates.render(ctx.template, ctx.tokenizer, conv)
-                if ids[-1] in ctx.stop_ids:  # score the choice itself, not the end token after it
-                    mask = mask[:-1] + [False]
+                try:
+                    ids, mask = templates.render(ctx.template, ctx.tokenizer, conv)
+                except formats.BadRecord as e:
+                    raise sources.DataError(f"{where}: {e}") from e
+                mask = _without_end_token(ids, mask, ctx.stop_ids)
                 ids, mask, _ = packing.fit_ids(ids, mask, ctx.seq_len, "truncate_prompt")
                 self.examples.append(packing.Example(np.asarray(ids, np.int32), np.asarray(mask, np.bool_)))
             self.answers.append(answer)
@@ -146,7 +160,7 @@ class ChoiceTask:
         self.batches = pipeline.eval_batches(self.examples, ctx.seq_len, ctx.batch_size, mode="pad")
         self.score = jax.jit(_score_step(ctx.model), out_shardings=ctx.replicated)
 
-    def run(self, params) -> tuple[dict, list[dict]]:
+    def run(self, params, step: int = 0) -> tuple[dict, list[dict]]:
         scores = np.concatenate(
             [np.asarray(self.score(params, {k: self.ctx.put(v) for k, v in b.items()})) for b in self.batches]
         )[: len(self.examples)]
@@ -175,7 +189,7 @@ class LossTask:
         self.batches = pipeline.eval_batches(examples, ctx.seq_len, ctx.batch_size)
         self.step = jax.jit(make_eval_step(ctx.model), out_shardings=ctx.replicated)
 
-    def run(self, params) -> tuple[dict, list[dict]]:
+    def run(self, params, step: int = 0) -> tuple[dict, list[dict]]:
         loss_sum = weight = 0.0
         for b in self.batches:
             sums = jax.device_get(self.step(params, {k: self.ctx.put(v) for k, v in b.items()}))
@@ -200,7 +214,9 @@ def build_suite(tasks_cfg: ml_collections.ConfigDict, ctx: Context) -> dict:
 class Evaluation:
     """Everything evaluated at an eval step: the validation split (loss, exact match) and the suite.
 
-    `run(params) -> (metrics, samples by task)`; validation samples are under "validation".
+    `run(params, step) -> (metrics, samples by task)`; validation samples are under "validation".
+    `step` (the training step evaluated) seeds sampled generations; without it, the number of earlier
+    `run` calls does, so repeated evaluations never reuse one sample.
     """
 
     def __init__(
@@ -233,11 +249,14 @@ class Evaluation:
             replicated=replicated,
         )
         self.suite = build_suite(config.eval.tasks, ctx)
+        self.runs = 0
 
-    def run(self, params) -> tuple[dict, dict[str, list[dict]]]:
+    def run(self, params, step: int | None = None) -> tuple[dict, dict[str, list[dict]]]:
+        step = self.runs if step is None else step
+        self.runs += 1
         results, samples = self.validation.run(params)
         by_task = {"validation": samples}
         for name, task in self.suite.items():
-            task_metrics, by_task[name] = task.run(params)
+            task_metrics, by_task[name] = task.run(params, step)
             results.update(task_metrics)
         return results, by_task

@@ -17,6 +17,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 from collections.abc import Callable
 
 import jax
@@ -125,8 +126,20 @@ def _gemma2_fields(hf: dict) -> dict:
     )
 
 
-def config_to_hf(cfg: LlamaConfig, family: str, dtype: str, bos_id: int | None, eos_id: int) -> dict:
-    """The config.json `transformers` needs to rebuild `cfg` as `family`."""
+def config_to_hf(
+    cfg: LlamaConfig,
+    family: str,
+    dtype: str,
+    bos_id: int | None,
+    eos_id: int | list[int],
+    pad_id: int | None = None,
+    max_position_embeddings: int = 8192,
+) -> dict:
+    """The config.json `transformers` needs to rebuild `cfg` as `family`.
+
+    `eos_id` may list several ids (Llama 3: end of text and end of turn); `max_position_embeddings`
+    should be the source checkpoint's, or the sequence length a model was trained at from scratch.
+    """
     if family not in FAMILIES:
         raise UnsupportedCheckpoint(f"cannot export as {family!r}; jsft exports {FAMILIES}")
     if (cfg.qkv_bias, cfg.qk_norm, cfg.post_norms) != (
@@ -166,7 +179,8 @@ def config_to_hf(cfg: LlamaConfig, family: str, dtype: str, bos_id: int | None, 
         "dtype": dtype,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
-        "max_position_embeddings": 8192,
+        "pad_token_id": pad_id,
+        "max_position_embeddings": int(max_position_embeddings),
     }
     if family in ("llama", "mistral", "qwen3"):
         out["attention_bias"] = False
@@ -333,6 +347,150 @@ def read_config(directory: str) -> dict:
         return json.load(f)
 
 
+# --------------------------------------------------------------------------- checkpoint directories
+
+# The tokenizer files of a checkpoint (read from a Hub repository, copied into an export).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# What jsft reads from a Hub repository: the model config, safetensors weights and the tokenizer.
+HUB_FILES = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "model*.safetensors",
+    *TOKENIZER_FILES,
+    "additional_chat_templates/*.jinja",
+]
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _hub_cache() -> str:
+    """The Hub cache directory as huggingface_hub computes it, from the environment of this moment."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
+    )
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    return os.path.expanduser(cache or os.path.join(home, "hub"))
+
+
+def _offline() -> bool:
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return any((f or "").strip().upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def resolve_path(path_or_id: str, key: str = "config.model.hf_path") -> str:
+    """A local checkpoint directory for `path_or_id`: a local directory as it is, or a Hugging Face
+    Hub id (`owner/name`) as its snapshot in the Hub cache, downloaded first unless HF_HUB_OFFLINE is
+    set (config, tokenizer and safetensors files only)."""
+    if not path_or_id or os.path.isdir(path_or_id):
+        return path_or_id
+    if os.path.exists(path_or_id):
+        raise UnsupportedCheckpoint(
+            f"{key}={path_or_id!r} is a file; point it at a Hugging Face model directory or Hub id"
+        )
+    if not _HUB_ID.fullmatch(path_or_id):
+        raise UnsupportedCheckpoint(
+            f"{key}={path_or_id!r}: no such directory (nor a Hugging Face Hub id such as 'Qwen/Qwen3-0.6B')"
+        )
+    from huggingface_hub import snapshot_download  # noqa: PLC0415
+    from huggingface_hub.errors import (  # noqa: PLC0415
+        HfHubHTTPError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    cache, offline = _hub_cache(), _offline()
+    try:
+        return snapshot_download(
+            path_or_id, cache_dir=cache, local_files_only=offline, allow_patterns=HUB_FILES
+        )
+    except IncompleteSnapshotError as e:
+        raise UnsupportedCheckpoint(
+            f"{key}={path_or_id!r}: its snapshot in the Hugging Face cache ({cache}) is incomplete; "
+            f"finish the download with `hf download {path_or_id}` while online"
+        ) from e
+    except LocalEntryNotFoundError as e:
+        cause = e.__cause__ or e
+        reason = (
+            "HF_HUB_OFFLINE is set; download it first with `hf download {id}` (or point HF_HOME at a "
+            "cache that has it) or set HF_HUB_OFFLINE=0"
+            if offline
+            else f"the Hub could not be reached ({type(cause).__name__}: {str(cause).splitlines()[0]}); "
+            "check the network, or download it elsewhere with `hf download {id}` and copy the cache"
+        )
+        raise UnsupportedCheckpoint(
+            f"{key}={path_or_id!r} is not a local directory and is not in the Hugging Face cache "
+            f"({cache}, from HF_HOME or HF_HUB_CACHE), and " + reason.format(id=path_or_id)
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise UnsupportedCheckpoint(
+            f"{key}={path_or_id!r}: no such model on the Hugging Face Hub, or it is private or gated "
+            "(accept its terms on the model page and log in with `hf auth login`)"
+        ) from e
+    except HfHubHTTPError as e:
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UnsupportedCheckpoint(
+            f"{key}={path_or_id!r}: the Hugging Face Hub refused ({first_line})"
+        ) from e
+
+
+def check_directory(path: str, weights: bool = True, key: str = "config.model.hf_path") -> None:
+    """Refuse a checkpoint directory jsft cannot load, before any data is read: no config.json, an
+    unsupported architecture, or (with `weights`) no safetensors weights. Reads config.json and the
+    safetensors index only."""
+    where = f"{key}={path!r}"
+    if not os.path.isdir(path):
+        raise UnsupportedCheckpoint(f"{where}: no such directory")
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise UnsupportedCheckpoint(
+            f"{where}: no config.json there; point it at a Hugging Face model directory "
+            "(config.json and *.safetensors, as save_pretrained writes them)"
+        )
+    try:
+        with open(config_path) as f:
+            config_from_hf(json.load(f))
+    except UnsupportedCheckpoint as e:
+        raise UnsupportedCheckpoint(f"{where}: {e}") from e
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UnsupportedCheckpoint(f"{where}: config.json is not a model config ({e!r})") from e
+    if not weights:
+        return
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+        missing = [s for s in shards if not os.path.exists(os.path.join(path, s))]
+        if missing:
+            raise UnsupportedCheckpoint(
+                f"{where}: model.safetensors.index.json names shards that are not there: {missing[:4]}; "
+                "download the checkpoint again"
+            )
+        return
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return
+    pickles = sorted(
+        os.path.basename(p)
+        for p in glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt"))
+    )
+    if pickles:
+        raise UnsupportedCheckpoint(
+            f"{where} holds only pickle weights ({', '.join(pickles[:3])}); jsft reads safetensors "
+            "only, since unpickling can run arbitrary code. Convert with transformers: "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)"
+        )
+    raise UnsupportedCheckpoint(
+        f"{where}: no weights (model.safetensors or model.safetensors.index.json) in the directory"
+    )
+
+
 def load_params(directory: str, cfg: LlamaConfig, shardings=None, dtype: str | None = None) -> dict:
     """jsft params from a HF safetensors checkpoint, one tensor at a time, each placed straight into
     its sharding (when given). Every tensor in the checkpoint must be used; extra ones are refused."""
@@ -413,6 +571,20 @@ def hf_tensors(params: dict, cfg: LlamaConfig, dtype: str) -> dict[str, np.ndarr
     return out
 
 
+def source_fields(directory: str) -> tuple[dict, dict | None]:
+    """What an export carries over from the HF checkpoint a model was fine-tuned from: config.json's
+    special ids and `max_position_embeddings` (those it sets), and generation_config.json if any."""
+    source = read_config(directory)
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
+    fields = {k: source[k] for k in keys if source.get(k) is not None}
+    path = os.path.join(directory, "generation_config.json")
+    generation = None
+    if os.path.exists(path):
+        with open(path) as f:
+            generation = json.load(f)
+    return fields, generation
+
+
 def save_pretrained(
     out_dir: str,
     params: dict,
@@ -420,12 +592,15 @@ def save_pretrained(
     family: str,
     dtype: str = "float32",
     bos_id: int | None = None,
-    eos_id: int = 0,
+    eos_id: int | list[int] = 0,
     max_shard_bytes: int = 2 * 1024**3,
     tokenizer_dir: str | None = None,
+    pad_id: int | None = None,
+    max_position_embeddings: int = 8192,
+    generation_config: dict | None = None,
 ) -> list[str]:
-    """Write config.json, generation_config.json, sharded safetensors with an index, and the
-    tokenizer files; returns the files written."""
+    """Write config.json, generation_config.json (`generation_config` as given, else one from the
+    ids), sharded safetensors with an index, and the tokenizer files; returns the files written."""
     from safetensors.numpy import save_file  # noqa: PLC0415
 
     os.makedirs(out_dir, exist_ok=True)
@@ -449,25 +624,25 @@ def save_pretrained(
         "weight_map": weight_map,
     }
     _write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
-    _write_json(os.path.join(out_dir, "config.json"), config_to_hf(cfg, family, dtype, bos_id, eos_id))
-    _write_json(
-        os.path.join(out_dir, "generation_config.json"),
-        {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False},
-    )
+    config = config_to_hf(cfg, family, dtype, bos_id, eos_id, pad_id, max_position_embeddings)
+    _write_json(os.path.join(out_dir, "config.json"), config)
+    if generation_config is None:
+        generation_config = {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False}
+        if pad_id is not None:
+            generation_config["pad_token_id"] = pad_id
+    _write_json(os.path.join(out_dir, "generation_config.json"), generation_config)
     written += ["model.safetensors.index.json", "config.json", "generation_config.json"]
     if tokenizer_dir and os.path.isdir(tokenizer_dir):
         import shutil  # noqa: PLC0415
 
-        for name in (
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "tokenizer.model",
-            "chat_template.jinja",
-        ):
+        for name in TOKENIZER_FILES:
             if os.path.exists(os.path.join(tokenizer_dir, name)):
                 shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))
                 written.append(name)
+        extra = os.path.join(tokenizer_dir, "additional_chat_templates")
+        if os.path.isdir(extra):
+            shutil.copytree(extra, os.path.join(out_dir, "additional_chat_templates"), dirs_exist_ok=True)
+            written.append("additional_chat_templates")
     return written
 
 

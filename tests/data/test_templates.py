@@ -4,6 +4,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from jsft.data.formats import BadRecord, Conversation, Message
+from jsft.data.sources import DataError
 from jsft.data.templates import JinjaTemplate, build_template, prompt_ids, render, stop_ids
 from jsft.data.tokenizer import HFTokenizer, load_tokenizer, train_sentencepiece
 
@@ -115,11 +116,39 @@ def test_hf_jinja_template_masks_on_ids_and_matches_the_plain_render(hf_dir):
     assert rendered.startswith("<|im_start|>system\nYou are helpful.<|im_end|>\n")
     assert ids == tok.encode(rendered)
     runs = [tok.decode(r) for r in trained_runs(ids, mask)]
-    assert runs == ["4<|im_end|>\n", "It is 6.<|im_end|>\n"]
+    assert runs == ["4<|im_end|>", "It is 6.<|im_end|>"]  # the reply and its end-of-turn, not the "\n"
     assert not any("helpful" in tok.decode([i]) for i, m in zip(ids, mask, strict=True) if m)
     context, _ = conv.split_last_turn()
     gen = prompt_ids(template, tok, context)
     assert tok.decode(gen).endswith("<|im_start|>assistant\n") and ids[: len(gen)] == gen
+
+
+def test_hf_template_trains_exactly_what_builtin_chatml_trains(hf_dir):
+    tok = load_tokenizer(str(hf_dir))
+    hf_template = build_template("hf", tokenizer=tok)
+    assert hf_template.end_of_turn == "<|im_end|>"
+    for train_on in ("all_assistant", "last_assistant"):
+        assert render(hf_template, tok, CHAT, train_on) == render(
+            build_template("chatml"), tok, CHAT, train_on
+        )
+    assert stop_ids(hf_template, tok) == stop_ids(build_template("chatml"), tok)
+
+
+def test_hf_template_with_an_end_of_turn_that_is_not_eos(hf_dir):
+    # Gemma-style: replies end with a special token other than EOS, then a newline. That token is
+    # trained, the newline is not, and generation stops at it.
+    tok = load_tokenizer(str(hf_dir))
+    tok.eos_token, tok.eos_id = "<|endoftext|>", tok.token_id("<|endoftext|>")
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    template = build_template("hf", tokenizer=tok)
+    assert template.end_of_turn == "<|im_end|>" and tok.token_id("<|im_end|>") in stop_ids(template, tok)
+    conv = Conversation((Message("user", "hello"), Message("assistant", " hello world ")))
+    ids, mask = render(template, tok, conv)
+    assert [tok.decode(r) for r in trained_runs(ids, mask)] == ["hello world<|im_end|>"]
+    assert tok.decode(ids).endswith("<|im_end|>\n") and not mask[-1]
 
 
 def test_a_template_that_rewrites_history_is_refused(hf_dir):
@@ -148,8 +177,13 @@ def test_empty_mask_is_a_bad_record_and_unknown_template_a_config_error(sp_chat_
     assert template.segments(CHAT, sp_chat_tokenizer)
     with pytest.raises(ValueError, match="config.data.template"):
         build_template("vicuna")
-    with pytest.raises(ValueError, match="needs a Hugging Face tokenizer"):
+    with pytest.raises(DataError) as e:
         build_template("hf", tokenizer=sp_chat_tokenizer)
+    message = str(e.value)
+    assert (
+        message.startswith("config.data.template='hf': the tokenizer ") and sp_chat_tokenizer.path in message
+    )
+    assert "has no chat template" in message and "chatml, llama3 or plain" in message
 
 
 def test_text_records_train_every_token(sp_chat_tokenizer):

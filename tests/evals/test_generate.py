@@ -77,6 +77,24 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
     np.testing.assert_array_equal(run(temperature=5.0, top_p=1e-6), run())
 
 
+def test_sampling_keys_fold_in_the_batch_and_the_eval_step():
+    model = ModelDef.create(CONFIGS["llama"])
+    params = model.init(jax.random.key(0))
+    gen = generate.make_generator(model, 8, [NO_STOP], 0, generate.Sampling(temperature=5.0, seed=1))
+
+    def run(step):  # one prompt twice, one per batch
+        return generate.generate_ids(gen, params, [[5, 6, 7]] * 2, 4, 1, [NO_STOP], 0, step=step)
+
+    first = run(step=0)
+    assert first[0] != first[1]  # different batches draw different samples
+    assert run(step=0) == first  # deterministic for a seed and step
+    assert run(step=1) != first  # a later evaluation draws new ones
+    greedy = generate.make_generator(model, 8, [NO_STOP], 0)
+    assert generate.generate_ids(greedy, params, [[5, 6, 7]] * 2, 4, 1, [NO_STOP], 0, step=5) == (
+        generate.generate_ids(greedy, params, [[5, 6, 7]] * 2, 4, 1, [NO_STOP], 0, step=0)
+    )  # greedy decoding does not depend on the key
+
+
 def test_stop_strings_cut_exactly():
     assert (
         generate.cut_at_stop_strings("The answer: 42\nQuestion: next", ["\nQuestion:", "###"])

@@ -111,3 +111,7 @@ def test_finetune_an_imported_model_export_and_load_in_transformers(tiny_data_di
         a, b = tuned(ids).logits.numpy(), original(ids).logits.numpy()
     assert np.isfinite(a).all() and np.abs(a - b).max() > 1e-3  # the weights were trained
     assert tuned.config.model_type == "qwen2"
+    # The source's context length is carried, and generation stops at the template's end of turn.
+    assert tuned.config.max_position_embeddings == 128
+    eos = tuned.generation_config.eos_token_id
+    assert tok.convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -12,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from jsft.interop import hf  # noqa: E402
 from jsft.models.registry import ModelDef  # noqa: E402
+from tests.data.test_templates import hf_dir  # noqa: E402, F401  (the fixture)
 
 jax.config.update("jax_default_matmul_precision", "float32")
 
@@ -179,3 +181,115 @@ def test_weights_stream_into_their_shardings(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.startswith("ok")
+
+
+def _llama_with_special_ids(directory):
+    """A tiny Llama saved with Llama-3-like metadata: several EOS ids, a pad id, a short context."""
+    torch.manual_seed(0)
+    ids = dict(bos_token_id=1, eos_token_id=[2, 0, 1], pad_token_id=0)
+    config = transformers.LlamaConfig(**{**COMMON, "max_position_embeddings": 77}, **ids)
+    transformers.LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    transformers.GenerationConfig(**ids, do_sample=True, temperature=0.6, top_p=0.9).save_pretrained(
+        directory
+    )
+
+
+def test_export_carries_the_source_special_ids_context_length_and_generation_config(hf_dir, tmp_path):  # noqa: F811
+    from jsft.data.tokenizer import load_tokenizer  # noqa: PLC0415
+    from jsft.interop.export import export_metadata  # noqa: PLC0415
+    from tests import tiny_config  # noqa: PLC0415
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    _llama_with_special_ids(str(src))
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # eos <|im_end|>=2, pad <|endoftext|>=0
+        (src / name).write_text((hf_dir / name).read_text())
+    config = tiny_config.get_config(str(tmp_path))
+    config.model.hf_path, config.data.template = str(src), "hf"
+    cfg = hf.config_from_hf(hf.read_config(str(src)))
+    tok = load_tokenizer(str(src))
+    hf.save_pretrained(
+        str(out),
+        hf.load_params(str(src), cfg),
+        cfg,
+        "llama",
+        tokenizer_dir=str(src),
+        **export_metadata(config, tok),
+    )
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["max_position_embeddings"] == 77
+    assert (exported["bos_token_id"], exported["eos_token_id"], exported["pad_token_id"]) == (1, [2, 0, 1], 0)
+    generation = transformers.GenerationConfig.from_pretrained(str(out))
+    assert generation.eos_token_id == [2, 0, 1] and generation.pad_token_id == 0
+    assert generation.temperature == 0.6 and generation.top_p == 0.9  # the source's sampling defaults
+    loaded = transformers.AutoConfig.from_pretrained(str(out))
+    assert loaded.max_position_embeddings == 77 and loaded.eos_token_id == [2, 0, 1]
+
+
+def test_export_of_a_model_trained_from_scratch_uses_the_tokenizer_and_seq_len(hf_dir, tmp_path):  # noqa: F811
+    from jsft.data.tokenizer import load_tokenizer  # noqa: PLC0415
+    from jsft.interop.export import export_metadata  # noqa: PLC0415
+    from tests import tiny_config  # noqa: PLC0415
+
+    config = tiny_config.get_config(str(tmp_path))
+    config.data.tokenizer, config.data.template, config.data.seq_len = str(hf_dir), "chatml", 48
+    tok = load_tokenizer(str(hf_dir))
+    meta = export_metadata(config, tok)
+    assert meta["max_position_embeddings"] == 48 and meta["generation_config"] is None
+    assert (meta["bos_id"], meta["eos_id"], meta["pad_id"]) == (None, tok.token_id("<|im_end|>"), 0)
+    model = ModelDef.create(hf.config_from_hf(dict(model_type="llama", **COMMON)))
+    hf.save_pretrained(str(tmp_path / "out"), model.init(jax.random.key(0)), model.config, "llama", **meta)
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tok.token_id("<|im_end|>") and generation["pad_token_id"] == 0
+
+
+def _fill_hub_cache(cache, repo_id, commit="0123456789abcdef0123456789abcdef01234567"):
+    """The layout huggingface_hub writes: models--owner--name/{refs/main, snapshots/<commit>/...}."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    _save_tiny("qwen3", str(snapshot))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_a_hub_id_resolves_to_its_cached_snapshot_offline(tmp_path, monkeypatch):
+    cache = tmp_path / "hf_home" / "hub"
+    snapshot = _fill_hub_cache(cache, "tiny-org/tiny-qwen")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    resolved = hf.resolve_path("tiny-org/tiny-qwen")
+    assert os.path.realpath(resolved) == os.path.realpath(snapshot)
+    hf.check_directory(resolved)  # a loadable checkpoint
+    assert hf.resolve_path(str(snapshot)) == str(snapshot)  # local directories are returned as they are
+    with pytest.raises(hf.UnsupportedCheckpoint) as e:
+        hf.resolve_path("tiny-org/not-downloaded")
+    message = str(e.value)
+    assert message.startswith(
+        "config.model.hf_path='tiny-org/not-downloaded' is not a local directory and is not in the "
+        f"Hugging Face cache ({cache}"
+    )
+    assert "hf download tiny-org/not-downloaded" in message and "HF_HUB_OFFLINE=0" in message
+    with pytest.raises(hf.UnsupportedCheckpoint, match="no such directory"):
+        hf.resolve_path(str(tmp_path / "missing" / "dir" / "x"))
+
+
+def test_check_directory_refuses_what_cannot_be_loaded_naming_the_key(tmp_path):
+    where = f"config.model.hf_path={str(tmp_path)!r}"
+    with pytest.raises(hf.UnsupportedCheckpoint, match=re.escape(where) + ": no config.json there"):
+        hf.check_directory(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(
+        hf.UnsupportedCheckpoint, match=re.escape(where) + ": model_type 'gpt2' is not supported"
+    ):
+        hf.check_directory(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(dict(model_type="llama", **COMMON)))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"never unpickled")
+    with pytest.raises(hf.UnsupportedCheckpoint) as e:
+        hf.check_directory(str(tmp_path))
+    assert str(e.value).startswith(f"{where} holds only pickle weights (pytorch_model.bin)")
+    hf.check_directory(str(tmp_path), weights=False)  # --mode export/eval of jsft checkpoints need no weights
+    os.remove(tmp_path / "pytorch_model.bin")
+    with pytest.raises(hf.UnsupportedCheckpoint, match="no weights"):
+        hf.check_directory(str(tmp_path))
