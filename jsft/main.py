@@ -8,6 +8,7 @@ Any config field can be overridden, e.g. `--config.optim.lr=3e-4`; a misspelled 
 """
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -119,13 +120,12 @@ def main(argv):
 def _load_config():
     """The parsed config; a missing config file or one whose get_config raises is one line."""
     try:
-        return _CONFIG.value
+        config = _CONFIG.value
+        config.to_dict()  # a config that failed to load raises only when it is first used
+        return config
     except Exception as e:  # noqa: BLE001 - ml_collections wraps the file's own error in OSError
-        _fail(
-            config_lib.ConfigError(
-                f"--config={flags.FLAGS['config'].serialize().split('=', 1)[-1]}: {_last_line(str(e))}"
-            )
-        )
+        given = [a.split("=", 1)[-1] for a in sys.argv[1:] if a.startswith("--config=")]
+        _fail(config_lib.ConfigError(f"--config={given[-1] if given else '?'}: {_last_line(str(e))}"))
 
 
 def _last_line(message: str) -> str:
@@ -190,11 +190,11 @@ def _parse_flags(argv):
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:
         # ml_collections names only the first unknown component ('lrr'); find the flag that holds it.
-        msg = str(e).replace("\\n", "\n").strip("'\"")
-        name = msg.split("\n")[0].strip("'\"")
+        msg = str(e).replace("\\n", "\n")
+        name = (re.findall(r"[A-Za-z_]\w*", msg) or [""])[0]
         passed = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
         bad = [a for a in passed if name in a[len("--config.") :].split(".")] or passed
-        hint = msg[msg.find("Did you mean") :].split("\n")[0].rstrip("'\"") if "Did you mean" in msg else ""
+        hint = msg[msg.find("Did you mean") :].split("\n")[0].rstrip("'\"\\") if "Did you mean" in msg else ""
         sys.exit(f"jsft: error: {bad[0]}: no such config field. {hint}".rstrip())
     except flags.Error as e:
         text = _last_line(str(e)) if "Traceback" in str(e) else str(e).split("\n")[0]

@@ -1,0 +1,202 @@
+"""The reliability matrix: every failure a user can cause is exit code 1 and one `jsft: error:` line
+naming the file, key or path, with no traceback, found before the slow work where it can be, and
+leaving nothing behind that breaks the next run."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "tests", "tiny_config.py")
+QUICK = ["--config.train.eval_every_steps=0", "--config.train.log_every_steps=1"]
+
+
+def _run(args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "jsft.main", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout
+    )
+
+
+def _tiny(data_dir, workdir, *overrides):
+    return [f"--config={TINY}:{data_dir}", f"--workdir={workdir}", *overrides]
+
+
+def _error_line(r) -> str:
+    """The single error line; asserts exit code 1 and that no traceback reached the console."""
+    assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("jsft: error:")]
+    assert len(lines) == 1, r.stderr[-3000:]
+    return lines[0]
+
+
+def _strict_rows(path):
+    def no_nan(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return [json.loads(line, parse_constant=no_nan) for line in open(path).read().splitlines()]
+
+
+# ------------------------------------------------------------------ config, flags, workdir (seconds)
+
+
+def test_a_missing_config_file(tmp_path):
+    line = _error_line(_run(["--config=configs/nope.py", f"--workdir={tmp_path / 'wd'}"]))
+    assert "configs/nope.py" in line and "No such file" in line
+
+
+def test_a_config_argument_the_file_does_not_know(tmp_path):
+    line = _error_line(_run(["--config=configs/demo.py:bogus", f"--workdir={tmp_path / 'wd'}"]))
+    assert "unknown argument 'bogus'" in line
+
+
+def test_a_misspelled_field_is_named_alone(tiny_data_dir, tmp_path):
+    many = [f"--config.optim.{k}=0.1" for k in ("lr", "b1", "weight_decay")] + ["--config.optim.lrr=1e-3"]
+    line = _error_line(_run(_tiny(tiny_data_dir, tmp_path / "wd", *many, "--config.train.steps=5")))
+    assert "--config.optim.lrr" in line and 'Did you mean "lr"' in line
+    assert "--config.optim.b1" not in line and "--config.train.steps" not in line
+    assert not (tmp_path / "wd").exists()
+
+
+def test_a_bad_value_names_the_key(tiny_data_dir, tmp_path):
+    line = _error_line(_run(_tiny(tiny_data_dir, tmp_path / "wd", "--config.train.on_nonfinite=ignore")))
+    assert "config.train.on_nonfinite='ignore'" in line
+
+
+def test_a_best_metric_nothing_reports(tiny_data_dir, tmp_path):
+    line = _error_line(_run(_tiny(tiny_data_dir, tmp_path / "wd", "--config.train.best_metric=eval/acc")))
+    assert "config.train.best_metric='eval/acc'" in line and "eval/loss" in line
+
+
+def test_a_vocabulary_smaller_than_the_tokenizer_fails_before_tokenizing(tiny_data_dir, tmp_path):
+    line = _error_line(_run(_tiny(tiny_data_dir, tmp_path / "wd", "--config.model.vocab_size=100")))
+    assert "config.model.vocab_size=100" in line and "config.data.vocab_size=300" in line
+    assert not (tmp_path / "wd" / "cache").exists()
+
+
+@pytest.mark.parametrize("kind", ["a file", "a read-only directory", "an uncreatable directory"])
+def test_a_workdir_that_cannot_be_written(kind, tiny_data_dir, tmp_path):
+    if kind == "a file":
+        workdir = tmp_path / "wd"
+        workdir.write_text("not a directory")
+    elif kind == "a read-only directory":
+        workdir = "/sys/kernel"  # read-only even for root (tests run as root in CI)
+    else:
+        workdir = "/sys/jsft_workdir"
+    line = _error_line(_run(_tiny(tiny_data_dir, workdir)))
+    assert f"--workdir={workdir}" in line
+    assert ("is a file" in line) if kind == "a file" else ("cannot write there" in line)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_a_workdir_without_permission(tiny_data_dir, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    line = _error_line(_run(_tiny(tiny_data_dir, locked / "wd")))
+    assert "cannot write there" in line
+
+
+def test_a_config_with_required_fields_names_them(tmp_path):
+    line = _error_line(_run(["--config=configs/hf_sft.py", f"--workdir={tmp_path / 'wd'}"]))
+    assert "config.model.hf_path" in line and "config.data.sources.sft.path" in line
+    assert not (tmp_path / "wd").exists()
+
+
+# ------------------------------------------------------------------ numerics, checkpoints, resume
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_at_the_first_nonfinite_step_and_never_saves_it(tiny_data_dir, tmp_path):
+    wd = tmp_path / "wd"
+    over = ["--config.optim.lr=1e30", "--config.optim.clip_norm=0", "--config.train.checkpoint_every_steps=1"]
+    line = _error_line(_run(_tiny(tiny_data_dir, wd, *QUICK, *over)))
+    bad_step = int(line.split("not finite at step ")[1].split(";")[0])
+    saved = sorted(int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit())
+    assert saved and max(saved) < bad_step  # nothing at or after the bad step
+    assert not [d for d in os.listdir(wd / "checkpoints") if "tmp" in d]  # no half-written save
+    rows = _strict_rows(wd / "metrics.jsonl")
+    assert max(r["step"] for r in rows) < bad_step
+
+    # skip: the bad steps are dropped and counted, and the run stops after too many in a row.
+    wd2 = tmp_path / "wd2"
+    skip = [
+        "--config.train.on_nonfinite=skip",
+        "--config.train.max_skipped_steps=2",
+        "--config.train.steps=20",
+    ]
+    line = _error_line(_run(_tiny(tiny_data_dir, wd2, *QUICK, *over, *skip)))
+    assert "3 steps in a row" in line and "config.train.max_skipped_steps=2" in line
+    rows = _strict_rows(wd2 / "metrics.jsonl")
+    assert sum(r.get("train/skipped_steps", 0) for r in rows) >= 2
+    saved = sorted(int(d) for d in os.listdir(wd2 / "checkpoints") if d.isdigit())
+    assert saved and max(saved) < bad_step + 2
+
+
+@pytest.mark.slow
+def test_a_corrupted_latest_checkpoint_is_set_aside_and_the_run_resumes_exactly(tiny_data_dir, tmp_path):
+    full, wd = tmp_path / "full", tmp_path / "wd"
+    steps = ["--config.train.checkpoint_every_steps=2", "--config.train.keep_checkpoints=3"]
+    assert _run(_tiny(tiny_data_dir, full, *QUICK, *steps)).returncode == 0
+    r = _run(_tiny(tiny_data_dir, wd, *QUICK, *steps, "--config.train.stop_after_steps=4"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    shutil.rmtree(wd / "checkpoints" / "4" / "state")  # the latest checkpoint is broken ...
+    r = _run(_tiny(tiny_data_dir, wd, *QUICK, *steps))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert "jsft: warning: checkpoint" in out and "Resuming from the checkpoint at step 2" in out
+    assert os.listdir(tmp_path / "wd" / "checkpoints_corrupt")
+
+    def losses(d):
+        return {r["step"]: r["train/loss"] for r in _strict_rows(d / "metrics.jsonl") if "train/loss" in r}
+
+    assert losses(wd) == losses(full)  # ... and the run goes on from step 2, bitwise as if uninterrupted
+
+    for step in os.listdir(wd / "checkpoints"):  # every checkpoint broken: one line, nothing trained
+        if step.isdigit():
+            with open(wd / "checkpoints" / step / "data" / "metadata", "w") as f:
+                f.write("{")
+    line = _error_line(_run(_tiny(tiny_data_dir, wd, *QUICK, "--config.train.steps=8")))
+    assert "no intact checkpoint in" in line and str(wd / "checkpoints") in line
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_data_stream_names_what_changed(tiny_data_dir, tmp_path):
+    wd = tmp_path / "wd"
+    r = _run(_tiny(tiny_data_dir, wd, *QUICK, "--config.train.steps=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = _error_line(
+        _run(_tiny(tiny_data_dir, wd, *QUICK, "--config.train.steps=4", "--config.data.batch_size=8"))
+    )
+    assert "data.batch_size: 4 -> 8" in line and "config.data.on_changed_data='restart'" in line
+    shrunk = tmp_path / "shrunk"
+    shrunk.mkdir()
+    lines = (tiny_data_dir / "train.jsonl").read_text().splitlines()
+    (shrunk / "train.jsonl").write_text("\n".join(lines[:100]) + "\n")
+    (shrunk / "val.jsonl").write_text((tiny_data_dir / "val.jsonl").read_text())
+    cmd = [f"--config={TINY}:{shrunk}", f"--workdir={wd}", *QUICK, "--config.train.steps=4"]
+    line = _error_line(_run(cmd))
+    assert "data.sources.demo.path" in line and "'records': " not in line and "records: 400 -> 100" in line
+    r = _run([*cmd, "--config.data.on_changed_data=restart"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (
+        "starting the data afresh" in r.stdout + r.stderr
+        and "Resuming from the checkpoint at step 2" in r.stdout + r.stderr
+    )
+
+
+def test_metrics_lines_are_strict_json():
+    from jsft.train.writer import json_line
+
+    row = json.loads(json_line(7, {"train/loss": math.nan, "eval/loss": math.inf, "ok": 1.5}))
+    assert row == {
+        "step": 7,
+        "train/loss": None,
+        "eval/loss": None,
+        "ok": 1.5,
+        "nonfinite": ["train/loss", "eval/loss"],
+    }
