@@ -401,7 +401,6 @@ def resolve_path(path_or_id: str, key: str = "config.model.hf_path") -> str:
     from huggingface_hub import snapshot_download  # noqa: PLC0415
     from huggingface_hub.errors import (  # noqa: PLC0415
         HfHubHTTPError,
-        IncompleteSnapshotError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
@@ -411,12 +410,12 @@ def resolve_path(path_or_id: str, key: str = "config.model.hf_path") -> str:
         return snapshot_download(
             path_or_id, cache_dir=cache, local_files_only=offline, allow_patterns=HUB_FILES
         )
-    except IncompleteSnapshotError as e:
-        raise UnsupportedCheckpoint(
-            f"{key}={path_or_id!r}: its snapshot in the Hugging Face cache ({cache}) is incomplete; "
-            f"finish the download with `hf download {path_or_id}` while online"
-        ) from e
     except LocalEntryNotFoundError as e:
+        if type(e).__name__ == "IncompleteSnapshotError":  # huggingface_hub >= 1.x knows partial snapshots
+            raise UnsupportedCheckpoint(
+                f"{key}={path_or_id!r}: its snapshot in the Hugging Face cache ({cache}) is incomplete; "
+                f"finish the download with `hf download {path_or_id}` while online"
+            ) from e
         cause = e.__cause__ or e
         reason = (
             "HF_HUB_OFFLINE is set; download it first with `hf download {id}` (or point HF_HOME at a "
