@@ -111,7 +111,9 @@ def main(argv):
         if config.model.hf_path:  # cheap (config.json and a file listing): before any data is read
             from jsft.interop import hf  # noqa: PLC0415
 
-            hf.check_directory(config.model.hf_path)
+            config.model.hf_path = hf.resolve_path(config.model.hf_path)  # a hub id: its cached snapshot
+            needs_weights = _MODE.value == "train" or _CHECKPOINT.value == "hf"
+            hf.check_directory(config.model.hf_path, weights=needs_weights)
         _run_mode(config, workdir)
     except _user_errors() as e:
         _fail(e)

@@ -200,3 +200,52 @@ def test_metrics_lines_are_strict_json():
         "ok": 1.5,
         "nonfinite": ["train/loss", "eval/loss"],
     }
+
+
+# ------------------------------------------------------------------ tokenizer and model paths
+
+
+def test_a_missing_tokenizer_path(tiny_data_dir, tmp_path):
+    missing = tmp_path / "no_such_tokenizer"
+    line = _error_line(_run(_tiny(tiny_data_dir, tmp_path / "wd", f"--config.data.tokenizer={missing}")))
+    assert "config.data.tokenizer" in line and str(missing) in line and "no such file" in line
+
+
+def test_the_hf_template_with_a_tokenizer_that_has_none(tiny_data_dir, tmp_path):
+    wd = tmp_path / "wd"
+    r = _run(_tiny(tiny_data_dir, wd, *QUICK, "--config.train.steps=1"))  # trains a SentencePiece model
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = _error_line(
+        _run(
+            _tiny(
+                tiny_data_dir,
+                tmp_path / "wd2",
+                f"--config.data.tokenizer={wd / 'tokenizer.model'}",
+                "--config.data.template=hf",
+            )
+        )
+    )
+    assert "config.data.template='hf'" in line and "chatml" in line
+
+
+def test_an_hf_path_with_only_pickle_weights_fails_before_reading_data(tiny_data_dir, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "architectures": ["LlamaForCausalLM"],
+                "vocab_size": 320,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+            }
+        )
+    )
+    (model / "pytorch_model.bin").write_bytes(b"\0" * 64)
+    line = _error_line(_run(_tiny(tiny_data_dir, tmp_path / "wd", f"--config.model.hf_path={model}")))
+    assert "config.model.hf_path" in line and "safetensors" in line
+    assert not (tmp_path / "wd" / "cache").exists()  # refused before any data was read

@@ -535,8 +535,10 @@ def _read_source(spec: sources.SourceSpec, seed: int, cache_dir: str):
 def build_tokenizer(data_cfg, workdir: str, template_name: str, texts, hf_path: str = "") -> Tokenizer:
     """The configured tokenizer, else the HF checkpoint's own, else a SentencePiece model trained on
     the training data and cached in the workdir."""
-    if data_cfg.tokenizer or hf_path:
-        return load_tokenizer(data_cfg.tokenizer or hf_path)
+    if data_cfg.tokenizer:
+        return load_tokenizer(data_cfg.tokenizer)
+    if hf_path:
+        return load_tokenizer(hf_path, key="config.model.hf_path")
     path = os.path.join(workdir, "tokenizer.model")
     if os.path.exists(path):
         return load_tokenizer(path)

@@ -229,7 +229,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: 
     def evaluate(step: int, data_state: dict) -> bool:
         """Evaluate and keep the best checkpoint; True if early stopping says this run is done.
         `data_state`: the data position after `step` (saved with a new best checkpoint)."""
-        metrics, samples_by_task = evaluation.run(state.params)
+        metrics, samples_by_task = evaluation.run(state.params, step)
         writer.write(step, metrics)
         if is_main:
             for name, task_samples in samples_by_task.items():
