@@ -34,6 +34,10 @@ from jsft.train.step import make_eval_step
 KINDS = ("generate", "choice", "loss")
 
 
+class Interrupted(Exception):
+    """An evaluation left early because `should_stop()` said so (SIGTERM); its results are dropped."""
+
+
 @dataclasses.dataclass
 class Context:
     """What every evaluator needs from the run."""
@@ -251,12 +255,23 @@ class Evaluation:
         self.suite = build_suite(config.eval.tasks, ctx)
         self.runs = 0
 
-    def run(self, params, step: int | None = None) -> tuple[dict, dict[str, list[dict]]]:
+    def run(self, params, step: int | None = None, should_stop=None) -> tuple[dict, dict[str, list[dict]]]:
+        """`should_stop`: polled before every batch (on every process at the same batches); when it
+        returns True the evaluation raises Interrupted."""
         step = self.runs if step is None else step
         self.runs += 1
-        results, samples = self.validation.run(params)
-        by_task = {"validation": samples}
-        for name, task in self.suite.items():
-            task_metrics, by_task[name] = task.run(params, step)
-            results.update(task_metrics)
+
+        def interrupt() -> None:
+            if should_stop():
+                raise Interrupted(f"evaluation at step {step} interrupted")
+
+        self.validation.interrupt = interrupt if should_stop is not None else None
+        try:
+            results, samples = self.validation.run(params)
+            by_task = {"validation": samples}
+            for name, task in self.suite.items():
+                task_metrics, by_task[name] = task.run(params, step)
+                results.update(task_metrics)
+        finally:
+            self.validation.interrupt = None
         return results, by_task

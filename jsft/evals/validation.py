@@ -34,6 +34,7 @@ class ValidationEvaluator:
         """With shardings, batches are split over the batch axes (so `batch_size` is rounded up to a
         multiple of `batch_divisor`) and results come back replicated to every process."""
         self.data, self.names = data, data.source_names
+        self.interrupt = None  # a callable polled before every batch; it may raise Interrupted
         self.per_source = len(self.names) > 1
         batch_size = -(-batch_size // batch_divisor) * batch_divisor
         self.batch_sharding = batch_sharding
@@ -49,7 +50,10 @@ class ValidationEvaluator:
         )
 
     def _put(self, array: np.ndarray) -> jax.Array:
-        """Every process holds the whole eval batch; each device takes its rows."""
+        """Every process holds the whole eval batch; each device takes its rows. Every eval batch (of
+        the suite's tasks too) passes here, so `interrupt` (set by Evaluation.run) is polled here."""
+        if self.interrupt is not None:
+            self.interrupt()
         if self.batch_sharding is None:
             return array
         return jax.make_array_from_callback(array.shape, self.batch_sharding, lambda index: array[index])

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from jsft import config as config_lib
 from jsft.data import fingerprint
 from jsft.data.pipeline import Prefetcher, build_data, merge_states
-from jsft.evals.suite import Evaluation
+from jsft.evals.suite import Evaluation, Interrupted
 from jsft.models.registry import build_model
 from jsft.parallel import multihost, sharding
 from jsft.parallel.mesh import build_mesh
@@ -229,7 +229,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: 
     def evaluate(step: int, data_state: dict) -> bool:
         """Evaluate and keep the best checkpoint; True if early stopping says this run is done.
         `data_state`: the data position after `step` (saved with a new best checkpoint)."""
-        metrics, samples_by_task = evaluation.run(state.params, step)
+        metrics, samples_by_task = evaluation.run(state.params, step, should_stop=stop.requested)
         writer.write(step, metrics)
         if is_main:
             for name, task_samples in samples_by_task.items():
@@ -261,7 +261,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: 
     if start_step == 0:
         writer.write(0, data_metrics)
         if config.eval.at_start and config.train.eval_every_steps:
-            evaluate(0, data_state)
+            try:
+                evaluate(0, data_state)
+            except Interrupted:
+                _print(is_main, f"Signal {stop.signum}: stopped during the first evaluation; nothing to save")
+                return summary
     if start_step >= total_steps:
         _print(
             is_main,
@@ -301,12 +305,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: 
             pbar.set_postfix(loss=f"{logged['train/loss']:.4f}", tok_s=f"{logged['train/tokens_per_s']:.0f}")
             pending = []
 
-        early_stop = False
+        early_stop = stopping = False
         eval_every = config.train.eval_every_steps
         if eval_every and (step % eval_every == 0 or step == total_steps):
-            early_stop = evaluate(step, data_state)
+            try:
+                early_stop = evaluate(step, data_state)
+            except Interrupted:  # SIGTERM during a long evaluation: save the step, skip the rest
+                stopping = True
             last_time = time.time()  # evaluation time is not training throughput
-        stopping = stop.requested()
+        stopping = stopping or stop.requested()
         if step % config.train.checkpoint_every_steps == 0 or step == end_step or stopping or early_stop:
             # Never save past a non-finite step that the policy stops on: check the unlogged flags first.
             flags = jax.device_get([m["nonfinite"] for _, m in pending])

@@ -19,10 +19,6 @@ from jax.experimental import multihost_utils
 from jsft.parallel import multihost
 
 
-class Preempted(Exception):
-    """Raised from inside a long evaluation when a stop was requested; the loop saves and exits."""
-
-
 class StopRequest:
     def __init__(self, fallback_every: int = 1):
         """`fallback_every`: with several processes but no preemption service, agree (one collective)
