@@ -148,6 +148,9 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
         raise ConfigError(f"config.optim.final_lr_ratio={config.optim.final_lr_ratio} must be in [0, 1]")
     if mode != "plan":
         _check_best_metric(config)
+        for name, task in (config.eval.get("tasks") or {}).items():
+            if not os.path.exists(task.path):
+                raise ConfigError(f"config.eval.tasks.{name}.path={task.path!r}: no such file")
     if (
         config.model.vocab_size
         and config.model.vocab_size < config.data.vocab_size

@@ -114,9 +114,40 @@ def main(argv):
             config.model.hf_path = hf.resolve_path(config.model.hf_path)  # a hub id: its cached snapshot
             needs_weights = _MODE.value == "train" or _CHECKPOINT.value == "hf"
             hf.check_directory(config.model.hf_path, weights=needs_weights)
+        _check_vocabulary(config)
         _run_mode(config, workdir)
     except _user_errors() as e:
         _fail(e)
+
+
+def _check_vocabulary(config) -> None:
+    """The model's vocabulary against a configured tokenizer's, before any data is tokenized (a
+    tokenizer trained on the data is checked statically by config.validate)."""
+    if not (config.data.tokenizer or config.model.hf_path):
+        return
+    from jsft.data.tokenizer import load_tokenizer  # noqa: PLC0415
+
+    if config.data.tokenizer:
+        tok = load_tokenizer(config.data.tokenizer)
+    else:
+        tok = load_tokenizer(config.model.hf_path, key="config.model.hf_path")
+    if config.model.hf_path:
+        from jsft.interop import hf  # noqa: PLC0415
+
+        vocab = hf.config_from_hf(hf.read_config(config.model.hf_path)).vocab_size
+        owner = f"the model in config.model.hf_path={config.model.hf_path}"
+    else:
+        vocab, owner = config.model.vocab_size, f"config.model.vocab_size={config.model.vocab_size}"
+    if vocab and vocab < tok.vocab_size:
+        raise config_lib.ConfigError(
+            f"{owner} has a vocabulary of {vocab}, smaller than the tokenizer's {tok.vocab_size} "
+            f"({config.data.tokenizer or config.model.hf_path}); "
+            + (
+                "set config.model.vocab_size=0 to follow the tokenizer"
+                if not config.model.hf_path
+                else "use the checkpoint's own tokenizer (config.data.tokenizer='')"
+            )
+        )
 
 
 def _load_config():

@@ -249,3 +249,20 @@ def test_an_hf_path_with_only_pickle_weights_fails_before_reading_data(tiny_data
     line = _error_line(_run(_tiny(tiny_data_dir, tmp_path / "wd", f"--config.model.hf_path={model}")))
     assert "config.model.hf_path" in line and "safetensors" in line
     assert not (tmp_path / "wd" / "cache").exists()  # refused before any data was read
+
+
+def test_a_configured_tokenizer_larger_than_the_model_fails_before_tokenizing(tiny_data_dir, tmp_path):
+    wd = tmp_path / "wd"
+    r = _run(_tiny(tiny_data_dir, wd, *QUICK, "--config.train.steps=1"))  # trains a 300-piece tokenizer
+    assert r.returncode == 0, r.stderr[-3000:]
+    over = [f"--config.data.tokenizer={wd / 'tokenizer.model'}", "--config.model.vocab_size=100"]
+    line = _error_line(_run(_tiny(tiny_data_dir, tmp_path / "wd2", *over)))
+    assert "config.model.vocab_size=100" in line and "300" in line
+    assert not (tmp_path / "wd2" / "cache").exists()
+
+
+def test_a_missing_eval_task_file(tiny_data_dir, tmp_path):
+    line = _error_line(
+        _run(_tiny(tiny_data_dir, tmp_path / "wd", "--config.eval.tasks.words.path=/no/such.jsonl"))
+    )
+    assert "config.eval.tasks.words.path='/no/such.jsonl'" in line

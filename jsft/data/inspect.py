@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from jsft.data import packing
-from jsft.data.pipeline import Data, TokenizedSource, build_data, reason_kind
+from jsft.data.pipeline import Data, TokenizedSource, build_data
 from jsft.data.tokenizer import Tokenizer
 
 PACK_SAMPLE = 20_000  # examples packed per source to measure packing efficiency
@@ -99,8 +99,8 @@ def _bad_lines(src: TokenizedSource, on_bad_record: str) -> list[str]:
     if not src.bad:
         return ["bad records: none"]
     by_kind = collections.defaultdict(list)
-    for where, reason in src.bad:
-        by_kind[reason_kind(reason)].append(f"{where}: {reason}")
+    for (where, reason), code in zip(src.bad, src.bad_codes, strict=True):
+        by_kind[code].append(f"{where}: {reason}")
     note = (
         "; on_bad_record='error' stops training on them (fix them or set config.data.on_bad_record='skip')"
         if on_bad_record == "error"

@@ -107,6 +107,7 @@ class TokenizedSource:
     kept: np.ndarray  # table rows that are examples
     bad: list[tuple[str, str]]  # (where, reason)
     stats: dict
+    bad_codes: list[str] = dataclasses.field(default_factory=list)  # the short reason code of each bad
 
     def __len__(self) -> int:
         return len(self.kept)
@@ -166,13 +167,8 @@ def collect(name: str, index: int, tokenized: datasets.Dataset) -> TokenizedSour
         "dropped_overlong": int(dropped.sum()),
         "tokens": int(lengths.sum()),
     }
-    return TokenizedSource(name, index, tokenized, ids, mask, offsets, kept, bad, stats)
-
-
-def reason_kind(reason: str) -> str:
-    """'invalid JSON (Expecting ...)' -> 'invalid JSON': a heading for a reason in inspect's report
-    (counts use the reason's code: the `code` column, `stats['bad_by_reason']`)."""
-    return reason.split(" (")[0].split(": ")[0]
+    bad_codes = [codes[i] for i in np.flatnonzero(is_bad)]
+    return TokenizedSource(name, index, tokenized, ids, mask, offsets, kept, bad, stats, bad_codes)
 
 
 def _listing(bad: list[tuple[str, object]], count: int, limit: int = 10) -> str:

@@ -54,7 +54,7 @@ def load(config: ml_collections.ConfigDict, workdir: str, checkpoint: str, eval_
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-    state, _ = ckpt.restore(step, target)
+    state, _ = ckpt.restore_or_fail(step, target, hint=" (pass one with --checkpoint=STEP)")
     ckpt.close()
     return data, model, state.params, f"{checkpoint}_step_{step}", step, (mesh, rules)
 

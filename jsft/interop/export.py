@@ -46,7 +46,7 @@ def run_export(
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-    state, _ = ckpt.restore(step, target)
+    state, _ = ckpt.restore_or_fail(step, target, hint=" (pass one with --export_step=STEP)")
     ckpt.close()
     family = (
         hf.read_config(config.model.hf_path)["model_type"]

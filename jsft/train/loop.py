@@ -117,6 +117,23 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: 
     os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir, is_main)
 
+    # ------------------------------------------------------------------ Mesh (checked before the data)
+    try:
+        mesh = build_mesh(config.mesh.shape, config.mesh.dcn_shape)
+        rules = sharding.parse_rules(config.mesh.rules.to_dict())
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from e
+    scope.enter_context(sharding.use_rules(mesh, rules))  # activations constrained by the same rules
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    divisor = sharding.batch_divisor(mesh, rules)
+    if (config.data.batch_size // config.optim.grad_accum_steps) % divisor:
+        raise config_lib.ConfigError(
+            f"config.data.batch_size={config.data.batch_size} / config.optim.grad_accum_steps="
+            f"{config.optim.grad_accum_steps} must be a multiple of {divisor}, the mesh axes the batch "
+            f"is split over ({dict(mesh.shape)}, config.mesh.rules.batch)"
+        )
+
     # ------------------------------------------------------------------ Input pipeline
     data = build_data(
         config.data,
@@ -139,22 +156,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: 
     tx = build_optimizer(config.optim, schedule)
     _print(is_main, f"Model: {model.config.num_params():,} parameters; {model.config}")
 
-    # ------------------------------------------------------------------ Mesh and shardings
-    try:
-        mesh = build_mesh(config.mesh.shape, config.mesh.dcn_shape)
-        rules = sharding.parse_rules(config.mesh.rules.to_dict())
-    except ValueError as e:
-        raise config_lib.ConfigError(str(e)) from e
-    scope.enter_context(sharding.use_rules(mesh, rules))  # activations constrained by the same rules
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    divisor = sharding.batch_divisor(mesh, rules)
-    if (config.data.batch_size // config.optim.grad_accum_steps) % divisor:
-        raise config_lib.ConfigError(
-            f"config.data.batch_size={config.data.batch_size} / config.optim.grad_accum_steps="
-            f"{config.optim.grad_accum_steps} must be a multiple of {divisor}, the mesh axes the batch "
-            f"is split over ({dict(mesh.shape)}, config.mesh.rules.batch)"
-        )
+    # ------------------------------------------------------------------ Shardings
     init_state = init_fn(model, tx)
     abstract_state, state_sharding, replicated_dims = state_shardings(model, tx, mesh, rules)
     _print(

@@ -51,7 +51,7 @@ def test_report_counts_duplicates_bad_records_and_overlong(tiny_set, tmp_path, o
     assert f"records 15 | examples {14 - dropped}" in train_section
     assert "exact duplicates: 1 " in train_section
     assert f"{train}:13 repeats {train}:1" in train_section
-    assert re.search(rf"invalid JSON: 1\n +{re.escape(train)}:15: invalid JSON", train_section)
+    assert re.search(rf"invalid_json: 1\n +{re.escape(train)}:15: invalid JSON", train_section)
     assert f"truncated {truncated} " in train_section and f"dropped {dropped}\n" in train_section
     assert "exact duplicates: 0 " in _section(report, "val 'demo'")
     # The first rendered example: its prompt untrained, its response (and EOS) trained.
