@@ -266,3 +266,14 @@ def test_a_missing_eval_task_file(tiny_data_dir, tmp_path):
         _run(_tiny(tiny_data_dir, tmp_path / "wd", "--config.eval.tasks.words.path=/no/such.jsonl"))
     )
     assert "config.eval.tasks.words.path='/no/such.jsonl'" in line
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    from jsft.train.writer import MetricWriter
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "a": 1.0}\n{"step": 2, "a": 2.0}\n{"step": 3, "a"')
+    writer = MetricWriter(str(tmp_path), enabled=True)
+    writer.truncate_after(2)
+    writer.write(3, {"a": 3.0})
+    writer.close()
+    assert [r["step"] for r in _strict_rows(tmp_path / "metrics.jsonl")] == [1, 2, 3]

@@ -21,9 +21,9 @@ STREAM_FIELDS = (
     "separator",
     "train_on",
     "overlong",
-    "on_bad_record",
 )
-SOURCE_FIELDS = ("path", "format", "fields", "weight", "split", "val_path", "val_split", "val_fraction")
+# Validation files are not part of the training stream; val_fraction is (it decides the held-out rows).
+SOURCE_FIELDS = ("path", "format", "fields", "weight", "split", "val_fraction")
 
 
 def stream_fingerprint(
@@ -49,6 +49,7 @@ def _jsonable(d: dict) -> dict:
 
 
 def changes(saved: dict, current: dict) -> list[str]:
-    """'key: old -> new' for every field that differs (an empty list when the streams agree)."""
-    keys = sorted(set(saved) | set(current))
+    """'key: old -> new' for every field that differs (an empty list when the streams agree). Fields
+    only one side has (a checkpoint from another jsft version) are not compared."""
+    keys = sorted(set(saved) & set(current))
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]

@@ -219,8 +219,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: 
     # Metrics files open only now: every check that can fail on user input has run.
     writer = MetricWriter(workdir, enabled=is_main)
     scope.callback(writer.close)
-    if start_step:
-        writer.truncate_after(start_step)
+    # Lines after the checkpoint are rewritten by this run; a fresh start keeps none of an earlier one.
+    writer.truncate_after(start_step if restored is not None else -1)
     stop = scope.enter_context(StopRequest(fallback_every=config.train.log_every_steps))
     guard = NonFiniteGuard(config.train.on_nonfinite, config.train.max_skipped_steps)
     guard.checked_step = start_step

@@ -29,7 +29,7 @@ class MetricWriter:
         path = self._jsonl.name
         self._jsonl.close()
         with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= step]
         with open(f"{path}.tmp", "w") as f:
             f.writelines(kept)
         os.replace(f"{path}.tmp", path)
@@ -61,3 +61,11 @@ def json_line(step: int, metrics: dict[str, float]) -> str:
     if bad:
         row["nonfinite"] = bad
     return json.dumps(row, allow_nan=False)
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a blank line or one cut short by a kill -9."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -166,3 +166,38 @@ def test_metrics_report_lr_grad_norm_and_target_tokens(model):
     assert float(m["lr"]) == 0.0 and float(m2["lr"]) == pytest.approx(cfg.lr / 4)
     assert float(m["target_tokens"]) == batch["loss_mask"].sum()
     assert float(m["grad_norm"]) > 0 and jnp.isfinite(m["grad_norm"])
+
+
+class _PoisonedModel:
+    """The real model, whose logits turn NaN for a batch whose first token is 0."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def apply(self, params, tokens, positions=None, segment_ids=None):
+        logits = self.model.apply(params, tokens, positions, segment_ids)
+        return logits * jnp.where(tokens[0, 0] == 0, jnp.nan, 1.0)
+
+
+def test_a_nonfinite_step_is_never_applied(model):
+    cfg = _optim_cfg()
+    schedule = optim.build_schedule(cfg, 10)
+    tx = optim.build_optimizer(cfg, schedule)
+    step = jax.jit(make_train_step(_PoisonedModel(model), tx, schedule))
+    good = packing.pack(_examples(8), 32)
+    poisoned = dict(good, inputs=good["inputs"].copy())
+    poisoned["inputs"][0, 0] = 0
+    state, m = step(_state(model, tx), good)
+    assert not bool(m["nonfinite"])
+    after, m = step(state, poisoned)
+    assert bool(m["nonfinite"]) and not np.isfinite(float(m["loss"]))
+    assert int(after.step) == int(state.step) + 1  # the step counts ...
+    for a, b in zip(
+        jax.tree.leaves((after.params, after.opt_state)),
+        jax.tree.leaves((state.params, state.opt_state)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # ... but changes nothing
+    again, m = step(after, good)
+    assert not bool(m["nonfinite"])
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(again.params))
