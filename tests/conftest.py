@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import tempfile
 
 import pytest
+
+# One persistent XLA compilation cache for this test session, inherited by every subprocess run: the
+# many tiny runs compile the same steps, and a cached executable is the same program (same results).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jsft-test-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 def write_jsonl(path, records) -> str:

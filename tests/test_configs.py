@@ -159,8 +159,6 @@ def test_every_config_trains_evaluates_keeps_the_best_checkpoints_and_resumes(
         os.environ,
         XLA_FLAGS="--xla_force_host_platform_device_count=8",
         JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),  # the resumed run reuses the compiled step
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     )
     wd = tmp_path / "wd"
     args = [f"--config={os.path.join(REPO, 'configs', name)}", f"--workdir={wd}"]
