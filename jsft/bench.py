@@ -63,14 +63,13 @@ def trainer_rate(config: ml_collections.ConfigDict, data: Data, steps: int) -> d
     """Train steps per second and tokens per second, timed after one warm-up (compiling) step."""
     import jax  # noqa: PLC0415  (imported once flags are parsed, as jsft.main does)
 
-    from jsft.models.registry import build_model  # noqa: PLC0415
-    from jsft.train.optim import build_optimizer, build_schedule  # noqa: PLC0415
+    from jsft.run import Run  # noqa: PLC0415
     from jsft.train.state import TrainState  # noqa: PLC0415
     from jsft.train.step import make_train_step  # noqa: PLC0415
 
-    model = build_model(config.model, data.tokenizer.vocab_size)
-    schedule = build_schedule(config.optim, config.train.steps)
-    tx = build_optimizer(config.optim, schedule)
+    run = Run.create(config)
+    model = run.model(data.tokenizer.vocab_size)
+    tx, schedule = run.optimizer()
     key = jax.random.key(config.seed)
     state = TrainState.create(model.init(key), tx, key)
     step = jax.jit(
@@ -98,13 +97,14 @@ def trainer_rate(config: ml_collections.ConfigDict, data: Data, steps: int) -> d
 
 def bench_data(config: ml_collections.ConfigDict, seconds: float, steps: int) -> str:
     """Run the `data` benchmark and return its table."""
-    from jsft.data.pipeline import build_data  # noqa: PLC0415
+    from jsft.run import Run  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory(prefix="jsft_bench_") as workdir:
+        run = Run.create(config, workdir)
         data_cfg = config.data.copy_and_resolve_references()
         data_cfg.cache_dir = ""  # a fresh cache in the temporary workdir: the first build tokenizes
-        _, first_s = _timed(build_data, data_cfg, config.seed, workdir)
-        data, second_s = _timed(build_data, data_cfg, config.seed, workdir)
+        _, first_s = _timed(run.data, 0, data_cfg)
+        data, second_s = _timed(run.data, 0, data_cfg)
         pipe = pipeline_rate(data.train, seconds)
         train = trainer_rate(config, data, steps)
     d = config.data
@@ -139,10 +139,10 @@ def bench_generate(
     import numpy as np  # noqa: PLC0415
 
     from jsft.evals import generate  # noqa: PLC0415
-    from jsft.models.registry import build_model  # noqa: PLC0415
+    from jsft.run import Run  # noqa: PLC0415
 
     vocab = config.model.vocab_size or config.data.vocab_size
-    model = build_model(config.model, vocab)
+    model = Run.create(config).model(vocab)
     params = jax.jit(model.init)(jax.random.key(0))
     rows = []
     for b in batch_sizes:
@@ -179,8 +179,8 @@ def main(argv: list[str]) -> None:
 
         datasets.disable_progress_bars()
         datasets.logging.set_verbosity_error()
-    from jsft import config as config_lib  # noqa: PLC0415  (imports jax)
-    from jsft.data.sources import DataError  # noqa: PLC0415
+    from jsft import config as config_lib  # noqa: PLC0415
+    from jsft.errors import DataError  # noqa: PLC0415
 
     config = _CONFIG.value
     try:

@@ -7,20 +7,13 @@ import os
 
 import ml_collections
 
-from jsft.data import mixture, packing, pipeline, templates
-from jsft.models.llama import REMAT_POLICIES
-from jsft.train.losses import NORMALIZATIONS
-from jsft.train.optim import DECAYS
+from jsft.errors import ConfigError
 
 MODES = ("train", "inspect", "plan", "export", "eval", "generate")
 # A config file marks the fields a user must set with this value (e.g. `model.hf_path`).
 REQUIRED = "<required>"
 ON_NONFINITE = ("stop", "skip")
 ON_CHANGED_DATA = ("error", "restart")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key."""
 
 
 def _choice(config, key: str, choices) -> None:
@@ -90,7 +83,16 @@ def _check_best_metric(config) -> None:
 
 
 def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
-    """Fail before any work starts on values that would fail (or silently misbehave) later."""
+    """Fail before any work starts on values that would fail (or silently misbehave) later.
+
+    The lists of choices live with the code that implements them; they are imported here, when a
+    config is validated, so that `import jsft.config` (configs do it) stays free of JAX and datasets.
+    """
+    from jsft.data import mixture, packing, pipeline, templates  # noqa: PLC0415
+    from jsft.models.llama import REMAT_POLICIES  # noqa: PLC0415
+    from jsft.train.losses import NORMALIZATIONS  # noqa: PLC0415
+    from jsft.train.optim import DECAYS  # noqa: PLC0415
+
     missing = _required(config)
     if missing and mode != "plan":  # a plan needs shapes only
         raise ConfigError(

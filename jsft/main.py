@@ -192,14 +192,16 @@ def _run_mode(config, workdir: str) -> None:
         max_new = _MAX_NEW.value or config.eval.max_new_tokens
         run_generate(config, workdir, _CHECKPOINT.value, _PROMPTS.value, sampling, max_new)
     elif _MODE.value == "inspect":
-        from jsft.data.inspect import run_inspect  # noqa: PLC0415
+        from jsft.data import inspect  # noqa: PLC0415
+        from jsft.run import Run  # noqa: PLC0415
 
-        run_inspect(config, workdir)
+        run = Run.create(config, workdir)
+        inspect.run_inspect(config, run.workdir, run.data(0, inspect.inspect_config(config.data)))
 
 
 def _plan(config) -> None:
     """Memory plan on as many simulated CPU devices as the mesh names (set before JAX starts)."""
-    from jsft.parallel import plan  # noqa: PLC0415
+    from jsft import plan  # noqa: PLC0415
 
     if config.model.hf_path == config_lib.REQUIRED:  # a plan takes the shapes from the config
         config.model.hf_path = ""

@@ -231,12 +231,19 @@ def _origin(spec: ml_collections.ConfigDict, split: str) -> str:
     return f"{spec.path} ({held_out})"
 
 
-def run_inspect(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """Build the configured data, print the report, write it and the length histogram to `workdir`."""
+def inspect_config(data_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The data section as inspect reads it: bad records are reported, not fatal."""
+    data_cfg = data_cfg.copy_and_resolve_references()
+    data_cfg.on_bad_record = "skip"
+    return data_cfg
+
+
+def run_inspect(config: ml_collections.ConfigDict, workdir: str, data: Data | None = None) -> str:
+    """Print the report of `data` (default: the configured data, built with `inspect_config`), write
+    it and the length histogram to `workdir`."""
     os.makedirs(workdir, exist_ok=True)
-    data_cfg = config.data.copy_and_resolve_references()
-    data_cfg.on_bad_record = "skip"  # report bad records instead of stopping at the first source
-    data = build_data(data_cfg, config.seed, workdir, hf_path=config.model.hf_path)
+    if data is None:
+        data = build_data(inspect_config(config.data), config.seed, workdir, hf_path=config.model.hf_path)
     # (label, source, examples packed together): evaluation packs the whole validation set at once.
     sections = [(f"train {s.name!r}", s, config.data.pack_chunk_examples) for s in data.train_sources]
     sections += [(f"val {s.name!r}", s, PACK_SAMPLE) for s in data.val_sources]

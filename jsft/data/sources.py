@@ -24,6 +24,7 @@ import datasets
 import numpy as np
 
 from jsft.data import formats
+from jsft.errors import DataError  # noqa: F401  (with the other user errors; used as sources.DataError)
 
 RAW_JSON_FEATURES = datasets.Features(
     {
@@ -36,10 +37,6 @@ RAW_JSON_FEATURES = datasets.Features(
 LOADERS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 DATA_EXTENSIONS = (".jsonl", ".json", *LOADERS)
 ROW_COLUMN = "__row__"
-
-
-class DataError(ValueError):
-    """A problem with input data; the message names the source, the file and the line or row."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,72 +12,34 @@ import sys
 import jax
 import ml_collections
 
-from jsft import config as config_lib
 from jsft.data import formats, sources, templates
-from jsft.data.pipeline import build_data
 from jsft.evals import generate
 from jsft.evals.suite import Evaluation
-from jsft.interop import hf
-from jsft.models.registry import build_model
 from jsft.parallel import sharding
-from jsft.parallel.mesh import build_mesh
-from jsft.train.checkpoint import Checkpointer
-from jsft.train.optim import build_optimizer, build_schedule
-from jsft.train.state import state_shardings
+from jsft.run import Run
 
 
 def load(config: ml_collections.ConfigDict, workdir: str, checkpoint: str, eval_prompt_limit: int = 0):
-    """(data, model, params, label, step, mesh objects) for a named checkpoint of `workdir`
-    (step 0 for --checkpoint=hf)."""
-    workdir = os.path.abspath(workdir)
-    data = build_data(
-        config.data, config.seed, workdir, eval_prompt_limit=eval_prompt_limit, hf_path=config.model.hf_path
-    )
-    model = build_model(config.model, data.tokenizer.vocab_size)
-    mesh = build_mesh(config.mesh.shape, config.mesh.dcn_shape)
-    rules = sharding.parse_rules(config.mesh.rules.to_dict())
-    tx = build_optimizer(config.optim, build_schedule(config.optim, config.train.steps))
-    abstract, shardings, _ = state_shardings(model, tx, mesh, rules)
-    if checkpoint == "hf":
-        if not config.model.hf_path:
-            raise config_lib.ConfigError(
-                "--checkpoint=hf evaluates the weights of config.model.hf_path, which is not set; set it "
-                "or name a checkpoint of the workdir (--checkpoint=latest, best or a step)"
-            )
-        params = hf.load_params(config.model.hf_path, model.config, shardings.params)
-        return data, model, params, "hf", 0, (mesh, rules)
-    directory = os.path.join(workdir, "checkpoints_best" if checkpoint == "best" else "checkpoints")
-    ckpt = Checkpointer(directory, keep=1000)
-    step = ckpt.latest_step() if checkpoint in ("latest", "best") else int(checkpoint)
-    if step is None or step not in ckpt.all_steps():
-        raise FileNotFoundError(f"no checkpoint {checkpoint!r} in {directory} (steps: {ckpt.all_steps()})")
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    state, _ = ckpt.restore_or_fail(step, target, hint=" (pass one with --checkpoint=STEP)")
-    ckpt.close()
-    return data, model, state.params, f"{checkpoint}_step_{step}", step, (mesh, rules)
+    """(run, data, model, params, label, step) for a named checkpoint of `workdir` (step 0 for
+    --checkpoint=hf). Only the parameters are restored, never the optimizer state."""
+    run = Run.create(config, workdir)
+    data = run.data(eval_prompt_limit)
+    model = run.model(data.tokenizer.vocab_size)
+    params, label, step = run.restore_params(model, checkpoint)
+    return run, data, model, params, label, step
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "latest") -> dict:
     """Validation metrics and the eval suite on one checkpoint: prints a table, writes
     WORKDIR/eval_<label>.json and the samples under WORKDIR/eval_<label>/."""
-    data, model, params, label, step, (mesh, rules) = load(
+    run, data, model, params, label, step = load(
         config, workdir, checkpoint, config.eval.exact_match_examples
     )
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    with sharding.use_rules(mesh, rules):
-        evaluation = Evaluation(
-            config,
-            model,
-            data,
-            sharding.batch_sharding(mesh, rules),
-            replicated,
-            sharding.batch_divisor(mesh, rules),
-        )
+    with sharding.use_rules(run.mesh, run.rules):
+        evaluation = Evaluation(config, model, data, run.batch_sharding, run.replicated, run.batch_divisor)
         # The checkpoint's step seeds sampled generations, as the evaluation during training did.
         results, all_samples = evaluation.run(params, step)
-    out_dir = os.path.join(os.path.abspath(workdir), f"eval_{label}")
+    out_dir = os.path.join(run.workdir, f"eval_{label}")
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
         with open(f"{out_dir}.json", "w") as f:
@@ -114,9 +76,9 @@ def run_generate(
 ) -> str | None:
     """Generate for every record of `prompts_file` (writing `<name>.outputs.jsonl` next to it), or,
     without a file, for each line typed on stdin, streaming tokens as they come."""
-    data, model, params, label, step, (mesh, rules) = load(config, workdir, checkpoint)
+    run, data, model, params, label, step = load(config, workdir, checkpoint)
     tok, template = data.tokenizer, data.template
-    with sharding.use_rules(mesh, rules):
+    with sharding.use_rules(run.mesh, run.rules):
         if not prompts_file:
             print(f"jsft generate ({label}); one prompt per line, Ctrl-D to end", file=sys.stderr)
             for index, line in enumerate(sys.stdin):
@@ -141,6 +103,9 @@ def run_generate(
             return None
         table = sources.read_table(prompts_file, "train", None)
         rows = [sources.row_record(table[i], i, prompts_file) for i in range(len(table))]
+        for where, _, error in rows:
+            if error:
+                raise sources.DataError(f"{where}: {error}")
         prompts = [
             templates.prompt_ids(template, tok, _prompt_conversation(rec, where)) for where, rec, _ in rows
         ]

@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jsft.errors import ConfigError
 from jsft.parallel import multihost
 
 # Two sets of per-dimension odd multipliers: each array gets two position-weighted sums mod 2**32.
@@ -156,6 +157,33 @@ class Checkpointer:
                 + (f"; other steps there: {others}{hint}" if others else "")
             ) from e
 
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """The parameters of one step only (the optimizer state is never read), verified against
+        their checksums; any failure is one CheckpointError."""
+        step_dir = epath.Path(self.directory) / str(step)
+        target = {"params": abstract_params}
+        try:
+            restored = ocp.PyTreeCheckpointer().restore(
+                step_dir / "state",
+                args=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,
+                ),
+            )
+            if (step_dir / "meta").exists():
+                saved = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")["checksums"]
+                # TrainState paths read `.params[...]`; the restored dict's read `['params'][...]`.
+                expected = {
+                    "['params']" + k[len(".params") :]: v for k, v in saved.items() if k.startswith(".params")
+                }
+                verify(restored, expected)
+        except Exception as e:  # noqa: BLE001 - every unreadable checkpoint is reported the same way
+            raise CheckpointError(
+                f"checkpoint {self.directory}/{step} cannot be restored ({_reason(e)})"
+            ) from e
+        return restored["params"]
+
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
         """The newest intact checkpoint as (step, state, data state, meta); None if there is none.
 
@@ -235,8 +263,6 @@ class BestCheckpoint:
     def update(self, step: int, metrics: dict, state: Any, data_state: dict, meta: dict) -> bool:
         """Save `state` if `metrics[metric]` beats the best so far; True if it did."""
         if self.metric not in metrics:
-            from jsft.config import ConfigError  # noqa: PLC0415
-
             raise ConfigError(
                 f"config.train.best_metric={self.metric!r} is not among the eval metrics {sorted(metrics)}"
             )

@@ -1,14 +1,20 @@
 """The training loop: the only place with side effects (files, checkpoints, signals, printing).
 
-It reads top to bottom as a story: set up the workdir, the input pipeline, the model and optimizer,
-the mesh, the state (fresh or restored), then train with logging, evaluation and checkpoints. Whatever
-ends the run (the last step, SIGTERM, early stopping, a non-finite step, an error) the pending saves
-finish, the files close and the SIGTERM handler is put back.
+`train_and_evaluate` reads as a story of named stages:
+
+    set up          the run (workdir, mesh), data, model, optimizer, jitted step, evaluation, files
+    restore/init    the newest intact checkpoint (weights, data position, best record), or fresh weights
+    train           step after step; each step may log, evaluate (and keep the best), save, stop
+    finish          pending saves complete, the summary is printed
+
+Whatever ends the run (the last step, SIGTERM, early stopping, a non-finite step, an error) the
+pending saves finish, the files close and the SIGTERM handler is put back (the ExitStack `scope`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -17,20 +23,21 @@ import time
 import jax
 import ml_collections
 import numpy as np
+import optax
 from tqdm import tqdm
 
 from jsft import config as config_lib
 from jsft.data import fingerprint
-from jsft.data.pipeline import Prefetcher, build_data, merge_states
+from jsft.data.pipeline import Data, Prefetcher, merge_states
+from jsft.errors import ConfigError
 from jsft.evals.suite import Evaluation, Interrupted
-from jsft.models.registry import build_model
+from jsft.models.registry import ModelDef
 from jsft.parallel import multihost, sharding
-from jsft.parallel.mesh import build_mesh
+from jsft.run import Run
 from jsft.train.checkpoint import BestCheckpoint, Checkpointer
 from jsft.train.nonfinite import NonFiniteGuard
-from jsft.train.optim import build_optimizer, build_schedule
 from jsft.train.preemption import StopRequest
-from jsft.train.state import TrainState, init_fn, state_shardings
+from jsft.train.state import TrainState
 from jsft.train.step import make_train_step
 from jsft.train.writer import MetricWriter
 
@@ -38,6 +45,116 @@ from jsft.train.writer import MetricWriter
 def _print(is_main: bool, msg: str) -> None:
     if is_main:
         tqdm.write(msg)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """What the stages share, built once by `set_up`; the changing values (state, step, data
+    position) travel as arguments and return values, never as attributes."""
+
+    run: Run
+    data: Data
+    model: ModelDef
+    tx: optax.GradientTransformation
+    state_target: TrainState  # abstract, with shardings: what a restore reads
+    state_sharding: TrainState
+    train_step: object  # jitted (state, batch) -> (state, metrics)
+    evaluation: Evaluation
+    ckpt: Checkpointer
+    stop: StopRequest
+    guard: NonFiniteGuard
+    stream_id: dict  # the data stream's fingerprint, stored in every checkpoint
+    data_metrics: dict  # data counts, logged at step 0
+    summary: dict  # the final numbers printed and returned
+    # Opened by restore_or_initialise, once the checkpoint (and its best record) is known:
+    best: BestCheckpoint | None = None
+    writer: MetricWriter | None = None
+
+    @property
+    def config(self) -> ml_collections.ConfigDict:
+        return self.run.config
+
+    def meta(self) -> dict:
+        """What a checkpoint carries besides the state and the data position."""
+        return {"data_fingerprint": self.stream_id, "best": self.best.record if self.best else None}
+
+    def close_files(self) -> None:
+        for f in (self.writer, self.best):
+            if f is not None:
+                f.close()
+
+    def to_global(self, batch: dict) -> dict:
+        sharding_ = self.run.batch_sharding
+        return {k: jax.make_array_from_process_local_data(sharding_, v) for k, v in batch.items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Train as configured; returns the summary it prints (final metrics, checkpoint location)."""
+    start_time = time.time()
+    with contextlib.ExitStack() as scope:
+        trainer = set_up(config, workdir, scope)
+        scope.callback(trainer.close_files)
+        start_step, state = restore_or_initialise(trainer)
+        step = train(trainer, start_step, state, scope)
+        return finish(trainer, step, start_time)
+
+
+# ---------------------------------------------------------------------- set up
+
+
+def set_up(config: ml_collections.ConfigDict, workdir: str, scope: contextlib.ExitStack) -> Trainer:
+    """Everything the loop needs, checked in order of cost (mesh before data before compilation)."""
+    run = Run.create(config, workdir)
+    if run.remote != run.workdir:
+        _print(
+            run.is_main,
+            f"Workdir {run.remote} is remote: checkpoints go there, logs and caches to {run.workdir}",
+        )
+    _write_config(config, run.workdir, run.is_main)
+    run.check_train_batch()
+    scope.enter_context(sharding.use_rules(run.mesh, run.rules))  # activations follow the same rules
+
+    data = run.data()
+    data_metrics = _report_data(config, data, run.is_main)
+    model = run.model(data.tokenizer.vocab_size)
+    tx, schedule = run.optimizer()
+    _print(run.is_main, f"Model: {model.config.num_params():,} parameters; {model.config}")
+    state_target, state_sharding, replicated_dims = run.state_layout(model, tx)
+    _print(
+        run.is_main,
+        f"Mesh: {dict(run.mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)"
+        + (f"; replicated (not divisible): {sorted(set(replicated_dims))}" if replicated_dims else ""),
+    )
+    step_fn = make_train_step(
+        model, tx, schedule, config.optim.grad_accum_steps, config.loss.normalization, len(data.source_names)
+    )
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(state_sharding, run.batch_sharding),
+        out_shardings=(state_sharding, run.replicated),
+        donate_argnums=0,
+    )
+    evaluation = Evaluation(config, model, data, run.batch_sharding, run.replicated, run.batch_divisor)
+    ckpt = run.checkpointer()
+    scope.callback(ckpt.close)
+    scope.callback(ckpt.wait)  # callbacks run last-in first-out: pending saves finish, then close
+    trainer = Trainer(
+        run=run,
+        data=data,
+        model=model,
+        tx=tx,
+        state_target=state_target,
+        state_sharding=state_sharding,
+        train_step=train_step,
+        evaluation=evaluation,
+        ckpt=ckpt,
+        stop=scope.enter_context(StopRequest(fallback_every=config.train.log_every_steps)),
+        guard=NonFiniteGuard(config.train.on_nonfinite, config.train.max_skipped_steps),
+        stream_id=_data_fingerprint(config, data),
+        data_metrics=data_metrics,
+        summary={k: v for k, v in data_metrics.items() if v},
+    )
+    return trainer
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> None:
@@ -56,289 +173,7 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str, is_main: bool
         config_lib.save_json(config, path)
 
 
-def _write_samples(workdir: str, step: int, samples: list[dict]) -> None:
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-    with open(os.path.join(workdir, "samples", f"step_{step:06d}.jsonl"), "w") as f:
-        f.writelines(json.dumps(s) + "\n" for s in samples)
-
-
-def _initial_state(config, model, tx, init_state, state_sharding):
-    """Fresh weights, or a Hugging Face checkpoint's, created or streamed straight into their shardings."""
-    key = jax.random.key(config.seed)
-    if not config.model.hf_path:
-        # Created in place, already sharded: no full copy of the model on any one device.
-        return jax.jit(init_state, out_shardings=state_sharding)(key)
-    from jsft.interop import hf  # noqa: PLC0415
-
-    params = hf.load_params(config.model.hf_path, model.config, state_sharding.params)
-    _, train_rng = jax.random.split(key)
-    create = jax.jit(
-        lambda p, rng: TrainState.create(p, tx, rng), out_shardings=state_sharding, donate_argnums=0
-    )
-    return create(params, train_rng)
-
-
-def _local_mirror(remote: str) -> str:
-    name = remote.split("://", 1)[1].strip("/").replace("/", "_")
-    return os.path.join(os.environ.get("JSFT_LOCAL_DIR", "/tmp/jsft"), name)
-
-
-def _data_fingerprint(config, data) -> dict:
-    """The stream's fingerprint, with per-source counts summed over every process's shards."""
-    counts = [{k: src.stats[k] for k in ("records", "examples", "tokens")} for src in data.train_sources]
-    totals = [
-        {k: sum(per_process[i][k] for per_process in multihost.allgather_json(counts)) for k in counts[i]}
-        for i in range(len(counts))
-    ]
-    return fingerprint.stream_fingerprint(
-        config.data, config.seed, data.train.num_shards, data.tokenizer.fingerprint(), totals
-    )
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Train as configured; returns the summary it prints (final metrics, checkpoint location)."""
-    # The scope undoes the activation-sharding rules, closes files and puts the SIGTERM handler back.
-    with contextlib.ExitStack() as scope:
-        return _train_and_evaluate(config, workdir, scope)
-
-
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, scope: contextlib.ExitStack):
-    start_time = time.time()
-    is_main = jax.process_index() == 0
-    # ------------------------------------------------------------------ Workdir
-    # Checkpoints go to the workdir, local or a bucket (gs://...: orbax writes there through
-    # tensorstore). Everything else (config copy, metrics, TensorBoard, samples, tokenizer, data cache)
-    # needs a local file system: with a remote workdir it goes to a local mirror that is printed.
-    if "://" in workdir:
-        remote, workdir = workdir.rstrip("/"), _local_mirror(workdir)
-        _print(is_main, f"Workdir {remote} is remote: checkpoints go there, logs and caches to {workdir}")
-    else:
-        workdir = remote = os.path.abspath(workdir)  # orbax (tensorstore) needs absolute paths
-    os.makedirs(workdir, exist_ok=True)
-    _write_config(config, workdir, is_main)
-
-    # ------------------------------------------------------------------ Mesh (checked before the data)
-    try:
-        mesh = build_mesh(config.mesh.shape, config.mesh.dcn_shape)
-        rules = sharding.parse_rules(config.mesh.rules.to_dict())
-    except ValueError as e:
-        raise config_lib.ConfigError(str(e)) from e
-    scope.enter_context(sharding.use_rules(mesh, rules))  # activations constrained by the same rules
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    divisor = sharding.batch_divisor(mesh, rules)
-    if (config.data.batch_size // config.optim.grad_accum_steps) % divisor:
-        raise config_lib.ConfigError(
-            f"config.data.batch_size={config.data.batch_size} / config.optim.grad_accum_steps="
-            f"{config.optim.grad_accum_steps} must be a multiple of {divisor}, the mesh axes the batch "
-            f"is split over ({dict(mesh.shape)}, config.mesh.rules.batch)"
-        )
-
-    # ------------------------------------------------------------------ Input pipeline
-    data = build_data(
-        config.data,
-        config.seed,
-        workdir,
-        jax.process_index(),
-        jax.process_count(),
-        eval_prompt_limit=config.eval.exact_match_examples,
-        hf_path=config.model.hf_path,
-    )
-    data_metrics = _report_data(config, data, is_main)
-
-    # ------------------------------------------------------------------ Model and optimizer
-    try:
-        model = build_model(config.model, data.tokenizer.vocab_size)
-    except ValueError as e:  # a vocabulary smaller than the tokenizer's, an unknown family
-        raise config_lib.ConfigError(str(e)) from e
-    total_steps = config.train.steps
-    schedule = build_schedule(config.optim, total_steps)
-    tx = build_optimizer(config.optim, schedule)
-    _print(is_main, f"Model: {model.config.num_params():,} parameters; {model.config}")
-
-    # ------------------------------------------------------------------ Shardings
-    init_state = init_fn(model, tx)
-    abstract_state, state_sharding, replicated_dims = state_shardings(model, tx, mesh, rules)
-    _print(
-        is_main,
-        f"Mesh: {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} "
-        f"process(es)"
-        + (f"; replicated (not divisible): {sorted(set(replicated_dims))}" if replicated_dims else ""),
-    )
-
-    # ------------------------------------------------------------------ Load checkpoint or init
-    stream_id = _data_fingerprint(config, data)
-    ckpt = Checkpointer(f"{remote}/checkpoints", config.train.keep_checkpoints)
-    scope.callback(ckpt.close)
-    scope.callback(ckpt.wait)  # callbacks run last-in first-out: pending saves finish, then close
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
-    )
-    restored = ckpt.restore_latest(target)
-    best_record = None
-    if restored is not None:
-        start_step, state, data_state, meta = restored
-        best_record = meta.get("best")
-        _restore_data(config, data, data_state, meta.get("data_fingerprint"), stream_id, start_step, is_main)
-        _print(is_main, f"Resuming from the checkpoint at step {start_step} in {ckpt.directory}")
-    else:
-        start_step = 0
-        state = _initial_state(config, model, tx, init_state, state_sharding)
-
-    # ------------------------------------------------------------------ Update step
-    train_step = jax.jit(
-        make_train_step(
-            model,
-            tx,
-            schedule,
-            config.optim.grad_accum_steps,
-            config.loss.normalization,
-            num_sources=len(data.source_names),
-        ),
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, replicated),
-        donate_argnums=0,
-    )
-    evaluation = Evaluation(config, model, data, batch_sharding, replicated, divisor)
-
-    def to_global(batch):
-        return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
-
-    summary: dict = {k: v for k, v in data_metrics.items() if v}
-    best = None
-    if config.train.best_metric:
-        best = BestCheckpoint(
-            f"{remote}/checkpoints_best",
-            config.train.best_metric,
-            config.train.best_mode,
-            record=best_record,
-            is_main=is_main,
-        )
-        scope.callback(best.close)
-
-    # Metrics files open only now: every check that can fail on user input has run.
-    writer = MetricWriter(workdir, enabled=is_main)
-    scope.callback(writer.close)
-    # Lines after the checkpoint are rewritten by this run; a fresh start keeps none of an earlier one.
-    writer.truncate_after(start_step if restored is not None else -1)
-    stop = scope.enter_context(StopRequest(fallback_every=config.train.log_every_steps))
-    guard = NonFiniteGuard(config.train.on_nonfinite, config.train.max_skipped_steps)
-    guard.checked_step = start_step
-
-    def meta() -> dict:
-        return {"data_fingerprint": stream_id, "best": best.record if best else None}
-
-    def evaluate(step: int, data_state: dict) -> bool:
-        """Evaluate and keep the best checkpoint; True if early stopping says this run is done.
-        `data_state`: the data position after `step` (saved with a new best checkpoint)."""
-        metrics, samples_by_task = evaluation.run(state.params, step, should_stop=stop.requested)
-        writer.write(step, metrics)
-        if is_main:
-            for name, task_samples in samples_by_task.items():
-                if task_samples:
-                    task_dir = workdir if name == "validation" else os.path.join(workdir, name)
-                    _write_samples(task_dir, step, task_samples)
-        summary.update(metrics)
-        _print(is_main, f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if best is None:
-            return False
-        if best.update(step, metrics, state, merge_states(multihost.allgather_json(data_state)), meta()):
-            _print(
-                is_main,
-                f"step {step}: new best {best.metric} {best.record['value']:.4f} "
-                f"(kept in {best.checkpointer.directory})",
-            )
-        patience = config.train.early_stopping_patience
-        if patience and best.record["evals_since_best"] >= patience:
-            _print(
-                is_main,
-                f"Early stopping at step {step}: {best.metric} has not improved for "
-                f"{patience} evaluations (best {best.record['value']:.4f} at step {best.record['step']})",
-            )
-            return True
-        return False
-
-    # ------------------------------------------------------------------ Train loop
-    data_state = data.train.state()
-    if start_step == 0:
-        writer.write(0, data_metrics)
-        if config.eval.at_start and config.train.eval_every_steps:
-            try:
-                evaluate(0, data_state)
-            except Interrupted:
-                _print(is_main, f"Signal {stop.signum}: stopped during the first evaluation; nothing to save")
-                return summary
-    if start_step >= total_steps:
-        _print(
-            is_main,
-            f"The checkpoint at step {start_step} already completes config.train.steps="
-            f"{total_steps}; nothing to train",
-        )
-    pbar = tqdm(
-        total=total_steps,
-        initial=start_step,
-        desc="train",
-        disable=not is_main,
-        dynamic_ncols=True,
-        mininterval=1.0,
-    )
-    scope.callback(pbar.close)
-    batches = Prefetcher(data.train, config.data.prefetch)  # packs ahead while the step runs
-    scope.callback(batches.close)
-    pending, last_time = [], time.time()
-    # stop_after_steps ends this invocation early (a time-limited job) without changing the schedule.
-    end_step = min(total_steps, config.train.stop_after_steps or total_steps)
-    step = start_step
-    for step in range(start_step + 1, end_step + 1):
-        batch, data_state = next(batches)
-        state, metrics = train_step(state, to_global(batch))
-        pending.append((step, metrics))
-        pbar.update(1)
-
-        if step % config.train.log_every_steps == 0 or step == end_step:
-            # Waits for the steps: only now is their time known.
-            fetched = jax.device_get([m for _, m in pending])
-            elapsed, last_time = time.time() - last_time, time.time()
-            skipped = guard.check([s for s, _ in pending], [bool(m["nonfinite"]) for m in fetched])
-            logged = _train_metrics(fetched, elapsed, config.data, data, data_state)
-            logged["train/skipped_steps"] = float(skipped)
-            writer.write(step, logged)
-            summary["train/loss"] = logged["train/loss"]
-            pbar.set_postfix(loss=f"{logged['train/loss']:.4f}", tok_s=f"{logged['train/tokens_per_s']:.0f}")
-            pending = []
-
-        early_stop = stopping = False
-        eval_every = config.train.eval_every_steps
-        if eval_every and (step % eval_every == 0 or step == total_steps):
-            try:
-                early_stop = evaluate(step, data_state)
-            except Interrupted:  # SIGTERM during a long evaluation: save the step, skip the rest
-                stopping = True
-            last_time = time.time()  # evaluation time is not training throughput
-        stopping = stopping or stop.requested()
-        if step % config.train.checkpoint_every_steps == 0 or step == end_step or stopping or early_stop:
-            # Never save past a non-finite step that the policy stops on: check the unlogged flags first.
-            flags = jax.device_get([m["nonfinite"] for _, m in pending])
-            guard.check([s for s, _ in pending], [bool(f) for f in flags])
-            ckpt.save(step, state, merge_states(multihost.allgather_json(data_state)), meta())
-        if early_stop:
-            break
-        if stopping:
-            _print(is_main, f"Signal {stop.signum or 15}: saved a checkpoint at step {step}; rerun to resume")
-            break
-    ckpt.wait()
-    if best is not None and best.record["step"] is not None:
-        summary.update(best_step=best.record["step"], best_value=best.record["value"])
-
-    # ------------------------------------------------------------------ Summary
-    summary.update(steps=step, checkpoint_dir=ckpt.directory, wall_time_s=time.time() - start_time)
-    if is_main:
-        lines = [f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}" for k, v in summary.items()]
-        tqdm.write("Summary\n" + "\n".join(lines))
-    return summary
-
-
-def _report_data(config, data, is_main: bool) -> dict[str, float]:
+def _report_data(config: ml_collections.ConfigDict, data: Data, is_main: bool) -> dict[str, float]:
     """Print one line per source and return the data counts logged at step 0."""
     data_metrics = {}
     for src in data.train_sources:
@@ -362,7 +197,53 @@ def _report_data(config, data, is_main: bool) -> dict[str, float]:
     return data_metrics
 
 
-def _restore_data(config, data, data_state: dict, saved_id: dict | None, stream_id: dict, step: int, is_main):
+def _data_fingerprint(config: ml_collections.ConfigDict, data: Data) -> dict:
+    """The stream's fingerprint, with per-source counts summed over every process's shards."""
+    counts = [{k: src.stats[k] for k in ("records", "examples", "tokens")} for src in data.train_sources]
+    gathered = multihost.allgather_json(counts)
+    totals = [{k: sum(p[i][k] for p in gathered) for k in counts[i]} for i in range(len(counts))]
+    return fingerprint.stream_fingerprint(
+        config.data, config.seed, data.train.num_shards, data.tokenizer.fingerprint(), totals
+    )
+
+
+# ---------------------------------------------------------------------- restore or initialise
+
+
+def restore_or_initialise(t: Trainer) -> tuple[int, TrainState]:
+    """(start step, state): the newest intact checkpoint with its data position and best record, or
+    fresh (or Hugging Face) weights at step 0. Opens the metrics files and the best checkpoint."""
+    config, is_main = t.config, t.run.is_main
+    restored = t.ckpt.restore_latest(t.state_target)
+    best_record = None
+    if restored is not None:
+        start_step, state, data_state, meta = restored
+        best_record = meta.get("best")
+        _restore_data(
+            config, t.data, data_state, meta.get("data_fingerprint"), t.stream_id, start_step, is_main
+        )
+        _print(is_main, f"Resuming from the checkpoint at step {start_step} in {t.ckpt.directory}")
+    else:
+        start_step, state = 0, t.run.initial_state(t.model, t.tx, t.state_sharding)
+    if config.train.best_metric:
+        t.best = BestCheckpoint(
+            f"{t.run.remote}/checkpoints_best",
+            config.train.best_metric,
+            config.train.best_mode,
+            best_record,
+            is_main,
+        )
+    # Metrics files open only now: every check that can fail on user input has run. Lines after the
+    # checkpoint are rewritten by this run; a fresh start keeps none of an earlier one.
+    t.writer = MetricWriter(t.run.workdir, enabled=is_main)
+    t.writer.truncate_after(start_step if restored is not None else -1)
+    t.guard.checked_step = start_step
+    return start_step, state
+
+
+def _restore_data(
+    config, data: Data, data_state: dict, saved_id: dict | None, stream_id: dict, step: int, is_main
+):
     """Put the data stream back where the checkpoint left it, if it is still the same stream."""
     changed = fingerprint.changes(saved_id, stream_id) if saved_id is not None else []
     if changed and config.data.on_changed_data == "restart":
@@ -373,7 +254,7 @@ def _restore_data(config, data, data_state: dict, saved_id: dict | None, stream_
         )
         return
     if changed:
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"the data stream differs from the one the checkpoint at step {step} was trained on: "
             f"{'; '.join(changed)}. Resume with the same settings and data, or set "
             "config.data.on_changed_data='restart' to keep the weights and start the data afresh"
@@ -381,13 +262,133 @@ def _restore_data(config, data, data_state: dict, saved_id: dict | None, stream_
     try:
         data.train.restore(data_state)
     except (ValueError, KeyError, IndexError) as e:
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"cannot resume the data position of the checkpoint at step {step}: {e}. Set "
             "config.data.on_changed_data='restart' to keep the weights and start the data afresh"
         ) from e
 
 
-def _train_metrics(fetched: list[dict], elapsed: float, data_cfg, data, data_state) -> dict[str, float]:
+# ---------------------------------------------------------------------- train
+
+
+def train(t: Trainer, start_step: int, state: TrainState, scope: contextlib.ExitStack) -> int:
+    """Step from `start_step` to the end (or a stop); returns the last step taken."""
+    config, is_main = t.config, t.run.is_main
+    data_state = t.data.train.state()
+    if start_step == 0:
+        t.writer.write(0, t.data_metrics)
+        if config.eval.at_start and config.train.eval_every_steps:
+            try:
+                evaluate(t, 0, state, data_state)
+            except Interrupted:
+                _print(
+                    is_main, f"Signal {t.stop.signum}: stopped during the first evaluation; nothing to save"
+                )
+                return 0
+    total_steps = config.train.steps
+    if start_step >= total_steps:
+        _print(
+            is_main, f"The checkpoint at step {start_step} already completes config.train.steps={total_steps}"
+        )
+    pbar = tqdm(total=total_steps, initial=start_step, desc="train", disable=not is_main, mininterval=1.0)
+    scope.callback(pbar.close)
+    batches = Prefetcher(t.data.train, config.data.prefetch)  # packs ahead while the step runs
+    scope.callback(batches.close)
+    pending, last_time = [], time.time()
+    # stop_after_steps ends this invocation early (a time-limited job) without changing the schedule.
+    end_step = min(total_steps, config.train.stop_after_steps or total_steps)
+    step = start_step
+    for step in range(start_step + 1, end_step + 1):
+        batch, data_state = next(batches)
+        state, metrics = t.train_step(state, t.to_global(batch))
+        pending.append((step, metrics))
+        pbar.update(1)
+        if step % config.train.log_every_steps == 0 or step == end_step:
+            log(t, step, pending, time.time() - last_time, data_state, pbar)
+            pending, last_time = [], time.time()
+        early_stop = stopping = False
+        if config.train.eval_every_steps and (
+            step % config.train.eval_every_steps == 0 or step == total_steps
+        ):
+            try:
+                early_stop = evaluate(t, step, state, data_state)
+            except Interrupted:  # SIGTERM during a long evaluation: save the step, skip the rest
+                stopping = True
+            last_time = time.time()  # evaluation time is not training throughput
+        stopping = stopping or t.stop.requested()
+        if step % config.train.checkpoint_every_steps == 0 or step == end_step or stopping or early_stop:
+            save(t, step, state, data_state, pending)
+        if stopping:
+            _print(
+                is_main, f"Signal {t.stop.signum or 15}: saved a checkpoint at step {step}; rerun to resume"
+            )
+        if stopping or early_stop:
+            break
+    return step
+
+
+def log(t: Trainer, step: int, pending: list, elapsed: float, data_state: dict, pbar) -> None:
+    """One metrics line for the steps since the last one (waits for them: only now is their time
+    known); the non-finite guard sees their flags first."""
+    fetched = jax.device_get([m for _, m in pending])
+    skipped = t.guard.check([s for s, _ in pending], [bool(m["nonfinite"]) for m in fetched])
+    logged = _train_metrics(fetched, elapsed, t.config.data, t.data, data_state)
+    logged["train/skipped_steps"] = float(skipped)
+    t.writer.write(step, logged)
+    t.summary["train/loss"] = logged["train/loss"]
+    pbar.set_postfix(loss=f"{logged['train/loss']:.4f}", tok_s=f"{logged['train/tokens_per_s']:.0f}")
+
+
+def evaluate(t: Trainer, step: int, state: TrainState, data_state: dict) -> bool:
+    """Evaluate `state` after `step`, write the metrics and samples, keep the best checkpoint; True
+    when early stopping says the run is done. Raises Interrupted on SIGTERM (nothing written)."""
+    is_main = t.run.is_main
+    metrics, samples_by_task = t.evaluation.run(state.params, step, should_stop=t.stop.requested)
+    t.writer.write(step, metrics)
+    if is_main:
+        for name, task_samples in samples_by_task.items():
+            if task_samples:
+                task_dir = t.run.workdir if name == "validation" else os.path.join(t.run.workdir, name)
+                _write_samples(task_dir, step, task_samples)
+    t.summary.update(metrics)
+    _print(is_main, f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    best = t.best
+    if best is None:
+        return False
+    if best.update(step, metrics, state, merge_states(multihost.allgather_json(data_state)), t.meta()):
+        _print(
+            is_main,
+            f"step {step}: new best {best.metric} {best.record['value']:.4f} "
+            f"(kept in {best.checkpointer.directory})",
+        )
+    patience = t.config.train.early_stopping_patience
+    if patience and best.record["evals_since_best"] >= patience:
+        _print(
+            is_main,
+            f"Early stopping at step {step}: {best.metric} has not improved for {patience} evaluations "
+            f"(best {best.record['value']:.4f} at step {best.record['step']})",
+        )
+        return True
+    return False
+
+
+def save(t: Trainer, step: int, state: TrainState, data_state: dict, pending: list) -> None:
+    """Checkpoint `state` after `step`, never past a non-finite step the policy stops on (the flags
+    of steps not yet logged are checked first; a save synchronises anyway)."""
+    flags = jax.device_get([m["nonfinite"] for _, m in pending])
+    t.guard.check([s for s, _ in pending], [bool(f) for f in flags])
+    t.ckpt.save(step, state, merge_states(multihost.allgather_json(data_state)), t.meta())
+
+
+def _write_samples(workdir: str, step: int, samples: list[dict]) -> None:
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    with open(os.path.join(workdir, "samples", f"step_{step:06d}.jsonl"), "w") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+
+
+def _train_metrics(
+    fetched: list[dict], elapsed: float, data_cfg, data: Data, data_state: dict
+) -> dict[str, float]:
     """Metrics over the steps since the last log line: mean loss of the applied steps, last lr/grad
     norm, throughput."""
     applied = [m for m in fetched if not m["nonfinite"]] or fetched
@@ -407,3 +408,19 @@ def _train_metrics(fetched: list[dict], elapsed: float, data_cfg, data, data_sta
     for name, epochs in data.epochs(data_state).items():
         logged[f"data/epoch/{name}"] = epochs
     return logged
+
+
+# ---------------------------------------------------------------------- finish
+
+
+def finish(t: Trainer, step: int, start_time: float) -> dict:
+    """Wait for the last save and print the summary (final metrics, best checkpoint, where)."""
+    t.ckpt.wait()
+    summary = t.summary
+    if t.best is not None and t.best.record["step"] is not None:
+        summary.update(best_step=t.best.record["step"], best_value=t.best.record["value"])
+    summary.update(steps=step, checkpoint_dir=t.ckpt.directory, wall_time_s=time.time() - start_time)
+    if t.run.is_main:
+        lines = [f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}" for k, v in summary.items()]
+        tqdm.write("Summary\n" + "\n".join(lines))
+    return summary

@@ -18,11 +18,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jsft.models.registry import build_model
 from jsft.parallel import sharding
-from jsft.parallel.mesh import build_mesh, resolve_shape
-from jsft.train.optim import build_optimizer, build_schedule
-from jsft.train.state import state_shardings
+from jsft.parallel.mesh import resolve_shape
+from jsft.run import Run
 from jsft.train.step import make_train_step
 
 GB = 1e9
@@ -56,18 +54,16 @@ def per_device_bytes(abstract_tree, shardings_tree) -> int:
     return total
 
 
-def _compile_step(config, model, tx, schedule, abstract, state_sharding, mesh, rules):
-    """XLA's memory analysis of the train step for abstract inputs."""
-    batch_sharding = sharding.batch_sharding(mesh, rules)
+def _compile_step(run: Run, model, tx, schedule, state, state_sharding):
+    """XLA's memory analysis of the train step for abstract inputs (`state`: abstract, sharded)."""
+    config, mesh, rules = run.config, run.mesh, run.rules
+    batch_sharding = run.batch_sharding
     shape = (config.data.batch_size, config.data.seq_len)
     batch = {
         k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
         for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions", "source_ids")
     }
-    state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
-    )
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    replicated = run.replicated
     step = jax.jit(
         make_train_step(model, tx, schedule, config.optim.grad_accum_steps, config.loss.normalization),
         in_shardings=(state_sharding, batch_sharding),
@@ -88,12 +84,11 @@ def run_plan(
     start = time.time()
     if not config.model.vocab_size:
         raise ValueError("config.model.vocab_size=0: a plan needs the vocabulary size (no tokenizer is read)")
-    model = build_model(config.model, config.model.vocab_size)
-    schedule = build_schedule(config.optim, config.train.steps)
-    tx = build_optimizer(config.optim, schedule)
-    mesh = build_mesh(config.mesh.shape, config.mesh.dcn_shape)
-    rules = sharding.parse_rules(config.mesh.rules.to_dict())
-    abstract, state_sharding, dropped = state_shardings(model, tx, mesh, rules)
+    run = Run.create(config)
+    model = run.model(config.model.vocab_size)
+    tx, schedule = run.optimizer()
+    abstract, state_sharding, dropped = run.state_layout(model, tx)
+    mesh = run.mesh
 
     params = per_device_bytes(abstract.params, state_sharding.params)
     opt = per_device_bytes(abstract.opt_state, state_sharding.opt_state)
@@ -102,11 +97,7 @@ def run_plan(
         state_sharding.params,
     )  # accumulated in float32 by the step
     rows = [("parameters", params), ("optimizer state", opt), ("gradients (float32)", grads)]
-    analysis = (
-        _compile_step(config, model, tx, schedule, abstract, state_sharding, mesh, rules)
-        if compile_step
-        else None
-    )
+    analysis = _compile_step(run, model, tx, schedule, abstract, state_sharding) if compile_step else None
     if analysis is not None:
         temp = int(analysis.temp_size_in_bytes)
         rows.append(("activations + workspace (XLA temp - gradients)", max(temp - grads, 0)))

@@ -5,13 +5,13 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = r"""
 import json, sys
 sys.path.insert(0, "REPO")
 from configs import demo
-from jsft.parallel import plan
+from jsft import plan
 config = demo.get_config()
 config.model.vocab_size = 512
 config.mesh.shape = (1, 4, 1)

@@ -1,0 +1,201 @@
+"""One run: a config and a workdir turned into what every mode shares.
+
+    run = Run.create(config, workdir)       # the workdir (local, or remote with a local mirror), mesh
+    data = run.data()                       # tokenizer, sources, train stream, eval examples
+    model = run.model(data.tokenizer.vocab_size)
+    params, label, step = run.restore_params(model, "latest")   # parameters only: no Adam moments
+
+train, eval, generate, export, inspect, plan and bench are short functions over these pieces. The
+run is also where weights come from: fresh, from a Hugging Face checkpoint (`model.hf_path`), or from
+a checkpoint of the workdir; the model registry only builds modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import ml_collections
+import optax
+
+from jsft.data.pipeline import Data, build_data, build_tokenizer
+from jsft.data.tokenizer import Tokenizer
+from jsft.errors import ConfigError
+from jsft.interop import hf
+from jsft.models.registry import ModelDef, build_model
+from jsft.parallel import sharding
+from jsft.parallel.mesh import build_mesh
+from jsft.train.checkpoint import Checkpointer
+from jsft.train.optim import build_optimizer, build_schedule
+from jsft.train.state import TrainState, init_fn, state_shardings
+
+
+def local_mirror(remote: str) -> str:
+    """Where logs and caches of a remote (gs://...) workdir live on this host."""
+    name = remote.split("://", 1)[1].strip("/").replace("/", "_")
+    return os.path.join(os.environ.get("JSFT_LOCAL_DIR", "/tmp/jsft"), name)
+
+
+def _with_shardings(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+@dataclasses.dataclass
+class Run:
+    config: ml_collections.ConfigDict
+    workdir: str  # local: config copy, metrics, caches, tokenizer (a mirror when `remote` is a bucket)
+    remote: str  # where checkpoints live (the workdir itself when it is local)
+    mesh: jax.sharding.Mesh
+    rules: sharding.Rules
+
+    # ------------------------------------------------------------------ set up
+    @classmethod
+    def create(cls, config: ml_collections.ConfigDict, workdir: str = "") -> Run:
+        """Resolve the workdir and build the mesh; a bad mesh is a ConfigError before any data is read.
+        `workdir=""` (plan, bench) keeps nothing on disk."""
+        if "://" in workdir:
+            remote, local = workdir.rstrip("/"), local_mirror(workdir)
+        else:
+            remote = local = os.path.abspath(workdir) if workdir else ""  # orbax needs absolute paths
+        if local:
+            os.makedirs(local, exist_ok=True)
+        try:
+            mesh = build_mesh(config.mesh.shape, config.mesh.dcn_shape)
+            rules = sharding.parse_rules(config.mesh.rules.to_dict())
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        return cls(config, local, remote, mesh, rules)
+
+    @property
+    def is_main(self) -> bool:
+        return jax.process_index() == 0
+
+    @property
+    def replicated(self) -> jax.sharding.NamedSharding:
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+    @property
+    def batch_sharding(self) -> jax.sharding.NamedSharding:
+        return sharding.batch_sharding(self.mesh, self.rules)
+
+    @property
+    def batch_divisor(self) -> int:
+        """How many ways the batch axes split a batch: batch sizes must be multiples of it."""
+        return sharding.batch_divisor(self.mesh, self.rules)
+
+    def check_train_batch(self) -> None:
+        cfg = self.config
+        if (cfg.data.batch_size // cfg.optim.grad_accum_steps) % self.batch_divisor:
+            raise ConfigError(
+                f"config.data.batch_size={cfg.data.batch_size} / config.optim.grad_accum_steps="
+                f"{cfg.optim.grad_accum_steps} must be a multiple of {self.batch_divisor}, the mesh axes "
+                f"the batch is split over ({dict(self.mesh.shape)}, config.mesh.rules.batch)"
+            )
+
+    # ------------------------------------------------------------------ data and tokenizer
+    def data(
+        self, eval_prompt_limit: int | None = None, data_cfg: ml_collections.ConfigDict | None = None
+    ) -> Data:
+        """The configured data for this process (tokenized, cached in the workdir)."""
+        limit = self.config.eval.exact_match_examples if eval_prompt_limit is None else eval_prompt_limit
+        return build_data(
+            data_cfg or self.config.data,
+            self.config.seed,
+            self.workdir,
+            jax.process_index(),
+            jax.process_count(),
+            eval_prompt_limit=limit,
+            hf_path=self.config.model.hf_path,
+        )
+
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the run trained on, without reading any data (export, generate)."""
+
+        def no_texts():
+            raise FileNotFoundError(
+                f"no tokenizer: {self.workdir}/tokenizer.model is missing and the config names none "
+                "(config.data.tokenizer, config.model.hf_path)"
+            )
+
+        cfg = self.config
+        return build_tokenizer(cfg.data, self.workdir, cfg.data.template, no_texts, cfg.model.hf_path)
+
+    # ------------------------------------------------------------------ model and optimizer
+    def model(self, vocab_size: int) -> ModelDef:
+        """The configured model; with `model.hf_path`, the checkpoint's architecture (the config's
+        shape fields are ignored, its dtypes and remat policy apply)."""
+        cfg = self.config.model
+        try:
+            if not cfg.hf_path:
+                return build_model(cfg, vocab_size)
+            numerics = {k: cfg[k] for k in ("param_dtype", "compute_dtype", "remat")}
+            arch = hf.config_from_hf(hf.read_config(cfg.hf_path), **numerics)
+        except ValueError as e:  # an unknown family, a vocabulary smaller than the tokenizer's
+            raise ConfigError(str(e)) from e
+        if arch.vocab_size < vocab_size:
+            raise ConfigError(
+                f"config.model.hf_path={cfg.hf_path}: the model's vocabulary ({arch.vocab_size}) is "
+                f"smaller than the tokenizer's ({vocab_size})"
+            )
+        return ModelDef.create(arch)
+
+    def optimizer(self) -> tuple[optax.GradientTransformation, optax.Schedule]:
+        schedule = build_schedule(self.config.optim, self.config.train.steps)
+        return build_optimizer(self.config.optim, schedule), schedule
+
+    def state_layout(self, model: ModelDef, tx: optax.GradientTransformation):
+        """(abstract TrainState with shardings, TrainState of shardings, dims replicated for
+        divisibility): nothing is allocated."""
+        abstract, shardings, dropped = state_shardings(model, tx, self.mesh, self.rules)
+        return _with_shardings(abstract, shardings), shardings, dropped
+
+    def params_layout(self, model: ModelDef):
+        """(abstract params with shardings, params' shardings): what a parameters-only restore reads."""
+        abstract = model.abstract_params()
+        shardings = sharding.param_shardings(abstract, model.logical_axes(), self.mesh, self.rules, [])
+        return _with_shardings(abstract, shardings), shardings
+
+    # ------------------------------------------------------------------ weights
+    def initial_state(self, model: ModelDef, tx: optax.GradientTransformation, state_sharding) -> TrainState:
+        """Fresh weights, or the Hugging Face checkpoint's, created or streamed straight into their
+        shardings (no full copy of the model on any one device)."""
+        key = jax.random.key(self.config.seed)
+        if not self.config.model.hf_path:
+            return jax.jit(init_fn(model, tx), out_shardings=state_sharding)(key)
+        params = hf.load_params(self.config.model.hf_path, model.config, state_sharding.params)
+        _, train_rng = jax.random.split(key)
+        create = jax.jit(
+            lambda p, rng: TrainState.create(p, tx, rng), out_shardings=state_sharding, donate_argnums=0
+        )
+        return create(params, train_rng)
+
+    def checkpointer(self, name: str = "checkpoints", keep: int | None = None) -> Checkpointer:
+        keep = self.config.train.keep_checkpoints if keep is None else keep
+        return Checkpointer(f"{self.remote}/{name}", keep)
+
+    def restore_params(self, model: ModelDef, which: str = "latest") -> tuple[dict, str, int]:
+        """(params, label, step) of `which`: `latest`, `best`, a step of the workdir's checkpoints, or
+        `hf` (the weights of model.hf_path as they are, step 0). Only the parameters are read: the
+        optimizer state (twice the parameters' bytes with AdamW) stays on disk."""
+        target, shardings = self.params_layout(model)
+        if which == "hf":
+            if not self.config.model.hf_path:
+                raise ConfigError(
+                    "--checkpoint=hf evaluates the weights of config.model.hf_path, which is not set; set it "
+                    "or name a checkpoint of the workdir (--checkpoint=latest, best or a step)"
+                )
+            return hf.load_params(self.config.model.hf_path, model.config, shardings), "hf", 0
+        ckpt = self.checkpointer("checkpoints_best" if which == "best" else "checkpoints", keep=1000)
+        try:
+            if which not in ("latest", "best") and not which.isdigit():
+                raise ConfigError(f"--checkpoint={which!r}: expected latest, best, hf or a step number")
+            step = ckpt.latest_step() if which in ("latest", "best") else int(which)
+            if step is None or step not in ckpt.all_steps():
+                raise FileNotFoundError(
+                    f"no checkpoint {which!r} in {ckpt.directory} (steps: {ckpt.all_steps()})"
+                )
+            params = ckpt.restore_params(step, target)
+        finally:
+            ckpt.close()
+        return params, f"{which}_step_{step}", step
