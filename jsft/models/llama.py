@@ -21,7 +21,7 @@ from flax import nnx
 from jsft.models import attention
 from jsft.parallel.sharding import constrain
 
-# Logical axis names used on parameters; the sharding rules (a later issue) map them to mesh axes.
+# Logical axis names used on parameters; config.mesh.rules (jsft/parallel/sharding.py) map them to mesh axes.
 LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "layers")
 
 ACTIVATION_AXES = ("batch", "seq", "embed")  # the residual stream between blocks

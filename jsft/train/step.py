@@ -26,7 +26,7 @@ def make_train_step(
     normalization: str = "token",
     num_sources: int = 0,
 ) -> Callable:
-    """Build the un-jitted step; the loop jits it with donation (and, later, explicit shardings)."""
+    """Build the un-jitted step; the loop jits it with donation and explicit shardings."""
 
     def loss_sums(params, micro):
         logits = model.apply(params, micro["inputs"], micro["positions"], micro["segment_ids"])
