@@ -22,7 +22,8 @@ import ml_collections
 import numpy as np
 
 from jsft.data import packing
-from jsft.data.pipeline import Data, TokenizedSource, build_data
+from jsft.data.examples import TokenizedSource
+from jsft.data.pipeline import Data, build_data
 from jsft.data.tokenizer import Tokenizer
 
 PACK_SAMPLE = 20_000  # examples packed per source to measure packing efficiency

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jsft.data import packing
-from jsft.data.pipeline import Prefetcher, build_data
+from jsft.data.batches import Prefetcher, merge_states
+from jsft.data.pipeline import build_data
 from jsft.data.sources import DataError
 from tests import tiny_config
 from tests.conftest import make_records, write_jsonl
@@ -120,7 +121,7 @@ def test_tokenization_is_cached_by_data_tokenizer_template_and_seq_len(two_sourc
     assert len(set(glob.glob(str(tmp_path / "cache" / "tokenized-*.arrow"))) - files) == 4
 
 
-def test_each_host_reads_a_disjoint_shard(two_sources, tmp_path):
+def test_each_host_tokenizes_a_disjoint_shard(two_sources, tmp_path):
     config = _two_source_config(two_sources, batch_size=4)
     hosts = [build_data(config.data, 0, str(tmp_path / str(i)), i, 2) for i in range(2)]
     for k in range(2):
@@ -230,6 +231,4 @@ def test_global_batches_depend_on_num_shards_not_on_the_process_count(two_source
         for k in packing.ROW_KEYS:
             np.testing.assert_array_equal(whole[k], np.concatenate([p[k] for p in parts]))
     # A checkpoint holds every shard: the merged host states equal the single process's state.
-    from jsft.data.pipeline import merge_states
-
     assert merge_states([h.train.state() for h in hosts]) == single.train.state()

@@ -1,0 +1,133 @@
+"""One source's examples as flat token arrays, with its counts and the errors that explain bad
+records or a source left without examples.
+
+`collect` turns a tokenized table (see tokenizing.py) into a TokenizedSource: every example's ids and
+mask in two flat arrays with row offsets (memory-mapped where Arrow allows), the indices of the rows
+that are examples, the bad records with their locations and reasons, and the statistics that the
+training log and `--mode inspect` report. The errors list the first bad records as `file:line: reason`
+lines and name the config key to change.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import datasets
+import numpy as np
+
+from jsft.data import packing, sources
+
+ON_BAD_RECORD = ("error", "skip")
+
+
+@dataclasses.dataclass
+class TokenizedSource:
+    """One source's kept examples as flat arrays (memory-mapped where Arrow allows) plus its stats."""
+
+    name: str
+    index: int
+    table: datasets.Dataset  # the tokenized table, bad and dropped rows included (for reports)
+    ids: np.ndarray
+    mask: np.ndarray
+    offsets: np.ndarray  # row r's tokens are ids[offsets[r]:offsets[r + 1]]
+    kept: np.ndarray  # table rows that are examples
+    bad: list[tuple[str, str]]  # (where, reason)
+    stats: dict
+    bad_codes: list[str] = dataclasses.field(default_factory=list)  # the short reason code of each bad
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def example(self, i: int) -> packing.Example:
+        r = self.kept[i]
+        sl = slice(self.offsets[r], self.offsets[r + 1])
+        return packing.Example(self.ids[sl], self.mask[sl].astype(np.bool_), self.index)
+
+    def examples(self) -> list[packing.Example]:
+        return [self.example(i) for i in range(len(self))]
+
+
+def collect(name: str, index: int, tokenized: datasets.Dataset) -> TokenizedSource:
+    tbl = tokenized.with_format("arrow")[:]
+    ids_col, mask_col = tbl.column("ids").combine_chunks(), tbl.column("mask").combine_chunks()
+    offsets = ids_col.offsets.to_numpy()
+    ids = ids_col.values.to_numpy(zero_copy_only=False)
+    mask = mask_col.values.to_numpy(zero_copy_only=False)
+    errors = np.asarray(tbl.column("error").to_pylist(), dtype=object)
+    codes = tbl.column("code").to_pylist()
+    dropped = tbl.column("dropped").to_numpy(zero_copy_only=False)
+    truncated = tbl.column("truncated").to_numpy(zero_copy_only=False)
+    is_bad = errors != ""
+    kept = np.flatnonzero(~is_bad & ~dropped)
+    where = tbl.column("where").to_pylist()
+    bad = [(where[i], errors[i]) for i in np.flatnonzero(is_bad)]
+    lengths = np.diff(offsets)[kept]
+    stats = {
+        "records": int(len(tbl)),
+        "examples": int(len(kept)),
+        "bad": int(is_bad.sum()),
+        "bad_by_reason": dict(collections.Counter(codes[i] for i in np.flatnonzero(is_bad))),
+        "truncated": int((truncated & ~dropped).sum()),
+        "dropped_overlong": int(dropped.sum()),
+        "tokens": int(lengths.sum()),
+    }
+    bad_codes = [codes[i] for i in np.flatnonzero(is_bad)]
+    return TokenizedSource(name, index, tokenized, ids, mask, offsets, kept, bad, stats, bad_codes)
+
+
+def _listing(bad: list[tuple[str, object]], count: int, limit: int = 10) -> str:
+    """The first bad records, one `  file:line: reason` line each."""
+    lines = [f"  {where}: {reason}" for where, reason in bad[:limit]]
+    more = [f"  ... and {count - limit} more"] if count > limit else []
+    return "\n".join(lines + more)
+
+
+def bad_records_error(src: TokenizedSource, limit: int = 10) -> sources.DataError:
+    return sources.DataError(
+        f"source {src.name!r}: {len(src.bad)} bad record(s) of {src.stats['records']}:\n"
+        + _listing(src.bad, len(src.bad), limit)
+        + "\nFix them, or set config.data.on_bad_record='skip' to train without them (they are "
+        "counted and reported)."
+    )
+
+
+def all_bad_error(name: str, path: str, bad: list[tuple[str, object]], count: int) -> sources.DataError:
+    return sources.DataError(
+        f"source {name!r} ({path}): all {count} record(s) are bad, so there is nothing to train on:\n"
+        + _listing(bad, count)
+        + "\nFix them (config.data.on_bad_record='skip' cannot help when every record is bad), or "
+        f"check config.data.sources.{name}.format and .fields."
+    )
+
+
+def no_examples_error(src: TokenizedSource, path: str, seq_len: int, overlong: str) -> sources.DataError:
+    """Why a source kept no example: every record bad, or the good ones all dropped as over-long."""
+    st = src.stats
+    good = st["records"] - st["bad"]
+    if not st["records"]:
+        return sources.DataError(
+            f"source {src.name!r} ({path}): this process's data shards hold none of its records (it has "
+            "fewer records than config.data.num_shards); add records or lower config.data.num_shards"
+        )
+    if not good:
+        return all_bad_error(src.name, path, src.bad, st["bad"])
+    shortest = int(np.asarray(src.table["full_length"])[np.asarray(src.table["dropped"], bool)].min())
+    if overlong == "drop":
+        policy, other = "config.data.overlong='drop' dropped them", "truncate"
+    else:
+        policy = (
+            f"config.data.overlong={overlong!r} cut them to {seq_len + 1} tokens, which left no trained "
+            "(response) token"
+        )
+        other = "truncate_prompt" if overlong == "truncate" else ""
+    fix = f"raise config.data.seq_len (the shortest example has {shortest} tokens)"
+    fix += f" or set config.data.overlong={other!r}" if other else ""
+    which = f"all {good}"
+    if st["bad"]:
+        which = f"{st['bad']} of {st['records']} records are bad (skipped; listed below) and the other {good}"
+    msg = (
+        f"source {src.name!r} ({path}): no usable examples: {which} examples have more than "
+        f"config.data.seq_len + 1 = {seq_len + 1} tokens and {policy}; {fix}"
+    )
+    return sources.DataError(msg + ("\n" + _listing(src.bad, st["bad"]) if st["bad"] else ""))
