@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsft.models.registry import ModelDef
+from jsft.parallel.placement import BatchPlacement
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,12 +109,13 @@ def generate_ids(
     batch_size: int,
     stop_ids: list[int],
     pad_id: int,
-    put=lambda x: x,
+    placement: BatchPlacement | None = None,
     step: int = 0,
 ) -> list[list[int]]:
     """Continuations (cut before the first stop id) for every prompt, in batches of one fixed shape;
     prompts longer than `max_prompt_len` keep their last tokens. Sampling keys derive from `step`
-    (the eval step) and the batch index."""
+    (the eval step) and the batch index. `placement` puts each batch on the mesh (default: as is)."""
+    placement = placement or BatchPlacement()
     outputs = []
     for batch, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = [p[-max_prompt_len:] for p in prompts[start : start + batch_size]]
@@ -121,7 +123,10 @@ def generate_ids(
         lengths = np.ones(batch_size, np.int32)  # filler rows decode from a one-token prompt
         for r, p in enumerate(chunk):
             tokens[r, : len(p)], lengths[r] = p, len(p)
-        out = np.asarray(generator(params, put(tokens), put(lengths), np.int32(step), np.int32(batch)))
+        placed = placement.put_batch({"prompts": tokens, "lengths": lengths})
+        out = np.asarray(
+            generator(params, placed["prompts"], placed["lengths"], np.int32(step), np.int32(batch))
+        )
         outputs += [cut_at_stop(out[r].tolist(), stop_ids) for r in range(len(chunk))]
     return outputs
 

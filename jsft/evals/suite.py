@@ -11,13 +11,15 @@
   loss      per-token loss and perplexity on the references (the trained tokens)
 
 Each `run(params, step)` returns metrics as `eval/<task>/<metric>` and samples (prompt, reference,
-output) for the samples file.
+output) for the samples file. Only `eval_settings_from_config` (and `Evaluation.from_config`) read the
+config; the evaluators take `EvalSettings`, `TaskSpec`s and a `BatchPlacement`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,7 @@ from jsft.data import formats, packing, pipeline, sources, templates
 from jsft.evals import generate, metrics
 from jsft.evals.validation import ValidationEvaluator
 from jsft.models.registry import ModelDef
+from jsft.parallel.placement import BatchPlacement
 from jsft.train import losses
 from jsft.train.step import make_eval_step
 
@@ -38,18 +41,75 @@ class Interrupted(Exception):
     """An evaluation left early because `should_stop()` said so (SIGTERM); its results are dropped."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """The validation evaluation's sizes (config.data.seq_len and config.eval.*)."""
+
+    seq_len: int
+    batch_size: int  # rows per eval batch, before rounding up to the placement's divisor
+    max_new_tokens: int  # generated per validation prompt (exact match)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """One task of the suite (config.eval.tasks.<name>); `metrics`, `max_new_tokens`, `sampling` and
+    `stop_strings` are read by generate tasks only."""
+
+    name: str
+    kind: str  # one of KINDS
+    path: str
+    metrics: tuple[str, ...] = ("exact_match",)
+    max_examples: int = 1000
+    max_new_tokens: int = 16
+    sampling: generate.Sampling = generate.Sampling()
+    stop_strings: tuple[str, ...] = ()
+
+
+def _task_spec(name: str, cfg: ml_collections.ConfigDict) -> TaskSpec:
+    if cfg.kind not in KINDS:
+        raise ValueError(f"config.eval.tasks.{name}.kind={cfg.kind!r} is not one of {KINDS}")
+    names = tuple(m.strip() for m in cfg.metrics.split(",") if m.strip())
+    unknown = set(names) - set(metrics.METRICS)
+    if cfg.kind == "generate" and unknown:
+        raise ValueError(
+            f"config.eval.tasks.{name}.metrics: unknown {sorted(unknown)}; known {sorted(metrics.METRICS)}"
+        )
+    return TaskSpec(
+        name=name,
+        kind=cfg.kind,
+        path=cfg.path,
+        metrics=names,
+        max_examples=cfg.max_examples,
+        max_new_tokens=cfg.max_new_tokens,
+        sampling=generate.Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed),
+        stop_strings=tuple(s for s in cfg.stop_strings.split("|") if s) if cfg.stop_strings else (),
+    )
+
+
+def eval_settings_from_config(config: ml_collections.ConfigDict) -> tuple[EvalSettings, list[TaskSpec]]:
+    """The evaluation's settings and its tasks (sorted by name), read from the config in one place."""
+    settings = EvalSettings(config.data.seq_len, config.eval.batch_size, config.eval.max_new_tokens)
+    return settings, [_task_spec(name, cfg) for name, cfg in sorted(config.eval.tasks.items())]
+
+
+@dataclasses.dataclass(frozen=True)
 class Context:
-    """What every evaluator needs from the run."""
+    """What every task needs from the run."""
 
     model: ModelDef
     tokenizer: object
     template: object
     stop_ids: list[int]
     seq_len: int
-    batch_size: int
-    put: object = staticmethod(lambda x: x)  # numpy batch -> device array (sharded when needed)
-    replicated: object = None
+    batch_size: int  # rows per eval batch: a multiple of placement.divisor
+    placement: BatchPlacement = BatchPlacement()
+
+    def __post_init__(self):
+        if self.batch_size % self.placement.divisor:
+            raise ValueError(
+                f"Context.batch_size={self.batch_size} must be a multiple of the placement's divisor "
+                f"{self.placement.divisor}; use placement.round_up(batch_size)"
+            )
 
 
 def _records(path: str, limit: int) -> list[tuple[str, dict]]:
@@ -66,18 +126,11 @@ def _records(path: str, limit: int) -> list[tuple[str, dict]]:
 
 
 class GenerateTask:
-    def __init__(self, name: str, cfg: ml_collections.ConfigDict, ctx: Context):
-        self.name, self.ctx = name, ctx
-        self.metrics = [m.strip() for m in cfg.metrics.split(",") if m.strip()]
-        unknown = set(self.metrics) - set(metrics.METRICS)
-        if unknown:
-            raise ValueError(
-                f"config.eval.tasks.{name}.metrics: unknown {sorted(unknown)}; "
-                f"known {sorted(metrics.METRICS)}"
-            )
-        self.stop_strings = [s for s in cfg.stop_strings.split("|") if s] if cfg.stop_strings else []
+    def __init__(self, spec: TaskSpec, ctx: Context):
+        self.name, self.ctx = spec.name, ctx
+        self.metrics, self.stop_strings = list(spec.metrics), list(spec.stop_strings)
         self.prompts, self.refs = [], []
-        for where, record in _records(cfg.path, cfg.max_examples):
+        for where, record in _records(spec.path, spec.max_examples):
             try:
                 conv = formats.to_conversation(record, formats.detect_format(list(record), {}), {})
                 context, reference = conv.split_last_turn()
@@ -87,9 +140,13 @@ class GenerateTask:
             self.refs.append(reference)
         longest = max((len(p) for p in self.prompts), default=1)
         self.max_prompt_len = min(ctx.seq_len, -(-longest // 8) * 8)
-        sampling = generate.Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
         self.generator = generate.make_generator(
-            ctx.model, cfg.max_new_tokens, ctx.stop_ids, ctx.tokenizer.pad_id, sampling, ctx.replicated
+            ctx.model,
+            spec.max_new_tokens,
+            ctx.stop_ids,
+            ctx.tokenizer.pad_id,
+            spec.sampling,
+            ctx.placement.replicated,
         )
 
     def run(self, params, step: int = 0) -> tuple[dict, list[dict]]:
@@ -102,7 +159,7 @@ class GenerateTask:
             self.ctx.batch_size,
             self.ctx.stop_ids,
             tok.pad_id,
-            self.ctx.put,
+            self.ctx.placement,
             step=step,
         )
         outputs = [generate.cut_at_stop_strings(tok.decode(x), self.stop_strings) for x in ids]
@@ -134,10 +191,10 @@ def _without_end_token(ids: list[int], mask: list[bool], stop_ids: list[int]) ->
 
 
 class ChoiceTask:
-    def __init__(self, name: str, cfg: ml_collections.ConfigDict, ctx: Context):
-        self.name, self.ctx = name, ctx
+    def __init__(self, spec: TaskSpec, ctx: Context):
+        self.name, self.ctx = spec.name, ctx
         self.examples, self.answers, self.prompts, self.choices = [], [], [], []
-        for where, record in _records(cfg.path, cfg.max_examples):
+        for where, record in _records(spec.path, spec.max_examples):
             choices, answer = record.get("choices"), record.get("answer")
             if (
                 not isinstance(choices, list)
@@ -162,11 +219,11 @@ class ChoiceTask:
             self.prompts.append(record["prompt"])
             self.choices.append([str(c) for c in choices])
         self.batches = pipeline.eval_batches(self.examples, ctx.seq_len, ctx.batch_size, mode="pad")
-        self.score = jax.jit(_score_step(ctx.model), out_shardings=ctx.replicated)
+        self.score = jax.jit(_score_step(ctx.model), out_shardings=ctx.placement.replicated)
 
     def run(self, params, step: int = 0) -> tuple[dict, list[dict]]:
         scores = np.concatenate(
-            [np.asarray(self.score(params, {k: self.ctx.put(v) for k, v in b.items()})) for b in self.batches]
+            [np.asarray(self.score(params, self.ctx.placement.put_batch(b))) for b in self.batches]
         )[: len(self.examples)]
         samples, correct, k = [], 0, 0
         for prompt, choices, answer in zip(self.prompts, self.choices, self.answers, strict=True):
@@ -178,10 +235,10 @@ class ChoiceTask:
 
 
 class LossTask:
-    def __init__(self, name: str, cfg: ml_collections.ConfigDict, ctx: Context):
-        self.name, self.ctx = name, ctx
+    def __init__(self, spec: TaskSpec, ctx: Context):
+        self.name, self.ctx = spec.name, ctx
         examples = []
-        for where, record in _records(cfg.path, cfg.max_examples):
+        for where, record in _records(spec.path, spec.max_examples):
             try:
                 conv = formats.to_conversation(record, formats.detect_format(list(record), {}), {})
                 ids, mask = templates.render(ctx.template, ctx.tokenizer, conv)
@@ -191,12 +248,12 @@ class LossTask:
             if ids:
                 examples.append(packing.Example(np.asarray(ids, np.int32), np.asarray(mask, np.bool_)))
         self.batches = pipeline.eval_batches(examples, ctx.seq_len, ctx.batch_size)
-        self.step = jax.jit(make_eval_step(ctx.model), out_shardings=ctx.replicated)
+        self.step = jax.jit(make_eval_step(ctx.model), out_shardings=ctx.placement.replicated)
 
     def run(self, params, step: int = 0) -> tuple[dict, list[dict]]:
         loss_sum = weight = 0.0
         for b in self.batches:
-            sums = jax.device_get(self.step(params, {k: self.ctx.put(v) for k, v in b.items()}))
+            sums = jax.device_get(self.step(params, self.ctx.placement.put_batch(b)))
             loss_sum, weight = loss_sum + float(sums["loss_sum"]), weight + float(sums["weight_sum"])
         loss = loss_sum / max(weight, 1.0)
         return {f"eval/{self.name}/loss": loss, f"eval/{self.name}/perplexity": math.exp(min(loss, 50.0))}, []
@@ -205,14 +262,9 @@ class LossTask:
 TASKS = {"generate": GenerateTask, "choice": ChoiceTask, "loss": LossTask}
 
 
-def build_suite(tasks_cfg: ml_collections.ConfigDict, ctx: Context) -> dict:
-    """{name: evaluator} for `config.eval.tasks`."""
-    suite = {}
-    for name, cfg in sorted(tasks_cfg.items()):
-        if cfg.kind not in TASKS:
-            raise ValueError(f"config.eval.tasks.{name}.kind={cfg.kind!r} is not one of {KINDS}")
-        suite[name] = TASKS[cfg.kind](name, cfg, ctx)
-    return suite
+def build_suite(tasks: list[TaskSpec], ctx: Context) -> dict:
+    """{name: evaluator} for the tasks, in their order."""
+    return {spec.name: TASKS[spec.kind](spec, ctx) for spec in tasks}
 
 
 class Evaluation:
@@ -220,52 +272,72 @@ class Evaluation:
 
     `run(params, step) -> (metrics, samples by task)`; validation samples are under "validation".
     `step` (the training step evaluated) seeds sampled generations; without it, the number of earlier
-    `run` calls does, so repeated evaluations never reuse one sample.
+    `run` calls does, so repeated evaluations never reuse one sample. Build it from a config with
+    `Evaluation.from_config(config, model, data, placement)`.
     """
 
     def __init__(
         self,
-        config: ml_collections.ConfigDict,
+        settings: EvalSettings,
+        tasks: list[TaskSpec],
         model: ModelDef,
         data: pipeline.Data,
-        batch_sharding=None,
-        replicated=None,
-        batch_divisor: int = 1,
+        placement: BatchPlacement | None = None,
+        *legacy,
     ):
+        # TEMPORARY (issue 10): the old call `Evaluation(config, model, data, batch_sharding,
+        # replicated, divisor)` still works until jsft/train/loop.py and jsft/evals/run.py call
+        # `from_config`; then delete this branch and `*legacy`.
+        if isinstance(settings, ml_collections.ConfigDict):
+            settings, tasks, model, data, placement = (
+                *eval_settings_from_config(settings),
+                tasks,
+                model,
+                BatchPlacement(data, placement, *legacy),  # (batch_sharding, replicated, divisor)
+            )
+        self._should_stop, self._step = None, 0
+        placement = placement or BatchPlacement()
+        # Every batch of every evaluator is placed here, so a stop request is polled in one place.
+        placement = dataclasses.replace(placement, before_batch=self._poll)
         self.validation = ValidationEvaluator(
-            model,
-            data,
-            config.data.seq_len,
-            config.eval.batch_size,
-            config.eval.max_new_tokens,
-            batch_sharding,
-            replicated,
-            batch_divisor,
+            model, data, settings.seq_len, settings.batch_size, settings.max_new_tokens, placement
         )
         ctx = Context(
             model,
             data.tokenizer,
             data.template,
             data.stop_ids,
-            config.data.seq_len,
-            self.validation.batch_size,
-            put=self.validation._put,
-            replicated=replicated,
+            settings.seq_len,
+            placement.round_up(settings.batch_size),
+            placement,
         )
-        self.suite = build_suite(config.eval.tasks, ctx)
+        self.suite = build_suite(tasks, ctx)
         self.runs = 0
 
-    def run(self, params, step: int | None = None, should_stop=None) -> tuple[dict, dict[str, list[dict]]]:
+    @classmethod
+    def from_config(
+        cls,
+        config: ml_collections.ConfigDict,
+        model: ModelDef,
+        data: pipeline.Data,
+        placement: BatchPlacement | None = None,
+    ) -> Evaluation:
+        """The evaluation `config.eval` names (sizes from config.data.seq_len and config.eval.*)."""
+        settings, tasks = eval_settings_from_config(config)
+        return cls(settings, tasks, model, data, placement)
+
+    def _poll(self) -> None:
+        if self._should_stop is not None and self._should_stop():
+            raise Interrupted(f"evaluation at step {self._step} interrupted")
+
+    def run(
+        self, params, step: int | None = None, should_stop: Callable[[], bool] | None = None
+    ) -> tuple[dict, dict[str, list[dict]]]:
         """`should_stop`: polled before every batch (on every process at the same batches); when it
         returns True the evaluation raises Interrupted."""
         step = self.runs if step is None else step
         self.runs += 1
-
-        def interrupt() -> None:
-            if should_stop():
-                raise Interrupted(f"evaluation at step {step} interrupted")
-
-        self.validation.interrupt = interrupt if should_stop is not None else None
+        self._should_stop, self._step = should_stop, step
         try:
             results, samples = self.validation.run(params)
             by_task = {"validation": samples}
@@ -273,5 +345,5 @@ class Evaluation:
                 task_metrics, by_task[name] = task.run(params, step)
                 results.update(task_metrics)
         finally:
-            self.validation.interrupt = None
+            self._should_stop = None
         return results, by_task

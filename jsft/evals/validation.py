@@ -10,6 +10,7 @@ import numpy as np
 from jsft.data import pipeline
 from jsft.evals import generate, metrics
 from jsft.models.registry import ModelDef
+from jsft.parallel.placement import BatchPlacement
 from jsft.train.step import make_eval_step
 
 
@@ -27,41 +28,31 @@ class ValidationEvaluator:
         seq_len: int,
         batch_size: int,
         max_new_tokens: int,
-        batch_sharding: jax.sharding.Sharding | None = None,
-        replicated: jax.sharding.Sharding | None = None,
-        batch_divisor: int = 1,
+        placement: BatchPlacement | None = None,
     ):
-        """With shardings, batches are split over the batch axes (so `batch_size` is rounded up to a
-        multiple of `batch_divisor`) and results come back replicated to every process."""
-        self.data, self.names = data, data.source_names
-        self.interrupt = None  # a callable polled before every batch; it may raise Interrupted
+        """Batches are placed by `placement` (default: as they are): split over the batch axes (so
+        `batch_size` is rounded up to a multiple of its divisor), results replicated to every process."""
+        placement = placement or BatchPlacement()
+        self.data, self.names, self.placement = data, data.source_names, placement
         self.per_source = len(self.names) > 1
-        batch_size = -(-batch_size // batch_divisor) * batch_divisor
-        self.batch_sharding = batch_sharding
+        batch_size = placement.round_up(batch_size)
         self.loss_batches = pipeline.eval_batches(data.val_examples, seq_len, batch_size)
-        self.eval_step = jax.jit(make_eval_step(model, num_sources=len(self.names)), out_shardings=replicated)
+        self.eval_step = jax.jit(
+            make_eval_step(model, num_sources=len(self.names)), out_shardings=placement.replicated
+        )
         self.prompts = data.eval_prompts
         longest = max((len(p.prompt_ids) for p in self.prompts), default=1)
         # One prompt shape for every batch (one compile): the longest prompt, rounded up.
         self.max_prompt_len = min(seq_len, -(-longest // 8) * 8)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.generator = generate.make_generator(
-            model, max_new_tokens, data.stop_ids, data.tokenizer.pad_id, out_sharding=replicated
+            model, max_new_tokens, data.stop_ids, data.tokenizer.pad_id, out_sharding=placement.replicated
         )
-
-    def _put(self, array: np.ndarray) -> jax.Array:
-        """Every process holds the whole eval batch; each device takes its rows. Every eval batch (of
-        the suite's tasks too) passes here, so `interrupt` (set by Evaluation.run) is polled here."""
-        if self.interrupt is not None:
-            self.interrupt()
-        if self.batch_sharding is None:
-            return array
-        return jax.make_array_from_callback(array.shape, self.batch_sharding, lambda index: array[index])
 
     def _loss(self, params) -> dict[str, float]:
         totals = None
         for batch in self.loss_batches:
-            sums = jax.device_get(self.eval_step(params, {k: self._put(v) for k, v in batch.items()}))
+            sums = jax.device_get(self.eval_step(params, self.placement.put_batch(batch)))
             totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
         if totals is None or not totals["weight_sum"]:
             return {}
@@ -88,7 +79,7 @@ class ValidationEvaluator:
             self.batch_size,
             self.data.stop_ids,
             tok.pad_id,
-            put=self._put,
+            placement=self.placement,
         )
         samples = []
         for p, ids in zip(self.prompts, generated, strict=True):

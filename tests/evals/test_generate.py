@@ -6,6 +6,7 @@ import pytest
 from jsft.evals import generate, metrics
 from jsft.models.llama import LlamaConfig
 from jsft.models.registry import ModelDef
+from jsft.parallel.placement import BatchPlacement
 
 jax.config.update("jax_default_matmul_precision", "float32")
 NO_STOP = 10_000  # an id the model can never produce: decode the full budget
@@ -93,6 +94,18 @@ def test_sampling_keys_fold_in_the_batch_and_the_eval_step():
     assert generate.generate_ids(greedy, params, [[5, 6, 7]] * 2, 4, 1, [NO_STOP], 0, step=5) == (
         generate.generate_ids(greedy, params, [[5, 6, 7]] * 2, 4, 1, [NO_STOP], 0, step=0)
     )  # greedy decoding does not depend on the key
+
+
+def test_every_generation_batch_is_placed_through_the_placement():
+    model = ModelDef.create(CONFIGS["llama"])
+    params = model.init(jax.random.key(0))
+    gen = generate.make_generator(model, 4, [NO_STOP], 0)
+    prompts = [[5, 6, 7], [8], [9, 10]]
+    batches = []
+    placement = BatchPlacement(before_batch=lambda: batches.append(1))
+    placed = generate.generate_ids(gen, params, prompts, 4, 2, [NO_STOP], 0, placement)
+    assert len(batches) == 2  # three prompts in batches of two
+    assert placed == generate.generate_ids(gen, params, prompts, 4, 2, [NO_STOP], 0)
 
 
 def test_stop_strings_cut_exactly():

@@ -10,11 +10,22 @@ import pytest
 
 from configs.demo import task
 from jsft.data.formats import Conversation, Message
+from jsft.data.pipeline import build_data
 from jsft.data.templates import PlainTemplate, build_template, render, stop_ids
 from jsft.data.tokenizer import train_sentencepiece
-from jsft.evals.suite import Context, build_suite
+from jsft.evals.generate import Sampling
+from jsft.evals.suite import (
+    Context,
+    EvalSettings,
+    Evaluation,
+    Interrupted,
+    TaskSpec,
+    build_suite,
+    eval_settings_from_config,
+)
 from jsft.models.llama import LlamaConfig
-from jsft.models.registry import ModelDef
+from jsft.models.registry import ModelDef, build_model
+from jsft.parallel.placement import BatchPlacement
 from jsft.train.loop import train_and_evaluate
 from tests.conftest import write_jsonl
 
@@ -70,7 +81,7 @@ def test_choice_scoring_picks_the_choice_the_model_finds_likelier_without_its_en
         ],
     )
     ctx = Context(model, tok, template, stops, seq_len=32, batch_size=4)
-    suite = build_suite(ml_collections.ConfigDict({"c": task(str(tmp_path / "c.jsonl"), "choice")}), ctx)
+    suite = build_suite([TaskSpec("c", "choice", str(tmp_path / "c.jsonl"))], ctx)
     result, samples = suite["c"].run(params)
     assert result == {"eval/c/accuracy": 0.5}
     assert [s["output"] for s in samples] == [["red", "blue"][liked]] * 2
@@ -82,8 +93,10 @@ def test_sampled_generations_differ_by_batch_and_eval_step_and_repeat_for_the_sa
     params = model.init(jax.random.key(0))
     write_jsonl(tmp_path / "g.jsonl", [{"prompt": "upper: a b", "response": "A B"}] * 2)
     ctx = Context(model, tok, PlainTemplate("\n"), [tok.eos_id], seq_len=32, batch_size=1)
-    cfg = task(str(tmp_path / "g.jsonl"), "generate", max_new_tokens=8, temperature=5.0, seed=3)
-    generate_task = build_suite(ml_collections.ConfigDict({"g": cfg}), ctx)["g"]
+    spec = TaskSpec(
+        "g", "generate", str(tmp_path / "g.jsonl"), max_new_tokens=8, sampling=Sampling(5.0, seed=3)
+    )
+    generate_task = build_suite([spec], ctx)["g"]
 
     def outputs(step):
         return [s["output"] for s in generate_task.run(params, step)[1]]
@@ -92,6 +105,67 @@ def test_sampled_generations_differ_by_batch_and_eval_step_and_repeat_for_the_sa
     assert first[0] != first[1]  # one prompt, two batches: two different samples
     assert outputs(step=3) == first  # the same seed and step draw the same samples
     assert outputs(step=4) != first  # the next evaluation draws new ones
+
+
+def test_settings_and_task_specs_come_from_the_config_and_errors_name_the_key(tiny_config):
+    config = tiny_config
+    config.eval.tasks = ml_collections.ConfigDict(
+        {
+            "b": task("b.jsonl", "generate", "f1, bleu", max_new_tokens=5, top_k=3, stop_strings="##|\nQ:"),
+            "a": task("a.jsonl", "loss", max_examples=7),
+        }
+    )
+    settings, tasks = eval_settings_from_config(config)
+    assert settings == EvalSettings(seq_len=32, batch_size=4, max_new_tokens=6)
+    assert [t.name for t in tasks] == ["a", "b"]  # sorted by name
+    assert tasks[0].kind == "loss" and tasks[0].max_examples == 7
+    assert tasks[1].metrics == ("f1", "bleu") and tasks[1].stop_strings == ("##", "\nQ:")
+    assert tasks[1].max_new_tokens == 5 and tasks[1].sampling == Sampling(top_k=3)
+    config.eval.tasks.b.metrics = "f1,accuracy"
+    with pytest.raises(ValueError, match=r"config\.eval\.tasks\.b\.metrics: unknown \['accuracy'\]"):
+        eval_settings_from_config(config)
+    config.eval.tasks.b.kind = "rank"
+    with pytest.raises(ValueError, match=r"config\.eval\.tasks\.b\.kind='rank' is not one of"):
+        eval_settings_from_config(config)
+
+
+def test_context_batch_size_must_split_evenly_over_the_placement():
+    with pytest.raises(ValueError, match="multiple of the placement's divisor 4"):
+        Context(None, None, None, [], seq_len=8, batch_size=6, placement=BatchPlacement(divisor=4))
+
+
+def test_evaluation_polls_should_stop_before_every_batch_and_the_old_call_still_works(tiny_config, tmp_path):
+    config = tiny_config
+    data = build_data(
+        config.data, config.seed, str(tmp_path), eval_prompt_limit=config.eval.exact_match_examples
+    )
+    model = build_model(config.model, data.tokenizer.vocab_size)
+    params = model.init(jax.random.key(0))
+    evaluation = Evaluation.from_config(config, model, data, BatchPlacement())
+    polls = []
+
+    def never_stop():
+        polls.append(1)
+        return False
+
+    results, samples = evaluation.run(params, 3, should_stop=never_stop)
+    assert {"eval/loss", "eval/exact_match", "eval/words/exact_match", "eval/parity/accuracy"} <= set(results)
+    assert set(samples) == {"validation", "words", "parity"}
+    assert len(polls) >= 4  # every batch of the validation split and of each task
+
+    def stop_at_third_poll():
+        polls.append(1)
+        return len(polls) == 3
+
+    polls.clear()
+    with pytest.raises(Interrupted, match="evaluation at step 6 interrupted"):
+        evaluation.run(params, 6, should_stop=stop_at_third_poll)
+    assert len(polls) == 3  # nothing placed after the stop
+    assert evaluation.run(params, 3) == (results, samples)  # the hook is gone; the same numbers
+
+    # TEMPORARY (issue 10): the old constructor call, until the loop and eval mode use from_config.
+    old = Evaluation(config, model, data, None, None, 1)
+    assert old.run(params, 3) == (results, samples)
 
 
 def test_demo_suite_runs_in_training_and_the_best_checkpoint_is_the_best_eval(tiny_config, tmp_path):
