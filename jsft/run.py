@@ -19,13 +19,15 @@ import jax
 import ml_collections
 import optax
 
-from jsft.data.pipeline import Data, build_data, build_tokenizer
+from jsft.data.pipeline import Data, build_data
 from jsft.data.tokenizer import Tokenizer
+from jsft.data.tokenizer_choice import build_tokenizer
 from jsft.errors import ConfigError
 from jsft.interop import hf
 from jsft.models.registry import ModelDef, build_model
 from jsft.parallel import sharding
 from jsft.parallel.mesh import build_mesh
+from jsft.parallel.placement import BatchPlacement
 from jsft.train.checkpoint import Checkpointer
 from jsft.train.optim import build_optimizer, build_schedule
 from jsft.train.state import TrainState, init_fn, state_shardings
@@ -83,6 +85,11 @@ class Run:
     def batch_divisor(self) -> int:
         """How many ways the batch axes split a batch: batch sizes must be multiples of it."""
         return sharding.batch_divisor(self.mesh, self.rules)
+
+    @property
+    def placement(self) -> BatchPlacement:
+        """Whole host batches (evaluation) onto the mesh: each device takes its rows."""
+        return BatchPlacement(self.batch_sharding, self.replicated, self.batch_divisor)
 
     def check_train_batch(self) -> None:
         cfg = self.config

@@ -36,7 +36,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 
         config, workdir, checkpoint, config.eval.exact_match_examples
     )
     with sharding.use_rules(run.mesh, run.rules):
-        evaluation = Evaluation(config, model, data, run.batch_sharding, run.replicated, run.batch_divisor)
+        evaluation = Evaluation.from_config(config, model, data, run.placement)
         # The checkpoint's step seeds sampled generations, as the evaluation during training did.
         results, all_samples = evaluation.run(params, step)
     out_dir = os.path.join(run.workdir, f"eval_{label}")

@@ -283,18 +283,7 @@ class Evaluation:
         model: ModelDef,
         data: pipeline.Data,
         placement: BatchPlacement | None = None,
-        *legacy,
     ):
-        # TEMPORARY (issue 10): the old call `Evaluation(config, model, data, batch_sharding,
-        # replicated, divisor)` still works until jsft/train/loop.py and jsft/evals/run.py call
-        # `from_config`; then delete this branch and `*legacy`.
-        if isinstance(settings, ml_collections.ConfigDict):
-            settings, tasks, model, data, placement = (
-                *eval_settings_from_config(settings),
-                tasks,
-                model,
-                BatchPlacement(data, placement, *legacy),  # (batch_sharding, replicated, divisor)
-            )
         self._should_stop, self._step = None, 0
         placement = placement or BatchPlacement()
         # Every batch of every evaluator is placed here, so a stop request is polled in one place.

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from jsft import config as config_lib
 from jsft.data import fingerprint
-from jsft.data.pipeline import Data, Prefetcher, merge_states
+from jsft.data.batches import Prefetcher, merge_states
+from jsft.data.pipeline import Data
 from jsft.errors import ConfigError
 from jsft.evals.suite import Evaluation, Interrupted
 from jsft.models.registry import ModelDef
@@ -134,7 +135,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str, scope: contextlib.Ex
         out_shardings=(state_sharding, run.replicated),
         donate_argnums=0,
     )
-    evaluation = Evaluation(config, model, data, run.batch_sharding, run.replicated, run.batch_divisor)
+    evaluation = Evaluation.from_config(config, model, data, run.placement)
     ckpt = run.checkpointer()
     scope.callback(ckpt.close)
     scope.callback(ckpt.wait)  # callbacks run last-in first-out: pending saves finish, then close

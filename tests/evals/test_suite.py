@@ -134,7 +134,7 @@ def test_context_batch_size_must_split_evenly_over_the_placement():
         Context(None, None, None, [], seq_len=8, batch_size=6, placement=BatchPlacement(divisor=4))
 
 
-def test_evaluation_polls_should_stop_before_every_batch_and_the_old_call_still_works(tiny_config, tmp_path):
+def test_evaluation_polls_should_stop_before_every_batch(tiny_config, tmp_path):
     config = tiny_config
     data = build_data(
         config.data, config.seed, str(tmp_path), eval_prompt_limit=config.eval.exact_match_examples
@@ -162,10 +162,6 @@ def test_evaluation_polls_should_stop_before_every_batch_and_the_old_call_still_
         evaluation.run(params, 6, should_stop=stop_at_third_poll)
     assert len(polls) == 3  # nothing placed after the stop
     assert evaluation.run(params, 3) == (results, samples)  # the hook is gone; the same numbers
-
-    # TEMPORARY (issue 10): the old constructor call, until the loop and eval mode use from_config.
-    old = Evaluation(config, model, data, None, None, 1)
-    assert old.run(params, 3) == (results, samples)
 
 
 def test_demo_suite_runs_in_training_and_the_best_checkpoint_is_the_best_eval(tiny_config, tmp_path):
