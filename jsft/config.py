@@ -88,7 +88,7 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     The lists of choices live with the code that implements them; they are imported here, when a
     config is validated, so that `import jsft.config` (configs do it) stays free of JAX and datasets.
     """
-    from jsft.data import mixture, packing, pipeline, templates  # noqa: PLC0415
+    from jsft.data import examples, mixture, packing, raw, templates  # noqa: PLC0415
     from jsft.models.llama import REMAT_POLICIES  # noqa: PLC0415
     from jsft.train.losses import NORMALIZATIONS  # noqa: PLC0415
     from jsft.train.optim import DECAYS  # noqa: PLC0415
@@ -106,12 +106,12 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     _choice(config, "data.train_on", templates.TRAIN_ON)
     _choice(config, "data.packing", packing.PACKING_MODES)
     _choice(config, "data.overlong", packing.OVERLONG_POLICIES)
-    _choice(config, "data.on_bad_record", pipeline.ON_BAD_RECORD)
+    _choice(config, "data.on_bad_record", examples.ON_BAD_RECORD)
     _choice(config, "data.mixture", mixture.RULES)
     _choice(config, "train.on_nonfinite", ON_NONFINITE)
     _choice(config, "data.on_changed_data", ON_CHANGED_DATA)
     try:
-        pipeline.source_specs(config.data)
+        raw.source_specs(config.data)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     for key in (

@@ -5,9 +5,6 @@ the data steps, each in its own module, and returns them as one `Data`.
   ─► this process's shards (batches.shard_bounds) ─► tokenizing.tokenize_table (cached on disk)
   ─► examples.collect ─► mixture.MixtureSampler ─► batches.PackedStream ─► batches.TrainBatches
 
-The names other modules imported from here before the split (TrainBatches, Prefetcher,
-TokenizedSource, eval_batches, build_tokenizer, ...) are re-exported below for compatibility only:
-import them from the modules that define them.
 """
 
 from __future__ import annotations
@@ -18,22 +15,9 @@ import os
 import ml_collections
 import numpy as np
 
-# The imports marked `noqa: F401` are the compatibility re-exports (see the module docstring).
 from jsft.data import batches, eval_data, examples, mixture, packing, raw, templates, tokenizing
-from jsft.data.batches import PackedStream, Prefetcher, TrainBatches, merge_states, shard_bounds  # noqa: F401
-from jsft.data.eval_data import EvalPrompt, eval_batches  # noqa: F401
-from jsft.data.examples import (  # noqa: F401
-    ON_BAD_RECORD,
-    TokenizedSource,
-    all_bad_error,
-    bad_records_error,
-    collect,
-    no_examples_error,
-)
-from jsft.data.raw import source_specs  # noqa: F401
 from jsft.data.tokenizer import Tokenizer
 from jsft.data.tokenizer_choice import build_tokenizer, training_texts
-from jsft.data.tokenizing import TOKENIZED_FEATURES, TOKENIZED_VERSION, TokenizeSpec, tokenize_table  # noqa: F401
 
 
 @dataclasses.dataclass

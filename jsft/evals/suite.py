@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from jsft.data import formats, packing, pipeline, sources, templates
+from jsft.data.eval_data import eval_batches
 from jsft.evals import generate, metrics
 from jsft.evals.validation import ValidationEvaluator
 from jsft.models.registry import ModelDef
@@ -218,7 +219,7 @@ class ChoiceTask:
             self.answers.append(answer)
             self.prompts.append(record["prompt"])
             self.choices.append([str(c) for c in choices])
-        self.batches = pipeline.eval_batches(self.examples, ctx.seq_len, ctx.batch_size, mode="pad")
+        self.batches = eval_batches(self.examples, ctx.seq_len, ctx.batch_size, mode="pad")
         self.score = jax.jit(_score_step(ctx.model), out_shardings=ctx.placement.replicated)
 
     def run(self, params, step: int = 0) -> tuple[dict, list[dict]]:
@@ -247,7 +248,7 @@ class LossTask:
             ids, mask, _ = packing.fit_ids(ids, mask, ctx.seq_len, "truncate")
             if ids:
                 examples.append(packing.Example(np.asarray(ids, np.int32), np.asarray(mask, np.bool_)))
-        self.batches = pipeline.eval_batches(examples, ctx.seq_len, ctx.batch_size)
+        self.batches = eval_batches(examples, ctx.seq_len, ctx.batch_size)
         self.step = jax.jit(make_eval_step(ctx.model), out_shardings=ctx.placement.replicated)
 
     def run(self, params, step: int = 0) -> tuple[dict, list[dict]]:

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from jsft.data import pipeline
+from jsft.data.eval_data import eval_batches
 from jsft.evals import generate, metrics
 from jsft.models.registry import ModelDef
 from jsft.parallel.placement import BatchPlacement
@@ -36,7 +37,7 @@ class ValidationEvaluator:
         self.data, self.names, self.placement = data, data.source_names, placement
         self.per_source = len(self.names) > 1
         batch_size = placement.round_up(batch_size)
-        self.loss_batches = pipeline.eval_batches(data.val_examples, seq_len, batch_size)
+        self.loss_batches = eval_batches(data.val_examples, seq_len, batch_size)
         self.eval_step = jax.jit(
             make_eval_step(model, num_sources=len(self.names)), out_shardings=placement.replicated
         )
