@@ -54,17 +54,17 @@ def run_export(
         else config.model.export_family
     )
     tokenizer_dir = config.data.tokenizer or config.model.hf_path
-    files = []
+    # Every process takes part: each tensor is gathered from the devices that hold it; process 0 writes.
+    files = hf.save_pretrained(
+        export_dir,
+        state.params,
+        model.config,
+        family,
+        dtype=dtype,
+        tokenizer_dir=tokenizer_dir if tokenizer_dir and os.path.isdir(tokenizer_dir) else None,
+        **export_metadata(config, tok),
+    )
     if jax.process_index() == 0:
-        files = hf.save_pretrained(
-            export_dir,
-            state.params,
-            model.config,
-            family,
-            dtype=dtype,
-            tokenizer_dir=tokenizer_dir if tokenizer_dir and os.path.isdir(tokenizer_dir) else None,
-            **export_metadata(config, tok),
-        )
         if not tokenizer_dir:  # a tokenizer jsft trained: ship the SentencePiece model beside the weights
             import shutil  # noqa: PLC0415
 

@@ -95,7 +95,7 @@ def test_finetune_an_imported_model_export_and_load_in_transformers(tiny_data_di
     assert {
         "config.json",
         "generation_config.json",
-        "model.safetensors.index.json",
+        "model.safetensors",  # one file, no index: the model is far below max_shard_bytes
         "tokenizer.json",
         "tokenizer_config.json",
     } <= set(os.listdir(out))

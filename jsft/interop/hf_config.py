@@ -1,0 +1,191 @@
+"""config.json <-> LlamaConfig: which Hugging Face families jsft speaks, and what it refuses.
+
+Supported families: Llama (2, 3, 3.1/3.2 with `llama3` RoPE scaling and tied embeddings), Mistral
+(sliding window), Qwen2/2.5 (q/k/v biases), Qwen3 (q/k norms), Gemma 2 (norm offset, embedding scale,
+attention and final logit soft-capping, sandwich norms, GeLU, alternating sliding-window layers).
+Anything in a config that would change the math and that jsft does not implement is refused by name.
+"""
+
+from __future__ import annotations
+
+from jsft.models.llama import LlamaConfig
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+
+
+GEMMA_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
+class UnsupportedCheckpoint(ValueError):
+    """A checkpoint jsft cannot load faithfully; the message names what and why."""
+
+
+def _rope(hf: dict) -> tuple[float, tuple]:
+    """(theta, scaling pairs) from either transformers 4 (`rope_theta`, `rope_scaling`) or 5
+    (`rope_parameters`) config layouts."""
+    params = dict(hf.get("rope_parameters") or {})
+    theta = float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    scaling = dict(hf.get("rope_scaling") or {}) or {k: v for k, v in params.items() if k != "rope_theta"}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, ()
+    if kind == "linear":
+        return theta, (("rope_type", "linear"), ("factor", float(scaling["factor"])))
+    if kind == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        return theta, (("rope_type", "llama3"), *((k, float(scaling[k])) for k in keys))
+    raise UnsupportedCheckpoint(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+
+
+def config_from_hf(hf: dict, **numerics) -> LlamaConfig:
+    """A LlamaConfig equal in math to the HF config; `numerics` sets dtypes/remat."""
+    family = hf.get("model_type")
+    if family not in FAMILIES:
+        raise UnsupportedCheckpoint(f"model_type {family!r} is not supported; jsft imports {FAMILIES}")
+    refuse = []
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+    if family == "gemma2":
+        if act not in GEMMA_ACTIVATIONS:
+            refuse.append(f"hidden_activation={act!r} (only gelu_pytorch_tanh)")
+        if hf.get("use_bidirectional_attention"):
+            refuse.append("use_bidirectional_attention=true")
+    elif act != "silu":
+        refuse.append(f"hidden_act={act!r} (only silu)")
+    if hf.get("mlp_bias"):
+        refuse.append("mlp_bias=true")
+    if hf.get("attention_bias") and family not in ("qwen2",):
+        refuse.append("attention_bias=true")
+    if family == "qwen2" and hf.get("use_sliding_window"):
+        refuse.append("use_sliding_window=true")
+    if family == "qwen3" and hf.get("use_sliding_window"):
+        refuse.append("use_sliding_window=true")
+    if "quantization_config" in hf:
+        refuse.append("quantization_config (quantized weights)")
+    if refuse:
+        raise UnsupportedCheckpoint(f"{family} config fields jsft does not implement: {', '.join(refuse)}")
+    theta, scaling = _rope(hf)
+    n_heads = hf["num_attention_heads"]
+    cfg = LlamaConfig(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        mlp_dim=hf["intermediate_size"],
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=family == "qwen2",
+        qk_norm=family == "qwen3",
+        sliding_window=int(hf.get("sliding_window") or 0) if family == "mistral" else 0,
+        **(_gemma2_fields(hf) if family == "gemma2" else {}),
+        **numerics,
+    )
+    return cfg
+
+
+def _gemma2_fields(hf: dict) -> dict:
+    """Gemma 2's departures from Llama, as LlamaConfig fields."""
+    n = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or [
+        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)
+    ]
+    window = int(hf.get("sliding_window") or 0)
+    return dict(
+        norm_offset=1.0,
+        embed_scale=True,
+        post_norms=True,
+        activation=GEMMA_ACTIVATIONS[
+            hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        ],
+        attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
+        final_softcap=float(hf.get("final_logit_softcapping") or 0.0),
+        query_scale=float(hf.get("query_pre_attn_scalar") or 0.0),
+        layer_windows=tuple(window if t == "sliding_attention" else 0 for t in types),
+    )
+
+
+def config_to_hf(
+    cfg: LlamaConfig,
+    family: str,
+    dtype: str,
+    bos_id: int | None,
+    eos_id: int | list[int],
+    pad_id: int | None = None,
+    max_position_embeddings: int = 8192,
+) -> dict:
+    """The config.json `transformers` needs to rebuild `cfg` as `family`.
+
+    `eos_id` may list several ids (Llama 3: end of text and end of turn); `max_position_embeddings`
+    should be the source checkpoint's, or the sequence length a model was trained at from scratch.
+    """
+    if family not in FAMILIES:
+        raise UnsupportedCheckpoint(f"cannot export as {family!r}; jsft exports {FAMILIES}")
+    if (cfg.qkv_bias, cfg.qk_norm, cfg.post_norms) != (
+        family == "qwen2",
+        family == "qwen3",
+        family == "gemma2",
+    ):
+        raise UnsupportedCheckpoint(
+            f"this model (qkv_bias={cfg.qkv_bias}, qk_norm={cfg.qk_norm}, post_norms={cfg.post_norms}) "
+            f"is not a {family}"
+        )
+    arch = {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+        "gemma2": "Gemma2ForCausalLM",
+    }[family]
+    rope = {"rope_type": "default", **dict(cfg.rope_scaling)}
+    out = {
+        "architectures": [arch],
+        "model_type": family,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.mlp_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": rope if cfg.rope_scaling else None,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, **rope},
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+        "max_position_embeddings": int(max_position_embeddings),
+    }
+    if family in ("llama", "mistral", "qwen3"):
+        out["attention_bias"] = False
+    if family == "mistral":
+        out["sliding_window"] = cfg.sliding_window or None
+    if family in ("qwen2", "qwen3"):
+        out["use_sliding_window"] = False
+        out["sliding_window"] = None
+    if family == "gemma2":
+        out.update(_gemma2_hf_fields(cfg))
+        del out["hidden_act"]
+    return out
+
+
+def _gemma2_hf_fields(cfg: LlamaConfig) -> dict:
+    windows = [w for w in cfg.layer_windows if w]
+    return dict(
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=int(cfg.query_scale or cfg.head_dim),
+        attn_logit_softcapping=cfg.attn_softcap or None,
+        final_logit_softcapping=cfg.final_softcap or None,
+        sliding_window=windows[0] if windows else None,
+        attention_bias=False,
+        layer_types=[
+            "sliding_attention" if w else "full_attention" for w in cfg.layer_windows or (0,) * cfg.n_layers
+        ],
+    )

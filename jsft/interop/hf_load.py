@@ -1,0 +1,66 @@
+"""Import: a Hugging Face safetensors checkpoint as jsft params, tensor by tensor, each placed
+straight into its sharding."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jsft.interop.hf_config import UnsupportedCheckpoint
+from jsft.interop.hf_files import weight_files
+from jsft.interop.hf_keys import get_path, set_path, specs
+from jsft.models.llama import LlamaConfig
+
+
+def load_params(directory: str, cfg: LlamaConfig, shardings=None, dtype: str | None = None) -> dict:
+    """jsft params from a HF safetensors checkpoint, one tensor at a time, each placed straight into
+    its sharding (when given). Every tensor in the checkpoint must be used; extra ones are refused."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    files = weight_files(directory)
+    handles: dict[str, object] = {}
+
+    def tensor(name: str) -> np.ndarray:
+        if name not in files:
+            raise UnsupportedCheckpoint(f"{directory}: tensor {name!r} is missing")
+        path = files[name]
+        if path not in handles:
+            handles[path] = safe_open(path, "numpy")
+        return handles[path].get_tensor(name)
+
+    dtype = jnp.dtype(dtype or cfg.param_dtype)
+    params: dict = {}
+    used = set()
+    for spec in specs(cfg):
+        sharding = get_path(shardings, spec.path) if shardings is not None else None
+        if spec.per_layer:
+            names = [spec.hf.format(i=i) for i in range(cfg.n_layers)]
+            layers = (spec.to_jsft(tensor(n), cfg).astype(dtype) for n in names)
+            value = _stack_layers(layers, sharding)
+        else:
+            names = [spec.hf]
+            value = spec.to_jsft(tensor(spec.hf), cfg).astype(dtype)
+            value = jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
+        used.update(names)
+        set_path(params, spec.path, value)
+    extra = sorted(k for k in files if k not in used and not k.endswith("rotary_emb.inv_freq"))
+    if cfg.tie_embeddings and "lm_head.weight" in extra:
+        extra.remove("lm_head.weight")  # some tied checkpoints store the shared matrix twice
+    if extra:
+        raise UnsupportedCheckpoint(
+            f"{directory}: tensors jsft would ignore (they change the model): "
+            f"{extra[:8]}{' ...' if len(extra) > 8 else ''}"
+        )
+    return params
+
+
+def _stack_layers(layers, sharding) -> jax.Array:
+    """[L, ...] from per-layer host arrays. With a sharding whose layer axis is not split, each layer
+    goes to the devices as it is read (one layer on the host at a time) and is stacked there."""
+    if sharding is None or sharding.spec[:1] not in ((), (None,)):
+        stacked = np.stack(list(layers))
+        return jax.device_put(stacked, sharding) if sharding is not None else jnp.asarray(stacked)
+    per_layer = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+    placed = [jax.device_put(layer, per_layer) for layer in layers]
+    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)(*placed)
