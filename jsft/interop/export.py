@@ -8,46 +8,26 @@ import jax
 import ml_collections
 
 from jsft.data import templates
-from jsft.data.pipeline import build_tokenizer
 from jsft.interop import hf
-from jsft.models.registry import build_model
-from jsft.parallel import sharding
-from jsft.parallel.mesh import build_mesh
-from jsft.train.checkpoint import Checkpointer
-from jsft.train.optim import build_optimizer, build_schedule
-from jsft.train.state import state_shardings
+from jsft.run import Run
 
 
 def run_export(
     config: ml_collections.ConfigDict, workdir: str, export_dir: str, step: int = 0, dtype: str = "bfloat16"
 ) -> list[str]:
-    """Write the checkpoint at `step` (0: the latest) of `workdir` to `export_dir`; returns the files."""
-    workdir = os.path.abspath(workdir)
+    """Write the checkpoint at `step` (0: the latest) of `workdir` to `export_dir`; returns the files.
 
-    def no_texts():
-        raise FileNotFoundError(
-            f"no tokenizer: {workdir}/tokenizer.model is missing and the config names none"
-        )
-
-    tok = build_tokenizer(config.data, workdir, config.data.template, no_texts, config.model.hf_path)
-    model = build_model(config.model, tok.vocab_size)
-    tx = build_optimizer(config.optim, build_schedule(config.optim, config.train.steps))
-    mesh = build_mesh(config.mesh.shape, config.mesh.dcn_shape)
-    abstract, shardings, _ = state_shardings(
-        model, tx, mesh, sharding.parse_rules(config.mesh.rules.to_dict())
-    )
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
-    step = step or ckpt.latest_step()
-    if step is None or step not in ckpt.all_steps():
-        raise FileNotFoundError(
-            f"no checkpoint {'at step ' + str(step) if step else ''} in {ckpt.directory} "
-            f"(have: {ckpt.all_steps()})"
-        )
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    state, _ = ckpt.restore_or_fail(step, target, hint=" (pass one with --export_step=STEP)")
-    ckpt.close()
+    Only the parameters are restored (never the optimizer state), already sharded on the run's mesh,
+    and every process takes part in the export: each tensor is gathered from the devices that hold
+    it, one at a time, and process 0 writes it."""
+    run = Run.create(config, workdir)
+    tok = run.tokenizer()
+    model = run.model(tok.vocab_size)
+    which = str(step) if step else "latest"
+    try:
+        params, _, step = run.restore_params(model, which)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; pass an existing step with --export_step=STEP") from e
     family = (
         hf.read_config(config.model.hf_path)["model_type"]
         if config.model.hf_path
@@ -57,7 +37,7 @@ def run_export(
     # Every process takes part: each tensor is gathered from the devices that hold it; process 0 writes.
     files = hf.save_pretrained(
         export_dir,
-        state.params,
+        params,
         model.config,
         family,
         dtype=dtype,
@@ -70,7 +50,9 @@ def run_export(
 
             shutil.copy(tok.path, os.path.join(export_dir, "tokenizer.model"))
             files.append("tokenizer.model")
-        print(f"Exported step {step} of {workdir} to {export_dir} as {family} ({dtype}): {len(files)} files")
+        print(
+            f"Exported step {step} of {run.remote} to {export_dir} as {family} ({dtype}): {len(files)} files"
+        )
     return files
 
 

@@ -1,8 +1,9 @@
 """A Llama-family decoder in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU.
 
 One implementation serves every family jsft supports; differences between families are fields of
-`LlamaConfig`, never forks of this file. Layers are created stacked (a leading `layers` axis on every
-block parameter) and run under `jax.lax.scan`, so compile time does not grow with depth.
+`LlamaConfig`, never forks of this file (which is why it is one file of about 400 lines). Layers are
+created stacked (a leading `layers` axis on every block parameter) and run under `jax.lax.scan`, so
+compile time does not grow with depth.
 
 Shape letters used in einsums and suffixes:
   B batch, T query length, S key length, D model width, N query heads, K kv heads,

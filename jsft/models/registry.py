@@ -54,23 +54,14 @@ class ModelDef:
 def build_model(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> ModelDef:
     """From the `config.model` section; `vocab_size: 0` there means "the tokenizer's size".
 
-    With `hf_path`, the architecture comes from that Hugging Face checkpoint's config.json (the shape
-    fields of the section are ignored; its dtypes and remat policy still apply).
+    A model whose architecture comes from a Hugging Face checkpoint (`hf_path`) is built by the run
+    (`jsft.run.Run.model`), which reads that checkpoint's config.json: models never read files.
     """
     fields = model_cfg.to_dict()
     name, hf_path = fields.pop("name"), fields.pop("hf_path", "")
     fields.pop("export_family", None)
     if hf_path:
-        from jsft.interop import hf  # noqa: PLC0415
-
-        numerics = {k: fields[k] for k in ("param_dtype", "compute_dtype", "remat")}
-        cfg = hf.config_from_hf(hf.read_config(hf_path), **numerics)
-        if cfg.vocab_size < vocab_size:
-            raise ValueError(
-                f"{hf_path}: the model's vocabulary ({cfg.vocab_size}) is smaller than the "
-                f"tokenizer's ({vocab_size})"
-            )
-        return ModelDef.create(cfg)
+        raise ValueError(f"config.model.hf_path={hf_path!r}: build the model with jsft.run.Run.model")
     if name != "llama":
         raise ValueError(f"config.model.name={name!r}: the only model family so far is 'llama'")
     fields["vocab_size"] = fields["vocab_size"] or vocab_size

@@ -9,6 +9,7 @@
 
 Whatever ends the run (the last step, SIGTERM, early stopping, a non-finite step, an error) the
 pending saves finish, the files close and the SIGTERM handler is put back (the ExitStack `scope`).
+The file is a little over 400 lines because the loop is one story; each stage stays one function.
 """
 
 from __future__ import annotations
