@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import ml_collections
@@ -128,7 +128,7 @@ def bench_data(config: ml_collections.ConfigDict, seconds: float, steps: int) ->
 
 def bench_generate(
     config: ml_collections.ConfigDict,
-    batch_sizes=(1, 16),
+    batch_sizes: Sequence[int] = (1, 16),
     prompt_len: int = 16,
     new_tokens: int = 64,
     repeats: int = 3,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 
 import ml_collections
 
@@ -16,7 +17,7 @@ ON_NONFINITE = ("stop", "skip")
 ON_CHANGED_DATA = ("error", "restart")
 
 
-def _choice(config, key: str, choices) -> None:
+def _choice(config: ml_collections.ConfigDict, key: str, choices: Collection) -> None:
     value = config
     for part in key.split("."):
         value = value[part]
@@ -24,7 +25,7 @@ def _choice(config, key: str, choices) -> None:
         raise ConfigError(f"config.{key}={value!r} is not one of {sorted(choices)}")
 
 
-def _positive(config, key: str, allow_zero: bool = False) -> None:
+def _positive(config: ml_collections.ConfigDict, key: str, allow_zero: bool = False) -> None:
     value = config
     for part in key.split("."):
         value = value[part]
@@ -32,7 +33,7 @@ def _positive(config, key: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"config.{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
-def _required(config, prefix: str = "config") -> list[str]:
+def _required(config: ml_collections.ConfigDict, prefix: str = "config") -> list[str]:
     missing = []
     for key, value in config.items():
         if isinstance(value, ml_collections.ConfigDict):
@@ -42,7 +43,7 @@ def _required(config, prefix: str = "config") -> list[str]:
     return missing
 
 
-def _check_best_metric(config) -> None:
+def _check_best_metric(config: ml_collections.ConfigDict) -> None:
     """The best-checkpoint metric must be one the evaluation produces, or the run dies at its first eval.
 
     Names: `eval/loss|perplexity|exact_match` (validation split), `eval/<metric>/<source>` per source,
@@ -85,20 +86,38 @@ def _check_best_metric(config) -> None:
 def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     """Fail before any work starts on values that would fail (or silently misbehave) later.
 
-    The lists of choices live with the code that implements them; they are imported here, when a
-    config is validated, so that `import jsft.config` (configs do it) stays free of JAX and datasets.
+    The checks run in this order, and the first failure raises: required fields, choices, the
+    sources, numeric ranges, then (outside `--mode plan`, which needs shapes only) the best-checkpoint
+    metric and the eval task files, and last the sizes that must agree across sections.
     """
-    from jsft.data import examples, mixture, packing, raw, templates  # noqa: PLC0415
-    from jsft.models.llama import REMAT_POLICIES  # noqa: PLC0415
-    from jsft.train.losses import NORMALIZATIONS  # noqa: PLC0415
-    from jsft.train.optim import DECAYS  # noqa: PLC0415
+    _check_required(config, mode)
+    _check_choices(config)
+    _check_sources(config)
+    _check_numbers(config)
+    if mode != "plan":
+        _check_best_metric(config)
+        _check_task_files(config)
+    _check_sizes(config)
 
+
+def _check_required(config: ml_collections.ConfigDict, mode: str) -> None:
     missing = _required(config)
     if missing and mode != "plan":  # a plan needs shapes only
         raise ConfigError(
             f"{', '.join(missing)} must be set for this config (pass --{missing[0][len('config.') :]}"
             "=... on the command line, or edit the config file)".replace("--", "--config.", 1)
         )
+
+
+def _check_choices(config: ml_collections.ConfigDict) -> None:
+    """Every named choice against its list. The lists live with the code that implements them; they
+    are imported here, when a config is validated, so that `import jsft.config` (configs do it) stays
+    free of JAX and datasets."""
+    from jsft.data import examples, mixture, packing, templates  # noqa: PLC0415
+    from jsft.models.llama import REMAT_POLICIES  # noqa: PLC0415
+    from jsft.train.losses import NORMALIZATIONS  # noqa: PLC0415
+    from jsft.train.optim import DECAYS  # noqa: PLC0415
+
     _choice(config, "loss.normalization", NORMALIZATIONS)
     _choice(config, "optim.decay", DECAYS)
     _choice(config, "model.remat", REMAT_POLICIES)
@@ -110,10 +129,19 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     _choice(config, "data.mixture", mixture.RULES)
     _choice(config, "train.on_nonfinite", ON_NONFINITE)
     _choice(config, "data.on_changed_data", ON_CHANGED_DATA)
+
+
+def _check_sources(config: ml_collections.ConfigDict) -> None:
+    from jsft.data import raw  # noqa: PLC0415
+
     try:
         raw.source_specs(config.data)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+
+
+def _check_numbers(config: ml_collections.ConfigDict) -> None:
+    """Counts and rates in range, and a batch that splits into whole micro-batches."""
     for key in (
         "data.seq_len",
         "data.batch_size",
@@ -148,11 +176,16 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
         )
     if not 0.0 <= config.optim.final_lr_ratio <= 1.0:
         raise ConfigError(f"config.optim.final_lr_ratio={config.optim.final_lr_ratio} must be in [0, 1]")
-    if mode != "plan":
-        _check_best_metric(config)
-        for name, task in (config.eval.get("tasks") or {}).items():
-            if not os.path.exists(task.path):
-                raise ConfigError(f"config.eval.tasks.{name}.path={task.path!r}: no such file")
+
+
+def _check_task_files(config: ml_collections.ConfigDict) -> None:
+    for name, task in (config.eval.get("tasks") or {}).items():
+        if not os.path.exists(task.path):
+            raise ConfigError(f"config.eval.tasks.{name}.path={task.path!r}: no such file")
+
+
+def _check_sizes(config: ml_collections.ConfigDict) -> None:
+    """Sizes that must agree across sections: the model's vocabulary, generation and the sequence."""
     if (
         config.model.vocab_size
         and config.model.vocab_size < config.data.vocab_size

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,7 @@ def devices_needed(mesh_cfg: ml_collections.ConfigDict) -> int:
     return math.prod(resolve_shape(mesh_cfg.shape, math.prod(mesh_cfg.shape)))
 
 
-def per_device_bytes(abstract_tree, shardings_tree) -> int:
+def per_device_bytes(abstract_tree: Any, shardings_tree: Any) -> int:
     """Bytes one device holds of a sharded pytree (the largest shard of each leaf)."""
     total = 0
     for leaf, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings_tree), strict=True):

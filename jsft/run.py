@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import jax
 import ml_collections
@@ -24,7 +25,7 @@ from jsft.data.tokenizer import Tokenizer
 from jsft.data.tokenizer_choice import build_tokenizer
 from jsft.errors import ConfigError
 from jsft.interop import hf
-from jsft.models.registry import ModelDef, build_model
+from jsft.models.registry import ModelDef, Params, build_model
 from jsft.parallel import sharding
 from jsft.parallel.mesh import build_mesh
 from jsft.parallel.placement import BatchPlacement
@@ -151,20 +152,24 @@ class Run:
         schedule = build_schedule(self.config.optim, self.config.train.steps)
         return build_optimizer(self.config.optim, schedule), schedule
 
-    def state_layout(self, model: ModelDef, tx: optax.GradientTransformation):
+    def state_layout(
+        self, model: ModelDef, tx: optax.GradientTransformation
+    ) -> tuple[TrainState, TrainState, list]:
         """(abstract TrainState with shardings, TrainState of shardings, dims replicated for
         divisibility): nothing is allocated."""
         abstract, shardings, dropped = state_shardings(model, tx, self.mesh, self.rules)
         return _with_shardings(abstract, shardings), shardings, dropped
 
-    def params_layout(self, model: ModelDef):
+    def params_layout(self, model: ModelDef) -> tuple[Params, dict[str, Any]]:
         """(abstract params with shardings, params' shardings): what a parameters-only restore reads."""
         abstract = model.abstract_params()
         shardings = sharding.param_shardings(abstract, model.logical_axes(), self.mesh, self.rules, [])
         return _with_shardings(abstract, shardings), shardings
 
     # ------------------------------------------------------------------ weights
-    def initial_state(self, model: ModelDef, tx: optax.GradientTransformation, state_sharding) -> TrainState:
+    def initial_state(
+        self, model: ModelDef, tx: optax.GradientTransformation, state_sharding: TrainState
+    ) -> TrainState:
         """Fresh weights, or the Hugging Face checkpoint's, created or streamed straight into their
         shardings (no full copy of the model on any one device)."""
         key = jax.random.key(self.config.seed)

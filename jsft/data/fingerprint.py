@@ -8,6 +8,10 @@ stream (or fail when a source shrank), so the loop names the changed fields inst
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ml_collections
 
 STREAM_FIELDS = (
     "batch_size",
@@ -27,7 +31,11 @@ SOURCE_FIELDS = ("path", "format", "fields", "weight", "split", "val_fraction")
 
 
 def stream_fingerprint(
-    data_cfg, seed: int, num_shards: int, tokenizer_id: str, source_counts: Sequence[dict]
+    data_cfg: ml_collections.ConfigDict,
+    seed: int,
+    num_shards: int,
+    tokenizer_id: str,
+    source_counts: Sequence[dict],
 ) -> dict[str, object]:
     """`source_counts`: per source (in `config.data.sources` order), records/examples/tokens over all
     processes. Values are JSON-able and compared with ==."""

@@ -34,7 +34,9 @@ class Example:
     source: int = 0
 
 
-def fit_ids(ids: list[int], mask: list[bool], seq_len: int, policy: str):
+def fit_ids(
+    ids: list[int], mask: list[bool], seq_len: int, policy: str
+) -> tuple[list[int], list[bool], bool]:
     """(ids, mask, truncated) fitted to seq_len + 1 tokens by `policy`; ids empty when dropped."""
     limit = seq_len + 1
     if len(ids) <= limit:

@@ -92,7 +92,9 @@ def _check_format(spec: sources.SourceSpec, fmt: str, table: datasets.Dataset, p
     raise all_bad_error(spec.name, path, bad, len(table))
 
 
-def conversations(table: datasets.Dataset, path: str, fmt: str, fields: dict, limit: int):
+def conversations(
+    table: datasets.Dataset, path: str, fmt: str, fields: dict, limit: int
+) -> list[formats.Conversation]:
     """Up to `limit` parsed conversations (bad records skipped: they are reported elsewhere)."""
     out = []
     for _, record, why in _rows(table, path):

@@ -38,7 +38,7 @@ class PlainTemplate:
     special_tokens: tuple[str, ...] = ()
     end_of_turn: str | None = None  # EOS ends a reply
 
-    def segments(self, conv: Conversation, tok: Tokenizer, generation_prompt: bool = False):
+    def segments(self, conv: Conversation, tok: Tokenizer, generation_prompt: bool = False) -> list[Segment]:
         segs: list[Segment] = [([tok.bos_id], False)] if tok.bos_id is not None else []
         for m in conv.messages:
             if m.role == "assistant":
@@ -53,7 +53,7 @@ class ChatMLTemplate:
     special_tokens: tuple[str, ...] = ("<|im_start|>", "<|im_end|>")
     end_of_turn: str | None = "<|im_end|>"
 
-    def segments(self, conv: Conversation, tok: Tokenizer, generation_prompt: bool = False):
+    def segments(self, conv: Conversation, tok: Tokenizer, generation_prompt: bool = False) -> list[Segment]:
         segs: list[Segment] = []
         for m in conv.messages:
             segs.append((f"<|im_start|>{m.role}\n", False))
@@ -76,7 +76,7 @@ class Llama3Template:
     )
     end_of_turn: str | None = "<|eot_id|>"
 
-    def segments(self, conv: Conversation, tok: Tokenizer, generation_prompt: bool = False):
+    def segments(self, conv: Conversation, tok: Tokenizer, generation_prompt: bool = False) -> list[Segment]:
         segs: list[Segment] = [("<|begin_of_text|>", False)]
         for m in conv.messages:
             segs.append((f"<|start_header_id|>{m.role}<|end_header_id|>\n\n", False))
@@ -156,7 +156,7 @@ class JinjaTemplate:
         pos, token = min(found, key=lambda x: (x[0], -len(x[1])))
         return pos + len(token)
 
-    def segments(self, conv: Conversation, tok: Tokenizer, generation_prompt: bool = False):
+    def segments(self, conv: Conversation, tok: Tokenizer, generation_prompt: bool = False) -> list[Segment]:
         msgs, segs, done = list(conv.messages), [], ""
         for i, m in enumerate(msgs):
             if m.role != "assistant":
@@ -177,6 +177,10 @@ class JinjaTemplate:
             raise BadRecord("the chat template is not prefix-stable for this conversation")
         segs.append((full[len(done) :], False))
         return [(text, trained) for text, trained in segs if text]
+
+
+# What build_template returns; render, prompt_ids and stop_ids take any of them.
+Template = PlainTemplate | ChatMLTemplate | Llama3Template | JinjaTemplate
 
 
 def _detect_end_of_turn(template: JinjaTemplate) -> str | None:
@@ -200,7 +204,9 @@ def _encode(tok: Tokenizer, piece: str | list[int]) -> list[int]:
     return list(piece) if isinstance(piece, list) else tok.encode(piece)
 
 
-def render(template, tok: Tokenizer, conv: Conversation, train_on: str = "all_assistant"):
+def render(
+    template: Template, tok: Tokenizer, conv: Conversation, train_on: str = "all_assistant"
+) -> tuple[list[int], list[bool]]:
     """(ids, mask): mask[i] says whether ids[i] is trained. Raises BadRecord if nothing is trained."""
     if conv.is_text:
         segs: list[Segment] = [([tok.bos_id], False)] if tok.bos_id is not None else []
@@ -224,14 +230,14 @@ def render(template, tok: Tokenizer, conv: Conversation, train_on: str = "all_as
     return ids, mask
 
 
-def prompt_ids(template, tok: Tokenizer, conv: Conversation) -> list[int]:
+def prompt_ids(template: Template, tok: Tokenizer, conv: Conversation) -> list[int]:
     """Token ids of a conversation (ending before a reply) plus the generation prompt."""
     return [
         i for piece, _ in template.segments(conv, tok, generation_prompt=True) for i in _encode(tok, piece)
     ]
 
 
-def stop_ids(template, tok: Tokenizer) -> list[int]:
+def stop_ids(template: Template, tok: Tokenizer) -> list[int]:
     """Token ids that end a generated reply: EOS and the template's end-of-turn token."""
     ids = {tok.eos_id}
     eot = tok.token_id(template.end_of_turn) if template.end_of_turn else None
@@ -243,7 +249,7 @@ def stop_ids(template, tok: Tokenizer) -> list[int]:
 BUILTIN = {"plain": PlainTemplate, "chatml": ChatMLTemplate, "llama3": Llama3Template}
 
 
-def build_template(name: str, separator: str = "\n", tokenizer: Any = None):
+def build_template(name: str, separator: str = "\n", tokenizer: Any = None) -> Template:
     """`name`: plain | chatml | llama3 | hf (the tokenizer's own Jinja chat template)."""
     if name == "plain":
         return PlainTemplate(separator=separator)

@@ -12,12 +12,13 @@ decoding (`cut_at_stop_strings`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsft.models.registry import ModelDef
+from jsft.models.registry import ModelDef, Params
 from jsft.parallel.placement import BatchPlacement
 
 
@@ -29,7 +30,7 @@ class Sampling:
     seed: int = 0
 
 
-def sample(logits_bv, rng, s: Sampling):
+def sample(logits_bv: jax.Array, rng: jax.Array, s: Sampling) -> jax.Array:
     """One token per row from float32 logits."""
     if s.temperature <= 0:
         return jnp.argmax(logits_bv, axis=-1)
@@ -54,8 +55,8 @@ def make_generator(
     stop_ids: list[int],
     pad_id: int,
     sampling: Sampling = Sampling(),
-    out_sharding=None,
-):
+    out_sharding: jax.sharding.Sharding | None = None,
+) -> Callable[..., jax.Array]:
     """generate(params, prompts [B, P] right-padded, lengths [B], step=0, batch=0) -> new tokens
     [B, max_new_tokens] (pad_id after a row stops; a stop token itself is kept). `step` (the eval
     step) and `batch` (the batch index), int32 scalars, are folded into the sampling key."""
@@ -102,8 +103,8 @@ def cut_at_stop_strings(text: str, stop_strings: list[str]) -> str:
 
 
 def generate_ids(
-    generator,
-    params,
+    generator: Callable[..., jax.Array],
+    params: Params,
     prompts: list[list[int]],
     max_prompt_len: int,
     batch_size: int,
@@ -133,13 +134,13 @@ def generate_ids(
 
 def stream(
     model: ModelDef,
-    params,
+    params: Params,
     prompt: list[int],
     max_new_tokens: int,
     stop_ids: list[int],
     sampling: Sampling = Sampling(),
     index: int = 0,
-):
+) -> Iterator[int]:
     """Yield one token id at a time for one prompt (for interactive use); the same cache and math as
     `make_generator`, stepped from the host so each token can be shown as soon as it exists. `index`
     (the prompt's number in a session) is folded into the sampling key."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import jax
 import ml_collections
@@ -18,8 +19,14 @@ from jsft.evals.suite import Evaluation
 from jsft.parallel import sharding
 from jsft.run import Run
 
+if TYPE_CHECKING:
+    from jsft.data.pipeline import Data
+    from jsft.models.registry import ModelDef, Params
 
-def load(config: ml_collections.ConfigDict, workdir: str, checkpoint: str, eval_prompt_limit: int = 0):
+
+def load(
+    config: ml_collections.ConfigDict, workdir: str, checkpoint: str, eval_prompt_limit: int = 0
+) -> tuple[Run, Data, ModelDef, Params, str, int]:
     """(run, data, model, params, label, step) for a named checkpoint of `workdir` (step 0 for
     --checkpoint=hf). Only the parameters are restored, never the optimizer state."""
     run = Run.create(config, workdir)

@@ -30,7 +30,7 @@ from jsft.data import formats, packing, pipeline, sources, templates
 from jsft.data.eval_data import eval_batches
 from jsft.evals import generate, metrics
 from jsft.evals.validation import ValidationEvaluator
-from jsft.models.registry import ModelDef
+from jsft.models.registry import ModelDef, Params
 from jsft.parallel.placement import BatchPlacement
 from jsft.train import losses
 from jsft.train.step import make_eval_step
@@ -150,7 +150,7 @@ class GenerateTask:
             ctx.placement.replicated,
         )
 
-    def run(self, params, step: int = 0) -> tuple[dict, list[dict]]:
+    def run(self, params: Params, step: int = 0) -> tuple[dict, list[dict]]:
         tok = self.ctx.tokenizer
         ids = generate.generate_ids(
             self.generator,
@@ -222,7 +222,7 @@ class ChoiceTask:
         self.batches = eval_batches(self.examples, ctx.seq_len, ctx.batch_size, mode="pad")
         self.score = jax.jit(_score_step(ctx.model), out_shardings=ctx.placement.replicated)
 
-    def run(self, params, step: int = 0) -> tuple[dict, list[dict]]:
+    def run(self, params: Params, step: int = 0) -> tuple[dict, list[dict]]:
         scores = np.concatenate(
             [np.asarray(self.score(params, self.ctx.placement.put_batch(b))) for b in self.batches]
         )[: len(self.examples)]
@@ -251,7 +251,7 @@ class LossTask:
         self.batches = eval_batches(examples, ctx.seq_len, ctx.batch_size)
         self.step = jax.jit(make_eval_step(ctx.model), out_shardings=ctx.placement.replicated)
 
-    def run(self, params, step: int = 0) -> tuple[dict, list[dict]]:
+    def run(self, params: Params, step: int = 0) -> tuple[dict, list[dict]]:
         loss_sum = weight = 0.0
         for b in self.batches:
             sums = jax.device_get(self.step(params, self.ctx.placement.put_batch(b)))
@@ -321,7 +321,7 @@ class Evaluation:
             raise Interrupted(f"evaluation at step {self._step} interrupted")
 
     def run(
-        self, params, step: int | None = None, should_stop: Callable[[], bool] | None = None
+        self, params: Params, step: int | None = None, should_stop: Callable[[], bool] | None = None
     ) -> tuple[dict, dict[str, list[dict]]]:
         """`should_stop`: polled before every batch (on every process at the same batches); when it
         returns True the evaluation raises Interrupted."""

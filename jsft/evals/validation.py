@@ -10,7 +10,7 @@ import numpy as np
 from jsft.data import pipeline
 from jsft.data.eval_data import eval_batches
 from jsft.evals import generate, metrics
-from jsft.models.registry import ModelDef
+from jsft.models.registry import ModelDef, Params
 from jsft.parallel.placement import BatchPlacement
 from jsft.train.step import make_eval_step
 
@@ -67,7 +67,7 @@ class ValidationEvaluator:
                     )
         return out
 
-    def run(self, params) -> tuple[dict[str, float], list[dict]]:
+    def run(self, params: Params) -> tuple[dict[str, float], list[dict]]:
         out = self._loss(params)
         if not self.prompts:
             return out, []

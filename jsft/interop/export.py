@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import jax
 import ml_collections
@@ -10,6 +11,9 @@ import ml_collections
 from jsft.data import templates
 from jsft.interop import hf
 from jsft.run import Run
+
+if TYPE_CHECKING:
+    from jsft.data.tokenizer import Tokenizer
 
 
 def run_export(
@@ -60,7 +64,7 @@ def _as_ids(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, list | tuple) else [int(value)]
 
 
-def export_metadata(config: ml_collections.ConfigDict, tok) -> dict:
+def export_metadata(config: ml_collections.ConfigDict, tok: Tokenizer) -> dict:
     """The special ids, `max_position_embeddings` and generation config of an export.
 
     A model fine-tuned from `config.model.hf_path` keeps the source's values (config.json,

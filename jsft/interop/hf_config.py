@@ -37,7 +37,7 @@ def _rope(hf: dict) -> tuple[float, tuple]:
     raise UnsupportedCheckpoint(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
 
 
-def config_from_hf(hf: dict, **numerics) -> LlamaConfig:
+def config_from_hf(hf: dict, **numerics: str) -> LlamaConfig:
     """A LlamaConfig equal in math to the HF config; `numerics` sets dtypes/remat."""
     family = hf.get("model_type")
     if family not in FAMILIES:

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+from typing import Any
 
 from jsft.interop.hf_config import UnsupportedCheckpoint, config_from_hf
 
@@ -255,6 +256,6 @@ def copy_tokenizer_files(tokenizer_dir: str, out_dir: str) -> list[str]:
     return copied
 
 
-def write_json(path: str, obj) -> None:
+def write_json(path: str, obj: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)

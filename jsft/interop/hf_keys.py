@@ -9,7 +9,8 @@ table, so a family's key map is written once.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from jsft.models.llama import LlamaConfig
 
@@ -126,14 +127,14 @@ def specs(cfg: LlamaConfig) -> list[Spec]:
     return out
 
 
-def get_path(tree, path: tuple[str, ...]):
+def get_path(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     """The leaf of a nested dict at `path` (a Spec's `path`)."""
     for p in path:
         tree = tree[p]
     return tree
 
 
-def set_path(tree: dict, path: tuple[str, ...], value) -> None:
+def set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
     """Put `value` at `path`, creating the dicts on the way."""
     for p in path[:-1]:
         tree = tree.setdefault(p, {})

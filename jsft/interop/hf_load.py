@@ -3,6 +3,9 @@ straight into its sharding."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +16,9 @@ from jsft.interop.hf_keys import get_path, set_path, specs
 from jsft.models.llama import LlamaConfig
 
 
-def load_params(directory: str, cfg: LlamaConfig, shardings=None, dtype: str | None = None) -> dict:
+def load_params(
+    directory: str, cfg: LlamaConfig, shardings: Mapping[str, Any] | None = None, dtype: str | None = None
+) -> dict:
     """jsft params from a HF safetensors checkpoint, one tensor at a time, each placed straight into
     its sharding (when given). Every tensor in the checkpoint must be used; extra ones are refused."""
     from safetensors import safe_open  # noqa: PLC0415

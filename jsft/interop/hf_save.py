@@ -101,7 +101,7 @@ def hf_arrays(
         yield item.info, gather(leaf, np.int32(item.layer)) if spec.per_layer else gather(leaf)
 
 
-def host_copy(value) -> np.ndarray:
+def host_copy(value: jax.Array | np.ndarray) -> np.ndarray:
     """This process's copy of a replicated tensor: one device's buffer, never a sharded tree."""
     if isinstance(value, jax.Array) and value.is_fully_replicated:
         return np.asarray(value.addressable_data(0))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 
-def causal_segment_mask(segment_ids_bt, sliding_window: int = 0):
+def causal_segment_mask(segment_ids_bt: jax.Array, sliding_window: int = 0) -> jax.Array:
     """[B, T, S] bool: query t may see key s iff s <= t and both belong to the same example
     (and, with a sliding window, t - s < window).
 
@@ -23,7 +23,14 @@ def causal_segment_mask(segment_ids_bt, sliding_window: int = 0):
     return causal_ts[None] & same_bts
 
 
-def reference_attention(q_btnh, k_bskh, v_bskh, mask_bts, scale: float | None = None, softcap: float = 0.0):
+def reference_attention(
+    q_btnh: jax.Array,
+    k_bskh: jax.Array,
+    v_bskh: jax.Array,
+    mask_bts: jax.Array,
+    scale: float | None = None,
+    softcap: float = 0.0,
+) -> jax.Array:
     """Grouped-query softmax attention in plain XLA; logits and softmax in float32.
 
     `scale` defaults to head_dim**-0.5; `softcap` > 0 squashes logits with cap * tanh(logits / cap).

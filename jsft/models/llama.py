@@ -186,14 +186,16 @@ def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()) -> jnp.nd
     return inv_freq
 
 
-def rope_tables(positions_bt, head_dim: int, theta: float, scaling: tuple = ()):
+def rope_tables(
+    positions_bt: jax.Array, head_dim: int, theta: float, scaling: tuple = ()
+) -> tuple[jax.Array, jax.Array]:
     """cos/sin tables [B, T, H/2] for the 'rotate half' layout used by Llama and HF checkpoints."""
     inv_freq = rope_frequencies(head_dim, theta, scaling)
     angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x_btnh, cos_bth, sin_bth):
+def apply_rope(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax.Array:
     x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
     cos, sin = cos_bth[:, :, None, :], sin_bth[:, :, None, :]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -376,7 +378,9 @@ class Llama(nnx.Module):
         zeros = jnp.zeros(shape, jnp.dtype(cfg.compute_dtype))
         return {"k": zeros, "v": zeros, "valid": jnp.zeros((batch, length), jnp.bool_)}
 
-    def cached_forward(self, tokens_bt, start_b, is_token_bt, cache: dict):
+    def cached_forward(
+        self, tokens_bt: jax.Array, start_b: jax.Array, is_token_bt: jax.Array, cache: dict
+    ) -> tuple[jax.Array, dict]:
         """Decode-time forward: row b's T tokens take cache slots start_b[b] + 0..T-1 (and RoPE
         positions equal to their slots); `is_token_bt` marks real tokens (False: right padding of a
         shorter prompt, never attended to). Returns (logits [B, T, V], updated cache)."""

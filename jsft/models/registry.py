@@ -47,7 +47,13 @@ class ModelDef:
     def module(self, params: Params) -> Llama:
         return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, jax.tree.leaves(params)))
 
-    def apply(self, params: Params, tokens, positions=None, segment_ids=None):
+    def apply(
+        self,
+        params: Params,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
         return self.module(params)(tokens, positions, segment_ids)
 
 

@@ -35,7 +35,9 @@ def resolve_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
     return shape
 
 
-def build_mesh(shape: Sequence[int], dcn_shape: Sequence[int] = (1, 1, 1), devices=None) -> jax.sharding.Mesh:
+def build_mesh(
+    shape: Sequence[int], dcn_shape: Sequence[int] = (1, 1, 1), devices: Sequence[jax.Device] | None = None
+) -> jax.sharding.Mesh:
     devices = list(jax.devices() if devices is None else devices)
     dcn = tuple(int(s) for s in dcn_shape)
     total = resolve_shape(shape, len(devices))

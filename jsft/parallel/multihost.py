@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 
-def allgather_json(obj) -> list:
+def allgather_json(obj: Any) -> list:
     """Every process's `obj`, in process order (one collective; identity with one process)."""
     if jax.process_count() == 1:
         return [obj]

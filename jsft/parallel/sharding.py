@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import optax
@@ -56,8 +57,12 @@ def spec_for(
 
 
 def param_shardings(
-    abstract_params, logical_axes, mesh: jax.sharding.Mesh, rules: Rules, dropped: list | None = None
-):
+    abstract_params: Mapping[str, Any],
+    logical_axes: Mapping[str, Any],
+    mesh: jax.sharding.Mesh,
+    rules: Rules,
+    dropped: list | None = None,
+) -> dict[str, Any]:
     """NamedShardings for a params pytree from its logical-axes pytree."""
     return jax.tree.map(
         lambda p, names: NamedSharding(mesh, spec_for(p.shape, names, mesh, rules, dropped)),
@@ -68,8 +73,11 @@ def param_shardings(
 
 
 def opt_state_shardings(
-    tx: optax.GradientTransformation, abstract_opt_state, params_shardings, mesh: jax.sharding.Mesh
-):
+    tx: optax.GradientTransformation,
+    abstract_opt_state: optax.OptState,
+    params_shardings: Mapping[str, Any],
+    mesh: jax.sharding.Mesh,
+) -> Any:
     """Optimizer state mirrors the parameters (Adam's moments); everything else is replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     shardings = optax.tree_map_params(
@@ -93,7 +101,7 @@ def batch_divisor(mesh: jax.sharding.Mesh, rules: Rules) -> int:
 
 
 @contextlib.contextmanager
-def use_rules(mesh: jax.sharding.Mesh, rules: Rules):
+def use_rules(mesh: jax.sharding.Mesh, rules: Rules) -> Iterator[None]:
     """Activate activation constraints (`constrain`) for code traced inside this block."""
     token = _ACTIVE.set((mesh, rules))
     try:
@@ -102,7 +110,7 @@ def use_rules(mesh: jax.sharding.Mesh, rules: Rules):
         _ACTIVE.reset(token)
 
 
-def constrain(x, names: Sequence[str | None]):
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names when rules are active; otherwise `x` unchanged."""
     active = _ACTIVE.get()
     if active is None:

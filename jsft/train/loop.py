@@ -329,7 +329,7 @@ def train(t: Trainer, start_step: int, state: TrainState, scope: contextlib.Exit
     return step
 
 
-def log(t: Trainer, step: int, pending: list, elapsed: float, data_state: dict, pbar) -> None:
+def log(t: Trainer, step: int, pending: list, elapsed: float, data_state: dict, pbar: tqdm) -> None:
     """One metrics line for the steps since the last one (waits for them: only now is their time
     known); the non-finite guard sees their flags first."""
     fetched = jax.device_get([m for _, m in pending])

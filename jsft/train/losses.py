@@ -12,19 +12,21 @@ packing never change the objective.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 
 NORMALIZATIONS = ("token", "sequence")
 
 
-def token_nll(logits_btv, targets_bt):
+def token_nll(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
     """Negative log-likelihood of each target, in float32."""
     logprobs = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
     return -jnp.take_along_axis(logprobs, targets_bt[..., None], axis=-1)[..., 0]
 
 
-def token_weights(loss_mask_bt, segment_ids_bt, normalization: str):
+def token_weights(loss_mask_bt: jax.Array, segment_ids_bt: jax.Array, normalization: str) -> jax.Array:
     """Per-token weights; their sum over the global batch is the loss denominator."""
     mask = loss_mask_bt.astype(jnp.float32)
     if normalization == "token":
@@ -39,7 +41,9 @@ def token_weights(loss_mask_bt, segment_ids_bt, normalization: str):
     raise ValueError(f"loss normalization {normalization!r} is not one of {NORMALIZATIONS}")
 
 
-def cross_entropy_sums(logits_btv, batch, normalization: str = "token", num_sources: int = 0):
+def cross_entropy_sums(
+    logits_btv: jax.Array, batch: Mapping[str, jax.Array], normalization: str = "token", num_sources: int = 0
+) -> dict[str, jax.Array]:
     """{'loss_sum', 'weight_sum', 'target_tokens'} for one (micro-)batch.
 
     With `num_sources`, also per-source token-loss sums and target counts (index 0 is padding, source

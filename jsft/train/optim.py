@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import ml_collections
 import optax
+
+if TYPE_CHECKING:
+    from jsft.models.registry import Params
 
 DECAYS = ("cosine", "linear", "constant")
 # Parameters whose path contains one of these are never weight-decayed (norm scales, biases).
@@ -29,7 +34,7 @@ def build_schedule(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> op
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
-def decay_mask(params):
+def decay_mask(params: Params) -> Params:
     """True for parameters that get weight decay: everything but norms and biases."""
 
     def keep(path, _):
@@ -39,7 +44,9 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def build_optimizer(optim_cfg: ml_collections.ConfigDict, schedule: optax.Schedule):
+def build_optimizer(
+    optim_cfg: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(optim_cfg.clip_norm) if optim_cfg.clip_norm > 0 else optax.identity(),
         optax.adamw(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,9 @@ import optax
 from flax import struct
 
 from jsft.parallel import sharding
+
+if TYPE_CHECKING:
+    from jsft.models.registry import ModelDef, Params
 
 
 @struct.dataclass
@@ -20,11 +24,11 @@ class TrainState:
     rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
 
     @classmethod
-    def create(cls, params, tx, rng: jax.Array) -> TrainState:
+    def create(cls, params: Params, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
         return cls(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key_data(rng))
 
 
-def init_fn(model, tx: optax.GradientTransformation):
+def init_fn(model: ModelDef, tx: optax.GradientTransformation) -> Callable[[jax.Array], TrainState]:
     """rng -> a fresh TrainState; jit it with `out_shardings` to create the state already sharded."""
 
     def init(rng):
@@ -34,7 +38,9 @@ def init_fn(model, tx: optax.GradientTransformation):
     return init
 
 
-def state_shardings(model, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, rules: sharding.Rules):
+def state_shardings(
+    model: ModelDef, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, rules: sharding.Rules
+) -> tuple[TrainState, TrainState, list]:
     """(abstract TrainState, TrainState of NamedShardings, dims replicated for divisibility).
 
     Parameters follow the logical-axis rules, Adam's moments follow their parameters, and the
