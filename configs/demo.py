@@ -134,6 +134,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.loss = ml_collections.ConfigDict()
     config.loss.normalization = "token"
+    # chunked: the output projection fused with the loss, `chunk_len` positions of every row at a time
+    # (the batch's [B, T, V] logits never exist); reference: log-softmax over full logits (the oracle).
+    config.loss.implementation = "chunked"
+    config.loss.chunk_len = 128
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 600

@@ -65,24 +65,13 @@ def trainer_rate(config: ml_collections.ConfigDict, data: Data, steps: int) -> d
 
     from jsft.run import Run  # noqa: PLC0415
     from jsft.train.state import TrainState  # noqa: PLC0415
-    from jsft.train.step import make_train_step  # noqa: PLC0415
 
     run = Run.create(config)
     model = run.model(data.tokenizer.vocab_size)
     tx, schedule = run.optimizer()
     key = jax.random.key(config.seed)
     state = TrainState.create(model.init(key), tx, key)
-    step = jax.jit(
-        make_train_step(
-            model,
-            tx,
-            schedule,
-            config.optim.grad_accum_steps,
-            config.loss.normalization,
-            num_sources=len(data.source_names),
-        ),
-        donate_argnums=0,
-    )
+    step = jax.jit(run.train_step(model, tx, schedule, len(data.source_names)), donate_argnums=0)
     # Batches are pulled beforehand, so only the step is timed.
     batches = [jax.device_put(next(data.train)) for _ in range(steps + 1)]
     state, metrics = step(state, batches[0])

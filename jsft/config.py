@@ -115,10 +115,11 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
     free of JAX and datasets."""
     from jsft.data import examples, mixture, packing, templates  # noqa: PLC0415
     from jsft.models.llama import REMAT_POLICIES  # noqa: PLC0415
-    from jsft.train.losses import NORMALIZATIONS  # noqa: PLC0415
+    from jsft.train.losses import IMPLEMENTATIONS, NORMALIZATIONS  # noqa: PLC0415
     from jsft.train.optim import DECAYS  # noqa: PLC0415
 
     _choice(config, "loss.normalization", NORMALIZATIONS)
+    _choice(config, "loss.implementation", IMPLEMENTATIONS)
     _choice(config, "optim.decay", DECAYS)
     _choice(config, "model.remat", REMAT_POLICIES)
     _choice(config, "data.template", [*templates.BUILTIN, "hf"])
@@ -144,6 +145,7 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
     """Counts and rates in range, and a batch that splits into whole micro-batches."""
     for key in (
         "data.seq_len",
+        "loss.chunk_len",
         "data.batch_size",
         "train.steps",
         "optim.lr",

@@ -22,7 +22,6 @@ import numpy as np
 from jsft.parallel import sharding
 from jsft.parallel.mesh import resolve_shape
 from jsft.run import Run
-from jsft.train.step import make_train_step
 
 GB = 1e9
 # Memory per device (bytes) of accelerators people fine-tune on.
@@ -66,7 +65,7 @@ def _compile_step(run: Run, model, tx, schedule, state, state_sharding):
     }
     replicated = run.replicated
     step = jax.jit(
-        make_train_step(model, tx, schedule, config.optim.grad_accum_steps, config.loss.normalization),
+        run.train_step(model, tx, schedule),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, replicated),
         donate_argnums=0,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -32,6 +33,7 @@ from jsft.parallel.placement import BatchPlacement
 from jsft.train.checkpoint import Checkpointer
 from jsft.train.optim import build_optimizer, build_schedule
 from jsft.train.state import TrainState, init_fn, state_shardings
+from jsft.train.step import make_train_step
 
 
 def local_mirror(remote: str) -> str:
@@ -151,6 +153,26 @@ class Run:
     def optimizer(self) -> tuple[optax.GradientTransformation, optax.Schedule]:
         schedule = build_schedule(self.config.optim, self.config.train.steps)
         return build_optimizer(self.config.optim, schedule), schedule
+
+    def train_step(
+        self,
+        model: ModelDef,
+        tx: optax.GradientTransformation,
+        schedule: optax.Schedule,
+        num_sources: int = 0,
+    ) -> Callable:
+        """The configured (un-jitted) train step: accumulation, loss normalisation and implementation."""
+        cfg = self.config
+        return make_train_step(
+            model,
+            tx,
+            schedule,
+            cfg.optim.grad_accum_steps,
+            cfg.loss.normalization,
+            num_sources,
+            cfg.loss.implementation,
+            cfg.loss.chunk_len,
+        )
 
     def state_layout(
         self, model: ModelDef, tx: optax.GradientTransformation

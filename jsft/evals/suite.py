@@ -32,8 +32,7 @@ from jsft.evals import generate, metrics
 from jsft.evals.validation import ValidationEvaluator
 from jsft.models.registry import ModelDef, Params
 from jsft.parallel.placement import BatchPlacement
-from jsft.train import losses
-from jsft.train.step import make_eval_step
+from jsft.train.step import batch_nll, make_eval_step
 
 KINDS = ("generate", "choice", "loss")
 
@@ -176,8 +175,7 @@ def _score_step(model: ModelDef):
     """Per-row sum of log-probabilities of the trained (masked) target tokens."""
 
     def score(params, batch):
-        logits = model.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"])
-        return -jnp.sum(losses.token_nll(logits, batch["targets"]) * batch["loss_mask"], axis=-1)
+        return -jnp.sum(batch_nll(model, params, batch) * batch["loss_mask"], axis=-1)
 
     return score
 

@@ -325,6 +325,12 @@ class Llama(nnx.Module):
     def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
         """positions restart at 0 for each packed example; segment ids (0 = padding) keep examples
         packed in one row from attending to each other. Both default to a single unpacked example."""
+        return self._logits(self.features(tokens_bt, positions_bt, segment_ids_bt))
+
+    def features(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
+        """The final-normed hidden states [B, T, D] (compute dtype) that `head()` turns into logits;
+        the training loss takes them directly (jsft/train/chunked_ce.py) so the [B, T, V] logits of
+        the whole batch never exist."""
         cfg = self.cfg
         b, t = tokens_bt.shape
         if positions_bt is None:
@@ -352,8 +358,7 @@ class Llama(nnx.Module):
         if cfg.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=policy, prevent_cse=False)
         x_btd, _ = jax.lax.scan(one_layer, x_btd, (layers_state, windows))
-
-        return self._logits(x_btd)
+        return self.final_norm(x_btd)
 
     def _embed(self, tokens_bt):
         dt = jnp.dtype(self.cfg.compute_dtype)
@@ -362,13 +367,16 @@ class Llama(nnx.Module):
             x_btd = x_btd * jnp.asarray(self.cfg.d_model**0.5, dt)
         return constrain(x_btd, ACTIVATION_AXES)
 
+    def head(self):
+        """The output projection [D, V] in the compute dtype (the embedding's transpose when tied)."""
+        head_dv = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        return head_dv.astype(jnp.dtype(self.cfg.compute_dtype))
+
     def _logits(self, x_btd):
-        cfg = self.cfg
-        x_btd = self.final_norm(x_btd)
-        head_dv = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits_btv = jnp.einsum("BTD,DV->BTV", x_btd, head_dv.astype(x_btd.dtype)).astype(jnp.float32)
-        if cfg.final_softcap:
-            logits_btv = jnp.tanh(logits_btv / cfg.final_softcap) * cfg.final_softcap
+        """Logits [B, T, V] in float32 (float32 accumulation) from final-normed hidden states."""
+        logits_btv = jnp.einsum("BTD,DV->BTV", x_btd, self.head(), preferred_element_type=jnp.float32)
+        if self.cfg.final_softcap:
+            logits_btv = jnp.tanh(logits_btv / self.cfg.final_softcap) * self.cfg.final_softcap
         return constrain(logits_btv, ("batch", "seq", "vocab"))
 
     def init_cache(self, batch: int, length: int) -> dict:
@@ -406,4 +414,4 @@ class Llama(nnx.Module):
         x_btd, (k, v) = jax.lax.scan(
             one_layer, self._embed(tokens_bt), (layers_state, windows, cache["k"], cache["v"])
         )
-        return self._logits(x_btd), {"k": k, "v": v, "valid": valid_bs}
+        return self._logits(self.final_norm(x_btd)), {"k": k, "v": v, "valid": valid_bs}

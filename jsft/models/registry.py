@@ -56,6 +56,17 @@ class ModelDef:
     ) -> jax.Array:
         return self.module(params)(tokens, positions, segment_ids)
 
+    def features(
+        self,
+        params: Params,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """(final hidden states [B, T, D], output projection [D, V]): logits without forming them."""
+        module = self.module(params)
+        return module.features(tokens, positions, segment_ids), module.head()
+
 
 def build_model(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> ModelDef:
     """From the `config.model` section; `vocab_size: 0` there means "the tokenizer's size".

@@ -40,7 +40,6 @@ from jsft.train.checkpoint import BestCheckpoint, Checkpointer
 from jsft.train.nonfinite import NonFiniteGuard
 from jsft.train.preemption import StopRequest
 from jsft.train.state import TrainState
-from jsft.train.step import make_train_step
 from jsft.train.writer import MetricWriter
 
 
@@ -127,9 +126,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str, scope: contextlib.Ex
         f"Mesh: {dict(run.mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)"
         + (f"; replicated (not divisible): {sorted(set(replicated_dims))}" if replicated_dims else ""),
     )
-    step_fn = make_train_step(
-        model, tx, schedule, config.optim.grad_accum_steps, config.loss.normalization, len(data.source_names)
-    )
+    step_fn = run.train_step(model, tx, schedule, len(data.source_names))
     train_step = jax.jit(
         step_fn,
         in_shardings=(state_sharding, run.batch_sharding),

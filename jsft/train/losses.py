@@ -18,6 +18,10 @@ import jax
 import jax.numpy as jnp
 
 NORMALIZATIONS = ("token", "sequence")
+# How the per-token NLL is computed: `chunked` fuses the output projection and never forms the
+# batch's [B, T, V] logits (jsft/train/chunked_ce.py); `reference` is log-softmax-then-gather on the
+# full logits, kept as the oracle.
+IMPLEMENTATIONS = ("chunked", "reference")
 
 
 def token_nll(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
@@ -42,14 +46,14 @@ def token_weights(loss_mask_bt: jax.Array, segment_ids_bt: jax.Array, normalizat
 
 
 def cross_entropy_sums(
-    logits_btv: jax.Array, batch: Mapping[str, jax.Array], normalization: str = "token", num_sources: int = 0
+    nll_bt: jax.Array, batch: Mapping[str, jax.Array], normalization: str = "token", num_sources: int = 0
 ) -> dict[str, jax.Array]:
-    """{'loss_sum', 'weight_sum', 'target_tokens'} for one (micro-)batch.
+    """{'loss_sum', 'weight_sum', 'target_tokens'} for one (micro-)batch, from each token's NLL.
 
     With `num_sources`, also per-source token-loss sums and target counts (index 0 is padding, source
     k is index k + 1), so `train/loss/<source>` is exact even when sources share packed rows.
     """
-    nll = token_nll(logits_btv, batch["targets"])
+    nll = nll_bt
     weights = token_weights(batch["loss_mask"], batch["segment_ids"], normalization)
     mask = batch["loss_mask"].astype(jnp.float32)
     sums = {

@@ -9,13 +9,25 @@ import jax.numpy as jnp
 import optax
 
 from jsft.models.registry import ModelDef
-from jsft.train.losses import cross_entropy_sums
+from jsft.train.chunked_ce import chunked_nll
+from jsft.train.losses import cross_entropy_sums, token_nll
 from jsft.train.nonfinite import keep_if_finite
 from jsft.train.state import TrainState
 
 
 def _tree_add(a, b):
     return jax.tree.map(lambda x, y: x + y.astype(x.dtype), a, b)
+
+
+def batch_nll(
+    model: ModelDef, params: dict, batch: dict, implementation: str = "chunked", chunk: int = 128
+) -> jax.Array:
+    """[B, T] float32 NLL of every target of `batch` (masking and weighting are the caller's)."""
+    args = (params, batch["inputs"], batch["positions"], batch["segment_ids"])
+    if implementation == "reference":
+        return token_nll(model.apply(*args), batch["targets"])
+    x_btd, head_dv = model.features(*args)
+    return chunked_nll(x_btd, head_dv, batch["targets"], model.config.final_softcap, chunk)
 
 
 def make_train_step(
@@ -25,12 +37,14 @@ def make_train_step(
     grad_accum_steps: int = 1,
     normalization: str = "token",
     num_sources: int = 0,
+    loss_implementation: str = "chunked",
+    loss_chunk: int = 128,
 ) -> Callable:
     """Build the un-jitted step; the loop jits it with donation and explicit shardings."""
 
     def loss_sums(params, micro):
-        logits = model.apply(params, micro["inputs"], micro["positions"], micro["segment_ids"])
-        sums = cross_entropy_sums(logits, micro, normalization, num_sources)
+        nll = batch_nll(model, params, micro, loss_implementation, loss_chunk)
+        sums = cross_entropy_sums(nll, micro, normalization, num_sources)
         return sums["loss_sum"], sums
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -70,11 +84,13 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model: ModelDef, num_sources: int = 0) -> Callable:
+def make_eval_step(
+    model: ModelDef, num_sources: int = 0, loss_implementation: str = "chunked", loss_chunk: int = 128
+) -> Callable:
     """Sums (not means) of the per-token loss, so the caller can total over any number of batches."""
 
     def eval_step(params, batch: dict) -> dict:
-        logits = model.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"])
-        return cross_entropy_sums(logits, batch, "token", num_sources)
+        nll = batch_nll(model, params, batch, loss_implementation, loss_chunk)
+        return cross_entropy_sums(nll, batch, "token", num_sources)
 
     return eval_step

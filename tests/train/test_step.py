@@ -65,7 +65,7 @@ def test_prompt_tokens_get_zero_gradient(model):
     batch = _padded(_examples(4), 24)
 
     def loss_from_logits(logits):
-        return losses.cross_entropy_sums(logits, batch)["loss_sum"]
+        return losses.cross_entropy_sums(losses.token_nll(logits, batch["targets"]), batch)["loss_sum"]
 
     logits = model.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"])
     g = jax.grad(loss_from_logits)(logits)
@@ -85,7 +85,7 @@ def test_packed_batch_gives_the_same_loss_as_unpacked(model, normalization):
 
     def loss(batch):
         logits = model.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"])
-        s = losses.cross_entropy_sums(logits, batch, normalization)
+        s = losses.cross_entropy_sums(losses.token_nll(logits, batch["targets"]), batch, normalization)
         return s["loss_sum"] / s["weight_sum"]
 
     np.testing.assert_allclose(loss(packed), loss(padded), rtol=1e-5)
@@ -99,7 +99,7 @@ def test_sequence_normalization_is_the_mean_of_per_example_means(model):
     examples = _examples(5, seed=3)
     batch = packing.pack(examples, 40)
     logits = model.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"])
-    s = losses.cross_entropy_sums(logits, batch, "sequence")
+    s = losses.cross_entropy_sums(losses.token_nll(logits, batch["targets"]), batch, "sequence")
     nll = np.asarray(losses.token_nll(logits, batch["targets"]))
     per_example = []
     for r in range(len(batch["inputs"])):
@@ -169,14 +169,14 @@ def test_metrics_report_lr_grad_norm_and_target_tokens(model):
 
 
 class _PoisonedModel:
-    """The real model, whose logits turn NaN for a batch whose first token is 0."""
+    """The real model, whose hidden states (so logits) turn NaN for a batch whose first token is 0."""
 
     def __init__(self, model):
-        self.model = model
+        self.model, self.config = model, model.config
 
-    def apply(self, params, tokens, positions=None, segment_ids=None):
-        logits = self.model.apply(params, tokens, positions, segment_ids)
-        return logits * jnp.where(tokens[0, 0] == 0, jnp.nan, 1.0)
+    def features(self, params, tokens, positions=None, segment_ids=None):
+        x, head = self.model.features(params, tokens, positions, segment_ids)
+        return x * jnp.where(tokens[0, 0] == 0, jnp.nan, 1.0), head
 
 
 def test_a_nonfinite_step_is_never_applied(model):
