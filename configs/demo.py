@@ -101,6 +101,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.param_dtype = "float32"
     config.model.compute_dtype = "float32"
     config.model.remat = "none"
+    # auto (cuDNN on GPUs, else chunked) | chunked | reference | xla_sdpa | cudnn: jsft/models/attention.py
+    config.model.attention = "auto"
+    config.model.attention_chunk = 128
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices

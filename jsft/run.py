@@ -26,6 +26,7 @@ from jsft.data.tokenizer import Tokenizer
 from jsft.data.tokenizer_choice import build_tokenizer
 from jsft.errors import ConfigError
 from jsft.interop import hf
+from jsft.models import attention
 from jsft.models.registry import ModelDef, Params, build_model
 from jsft.parallel import sharding
 from jsft.parallel.mesh import build_mesh
@@ -134,21 +135,25 @@ class Run:
     # ------------------------------------------------------------------ model and optimizer
     def model(self, vocab_size: int) -> ModelDef:
         """The configured model; with `model.hf_path`, the checkpoint's architecture (the config's
-        shape fields are ignored, its dtypes and remat policy apply)."""
+        shape fields are ignored; its dtypes, remat policy and attention kernel apply). A kernel the
+        model or the platform cannot use is refused here, not at the first step."""
         cfg = self.config.model
+        numerics = ("param_dtype", "compute_dtype", "remat", "attention", "attention_chunk")
         try:
-            if not cfg.hf_path:
-                return build_model(cfg, vocab_size)
-            numerics = {k: cfg[k] for k in ("param_dtype", "compute_dtype", "remat")}
-            arch = hf.config_from_hf(hf.read_config(cfg.hf_path), **numerics)
-        except ValueError as e:  # an unknown family, a vocabulary smaller than the tokenizer's
+            if cfg.hf_path:
+                arch = hf.config_from_hf(hf.read_config(cfg.hf_path), **{k: cfg[k] for k in numerics})
+                if arch.vocab_size < vocab_size:
+                    raise ValueError(
+                        f"config.model.hf_path={cfg.hf_path}: the model's vocabulary ({arch.vocab_size}) "
+                        f"is smaller than the tokenizer's ({vocab_size})"
+                    )
+                model = ModelDef.create(arch)
+            else:
+                model = build_model(cfg, vocab_size)
+            attention.resolve(model.config.attention, model.config.attn_softcap)
+        except ValueError as e:  # an unknown family, a vocabulary smaller than the tokenizer's, a kernel
             raise ConfigError(str(e)) from e
-        if arch.vocab_size < vocab_size:
-            raise ConfigError(
-                f"config.model.hf_path={cfg.hf_path}: the model's vocabulary ({arch.vocab_size}) is "
-                f"smaller than the tokenizer's ({vocab_size})"
-            )
-        return ModelDef.create(arch)
+        return model
 
     def optimizer(self) -> tuple[optax.GradientTransformation, optax.Schedule]:
         schedule = build_schedule(self.config.optim, self.config.train.steps)

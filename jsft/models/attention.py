@@ -1,26 +1,94 @@
-"""Attention kernels and the packing-aware causal mask.
+"""Attention kernels, chosen by name (`config.model.attention`), and the packing-aware mask.
 
-Only the reference XLA kernel exists so far; faster kernels (cuDNN via
-`jax.nn.dot_product_attention`, TPU splash) will be named choices beside it with the same signature.
+Every kernel takes q [B, T, N, H], k and v [B, S, K, H] (grouped-query: N = K * G) and a `Mask`, and
+returns [B, T, N, H]. Packed examples are contiguous in a row, so "query t may see key s" is
+`start[t] <= s <= t` (plus `t - s < window` with a sliding window), where `start[t]` is the first
+position of t's example: no [T, S] array is needed to say it.
+
+  reference  plain XLA over the whole row: [B, K, G, T, S] float32 scores (the oracle)
+  chunked    queries in chunks of `chunk` rows; each chunk attends only to the keys up to its last
+             row (the causal triangle's empty blocks are never computed), and is rematerialised in
+             the backward pass, so no more than one chunk's [B, K, G, chunk, S] scores exist at once.
+             Runs everywhere (CPU included); the default on CPU.
+  xla_sdpa   jax.nn.dot_product_attention (XLA); on GPUs `cudnn` asks for cuDNN's fused kernel.
+             Neither takes soft-capping; both need a [B, 1, T, S] boolean mask for packed rows.
+  auto       cudnn on GPUs when the model allows it, else chunked.
+
+Soft-capped logits (Gemma 2) work with reference and chunked. Scores and softmax are float32 in
+every kernel; q.k and p.v accumulate in float32.
 """
+
+from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
+IMPLEMENTATIONS = ("auto", "reference", "chunked", "xla_sdpa", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mask:
+    """Which keys each query sees, for rows of packed examples (contiguous segments).
+
+    `start_bt`: the first position of each query's example (padding, segment 0 at the row's end, is
+    an example of its own, so no query row is empty). `window`: a sliding window (0: none); it may be a
+    traced scalar (per-layer windows under scan).
+    """
+
+    start_bt: jax.Array
+    window: jax.Array | int = 0
+
+    @classmethod
+    def from_segments(cls, segment_ids_bt: jax.Array, window: jax.Array | int = 0) -> Mask:
+        t = segment_ids_bt.shape[1]
+        idx = jnp.arange(t)
+        new = jnp.concatenate(
+            [
+                jnp.ones_like(segment_ids_bt[:, :1], jnp.bool_),
+                segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1],
+            ],
+            axis=1,
+        )
+        start_bt = jax.lax.cummax(jnp.where(new, idx, 0), axis=1)
+        return cls(start_bt, window)
+
+    def block(self, t0: int, t1: int, s0: int, s1: int) -> jax.Array:
+        """[B, t1 - t0, s1 - s0] bool for queries t0..t1-1 and keys s0..s1-1 (computed, not stored)."""
+        t = jnp.arange(t0, t1)[:, None]
+        s = jnp.arange(s0, s1)[None, :]
+        visible = (s <= t)[None] & (s[None] >= self.start_bt[:, t0:t1, None])
+        if isinstance(self.window, int) and not self.window:
+            return visible
+        window = jnp.asarray(self.window)
+        return visible & ((window == 0) | (t - s < window))[None]
+
+    def dense(self) -> jax.Array:
+        """[B, T, T] bool (the reference kernel's mask)."""
+        t = self.start_bt.shape[1]
+        return self.block(0, t, 0, t)
+
 
 def causal_segment_mask(segment_ids_bt: jax.Array, sliding_window: int = 0) -> jax.Array:
-    """[B, T, S] bool: query t may see key s iff s <= t and both belong to the same example
-    (and, with a sliding window, t - s < window).
+    """[B, T, S] bool: query t may see key s iff s <= t, both in the same example (and t - s < window)."""
+    return Mask.from_segments(segment_ids_bt, sliding_window).dense()
 
-    Packed examples are contiguous in a row, so index-causality inside a segment equals causality in
-    the example's own positions. Padding (segment 0) only sees padding, so no query row is empty.
-    """
-    t = segment_ids_bt.shape[1]
-    causal_ts = jnp.tril(jnp.ones((t, t), jnp.bool_))
-    if sliding_window:
-        causal_ts &= ~jnp.tril(jnp.ones((t, t), jnp.bool_), k=-sliding_window)
-    same_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-    return causal_ts[None] & same_bts
+
+def _scores(q_btkgh, k_bskh, scale, softcap):
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_btkgh, k_bskh, preferred_element_type=jnp.float32) * scale
+    if softcap:
+        logits = jnp.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _attend(q_btkgh, k_bskh, v_bskh, mask_bts, scale, softcap):
+    logits = _scores(q_btkgh, k_bskh, scale, softcap)
+    logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_bskh.dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_bskh, preferred_element_type=jnp.float32).astype(
+        v_bskh.dtype
+    )
 
 
 def reference_attention(
@@ -31,17 +99,86 @@ def reference_attention(
     scale: float | None = None,
     softcap: float = 0.0,
 ) -> jax.Array:
-    """Grouped-query softmax attention in plain XLA; logits and softmax in float32.
+    """Grouped-query softmax attention in plain XLA over a dense [B, T, S] mask (also used for
+    decoding, where the mask covers the KV cache)."""
+    b, t, n, h = q_btnh.shape
+    k = k_bskh.shape[2]
+    out = _attend(q_btnh.reshape(b, t, k, n // k, h), k_bskh, v_bskh, mask_bts, scale or h**-0.5, softcap)
+    return out.reshape(b, t, n, h)
 
-    `scale` defaults to head_dim**-0.5; `softcap` > 0 squashes logits with cap * tanh(logits / cap).
-    """
+
+def chunked_attention(
+    q_btnh: jax.Array,
+    k_bskh: jax.Array,
+    v_bskh: jax.Array,
+    mask: Mask,
+    scale: float | None = None,
+    softcap: float = 0.0,
+    chunk: int = 128,
+) -> jax.Array:
+    """Self-attention (S = T) in query chunks, each over the keys up to its last query only."""
     b, t, n, h = q_btnh.shape
     k = k_bskh.shape[2]
     q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_btkgh, k_bskh).astype(jnp.float32) * (scale or h**-0.5)
-    if softcap:
-        logits = jnp.tanh(logits / softcap) * softcap
-    logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_bskh.dtype)
-    out_btkgh = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_bskh)
-    return out_btkgh.reshape(b, t, n, h)
+    scale = scale or h**-0.5
+
+    @jax.checkpoint
+    def one_chunk(q_chunk, k_keys, v_keys, mask_chunk):
+        return _attend(q_chunk, k_keys, v_keys, mask_chunk, scale, softcap)
+
+    outs = []
+    for t0 in range(0, t, chunk):
+        t1 = min(t0 + chunk, t)
+        # Keys after the chunk's last query are never visible: they are not even read.
+        outs.append(one_chunk(q_btkgh[:, t0:t1], k_bskh[:, :t1], v_bskh[:, :t1], mask.block(t0, t1, 0, t1)))
+    return jnp.concatenate(outs, axis=1).reshape(b, t, n, h)
+
+
+def sdpa_attention(
+    q_btnh: jax.Array,
+    k_bskh: jax.Array,
+    v_bskh: jax.Array,
+    mask: Mask,
+    scale: float | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """jax.nn.dot_product_attention (`implementation`: None/'xla', or 'cudnn' on GPUs)."""
+    dense = mask.dense()[:, None]  # [B, 1, T, S]: packed rows need more than is_causal
+    return jax.nn.dot_product_attention(
+        q_btnh, k_bskh, v_bskh, mask=dense, scale=scale, implementation=implementation
+    )
+
+
+def resolve(name: str, softcap: float, platform: str | None = None) -> str:
+    """The kernel `name` stands for on this platform; refuses a kernel the model cannot use."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"config.model.attention={name!r} is not one of {IMPLEMENTATIONS}")
+    platform = platform or jax.default_backend()
+    if name == "auto":
+        return "cudnn" if platform == "gpu" and not softcap else "chunked"
+    if name in ("xla_sdpa", "cudnn") and softcap:
+        raise ValueError(
+            f"config.model.attention={name!r} does not soft-cap attention logits (this model has "
+            f"attn_softcap={softcap}); use 'chunked' or 'reference'"
+        )
+    if name == "cudnn" and platform != "gpu":
+        raise ValueError(f"config.model.attention='cudnn' needs a GPU (this is {platform}); use 'auto'")
+    return name
+
+
+def attend(
+    name: str,
+    q_btnh: jax.Array,
+    k_bskh: jax.Array,
+    v_bskh: jax.Array,
+    mask: Mask,
+    scale: float,
+    softcap: float = 0.0,
+    chunk: int = 128,
+) -> jax.Array:
+    """Self-attention with the kernel `name` (already resolved)."""
+    if name == "reference":
+        return reference_attention(q_btnh, k_bskh, v_bskh, mask.dense(), scale, softcap)
+    if name == "chunked":
+        return chunked_attention(q_btnh, k_bskh, v_bskh, mask, scale, softcap, chunk)
+    return sdpa_attention(q_btnh, k_bskh, v_bskh, mask, scale, "cudnn" if name == "cudnn" else None)

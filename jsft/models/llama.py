@@ -70,8 +70,16 @@ class LlamaConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"
+    attention: str = "auto"  # a kernel of jsft/models/attention.py
+    attention_chunk: int = 128  # query rows per chunk of the chunked kernel
 
     def __post_init__(self):
+        if self.attention not in attention.IMPLEMENTATIONS:
+            raise ValueError(
+                f"config.model.attention={self.attention!r} is not one of {attention.IMPLEMENTATIONS}"
+            )
+        if self.attention_chunk < 1:
+            raise ValueError(f"config.model.attention_chunk={self.attention_chunk} must be >= 1")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
@@ -223,10 +231,11 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(h, cfg.norm_eps, pd, rngs, "head_dim", cfg.norm_offset)
             self.k_norm = RMSNorm(h, cfg.norm_eps, pd, rngs, "head_dim", cfg.norm_offset)
 
-    def __call__(self, x_btd, cos, sin, mask_bts, kv_cache=None):
+    def __call__(self, x_btd, cos, sin, mask, kv_cache=None):
         """Returns (output, kv). With `kv_cache` = (k [B, S, K, H], v, slots [B, T]) the new keys and
-        values are written at `slots` and the queries attend over the whole cache (decoding); kv is
-        the updated cache. Without it, attention is over the T tokens themselves and kv is None."""
+        values are written at `slots` and the queries attend over the whole cache (decoding; `mask` is
+        then a dense [B, T, S] array); kv is the updated cache. Without it, attention is over the T
+        tokens themselves (`mask` an attention.Mask) and kv is None."""
         dt = x_btd.dtype
         q_btnh = jnp.einsum("BTD,DNH->BTNH", x_btd, self.q_proj[...].astype(dt))
         k_btkh = jnp.einsum("BTD,DKH->BTKH", x_btd, self.k_proj[...].astype(dt))
@@ -246,9 +255,15 @@ class Attention(nnx.Module):
             v_btkh = v_cache.at[rows_b1, slots_bt].set(v_btkh.astype(v_cache.dtype))
             kv = (k_btkh, v_btkh)
         scale = (self.cfg.query_scale or self.cfg.head_dim) ** -0.5
-        out_btnh = attention.reference_attention(
-            q_btnh, k_btkh.astype(dt), v_btkh.astype(dt), mask_bts, scale, self.cfg.attn_softcap
-        )
+        if kv is not None:
+            out_btnh = attention.reference_attention(
+                q_btnh, k_btkh.astype(dt), v_btkh.astype(dt), mask, scale, self.cfg.attn_softcap
+            )
+        else:
+            kernel = attention.resolve(self.cfg.attention, self.cfg.attn_softcap)
+            out_btnh = attention.attend(
+                kernel, q_btnh, k_btkh, v_btkh, mask, scale, self.cfg.attn_softcap, self.cfg.attention_chunk
+            )
         return jnp.einsum("BTNH,NHD->BTD", out_btnh, self.o_proj[...].astype(dt)), kv
 
 
@@ -286,8 +301,8 @@ class Block(nnx.Module):
         if cfg.post_norms:  # Gemma 2's "sandwich": the sublayer's output is normalised too
             self.post_attn_norm, self.post_mlp_norm = norm(), norm()
 
-    def __call__(self, x_btd, cos, sin, mask_bts, kv_cache=None):
-        attn_btd, kv = self.attn(self.attn_norm(x_btd), cos, sin, mask_bts, kv_cache)
+    def __call__(self, x_btd, cos, sin, mask, kv_cache=None):
+        attn_btd, kv = self.attn(self.attn_norm(x_btd), cos, sin, mask, kv_cache)
         x_btd = x_btd + (self.post_attn_norm(attn_btd) if self.post_norms else attn_btd)
         mlp_btd = self.mlp(self.mlp_norm(x_btd))
         return x_btd + (self.post_mlp_norm(mlp_btd) if self.post_norms else mlp_btd), kv
@@ -339,19 +354,17 @@ class Llama(nnx.Module):
             segment_ids_bt = jnp.ones((b, t), jnp.int32)
         x_btd = self._embed(tokens_bt)
         cos, sin = rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        mask_bts = attention.causal_segment_mask(
-            segment_ids_bt, 0 if cfg.layer_windows else cfg.sliding_window
-        )
-        windows = jnp.asarray(cfg.layer_windows or (0,) * cfg.n_layers, jnp.int32)
-        distance_ts = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]
+        start_bt = attention.Mask.from_segments(segment_ids_bt).start_bt
+        windowed = bool(cfg.layer_windows or cfg.sliding_window)
+        windows = jnp.asarray(cfg.layer_windows or (cfg.sliding_window,) * cfg.n_layers, jnp.int32)
 
         layers_def, layers_state = nnx.split(self.layers)
 
         def one_layer(x_btd, layer):
             layer_state, window = layer
             # A layer with a window (0: none) sees only the last `window` keys.
-            layer_mask = mask_bts & ((window == 0) | (distance_ts < window))[None]
-            x_btd, _ = nnx.merge(layers_def, layer_state)(x_btd, cos, sin, layer_mask)
+            mask = attention.Mask(start_bt, window if windowed else 0)
+            x_btd, _ = nnx.merge(layers_def, layer_state)(x_btd, cos, sin, mask)
             return constrain(x_btd, ACTIVATION_AXES), None
 
         policy = REMAT_POLICIES[cfg.remat]
