@@ -2,11 +2,13 @@
 
     python -m jsft.bench data --config configs/demo.py [--config.data.seq_len=256] [--seconds 10]
     python -m jsft.bench generate --config configs/demo.py
+    python -m jsft.bench train --config configs/bench_workload.py [--compare torch] [--json OUT]
 
 `data` builds the configured data twice in a temporary workdir (the first build tokenizes, the
 second hits the cache), pulls batches from the train stream for `--seconds`, then times the train
 step on the same batch shape and prints one table with the ratio of the two rates. `generate` times
-KV-cache decoding of the configured model at batch 1 and 16.
+KV-cache decoding of the configured model at batch 1 and 16. `train` times the train step on the
+shared peer workload (jsft/bench_train.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ml_collections import config_flags
 if TYPE_CHECKING:
     from jsft.data.pipeline import Data
 
-BENCHMARKS = ("data", "generate")
+BENCHMARKS = ("data", "generate", "train")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -34,6 +36,13 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _SECONDS = flags.DEFINE_float("seconds", 10.0, "How long to pull batches from the train stream.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Train steps timed (after one warm-up step).")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 60, "train: steps on the workload rows (10 are warm-up).")
+_ROWS = flags.DEFINE_enum(
+    "rows", "packed", ["packed", "padded", "synthetic"], "train: the workload's rows, or random packed rows"
+)
+_COMPARE = flags.DEFINE_enum("compare", "", ["", "torch"], "train: also run the plain torch reference now.")
+_JSON = flags.DEFINE_string("json", "", "train: write the result record (with the config) here.")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "train: the device's peak TFLOP/s for MFU (0: known devices).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -155,6 +164,19 @@ def bench_generate(
     return "\n".join([title] + [f"  {name:<{width}}  {value:>12}" for name, value in rows])
 
 
+def _bench_train(config: ml_collections.ConfigDict) -> str:
+    import json  # noqa: PLC0415
+
+    from jsft import bench_train  # noqa: PLC0415
+
+    result = bench_train.bench_train(config, _TRAIN_STEPS.value, _ROWS.value, _PEAK.value)
+    torch = bench_train.compare_torch(_TRAIN_STEPS.value, _ROWS.value) if _COMPARE.value else None
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump({"jsft": result, "torch": torch}, f, indent=1)
+    return bench_train.report(result, torch)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in BENCHMARKS:
         given = f"got {argv[1:]}" if len(argv) > 1 else "got none"
@@ -173,11 +195,13 @@ def main(argv: list[str]) -> None:
 
     config = _CONFIG.value
     try:
-        config_lib.validate(config)
+        config_lib.validate(config, "plan" if argv[1] == "train" else "train")  # train: no data needed
         if argv[1] == "data":
             print(bench_data(config, _SECONDS.value, _STEPS.value))
-        else:
+        elif argv[1] == "generate":
             print(bench_generate(config))
+        else:
+            print(_bench_train(config))
     except (config_lib.ConfigError, DataError) as e:
         sys.exit(f"jsft: error: {e}")
 

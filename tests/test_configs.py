@@ -136,6 +136,8 @@ def _shrink(config, data_dir, hf_dir) -> list[str]:
     ]
     if config.model.hf_path:
         over.append(f"--config.model.hf_path={hf_dir}")
+    if config.data.tokenizer == config_lib.REQUIRED:
+        over.append(f"--config.data.tokenizer={hf_dir}")
     else:
         over += ["--config.data.vocab_size=300", "--config.model.d_model=32", "--config.model.mlp_dim=64"]
     for name, src in config.data.sources.items():

@@ -26,6 +26,7 @@ LAYERS = {
     "jsft.config": 7,  # validation imports the choice lists of every layer (lazily)
     "jsft.main": 8,  # the command lines
     "jsft.bench": 8,
+    "jsft.bench_train": 8,
 }
 
 
