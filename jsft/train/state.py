@@ -25,7 +25,13 @@ class TrainState:
 
     @classmethod
     def create(cls, params: Params, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-        return cls(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key_data(rng))
+        """The optimizer state is float32 whatever the parameters' dtype: with bfloat16 parameters
+        the AdamW moments (and the gradients the step feeds them) stay float32."""
+        moments_like = jax.tree.map(
+            lambda p: jax.ShapeDtypeStruct(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params
+        )
+        opt_state = tx.init(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), moments_like))
+        return cls(jnp.zeros((), jnp.int32), params, opt_state, jax.random.key_data(rng))
 
 
 def init_fn(model: ModelDef, tx: optax.GradientTransformation) -> Callable[[jax.Array], TrainState]:

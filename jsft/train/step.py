@@ -62,7 +62,9 @@ def make_train_step(
 
         # Sums over the whole global batch are divided once: accumulation leaves the objective as is.
         denom = jnp.maximum(sums["weight_sum"], 1.0)
-        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+        # Gradients stay float32 into the optimizer (float32 moments, also for bfloat16 parameters);
+        # optax.apply_updates casts each update to its parameter's dtype.
+        grads = jax.tree.map(lambda g: g / denom, grads)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         # A NaN/inf loss or gradient is never applied: the step counts, the state stays as it was.
