@@ -173,6 +173,12 @@ def _run_mode(config, workdir: str) -> None:
     from jsft.train import loop  # import jax-heavy modules only once flags are parsed
 
     if _MODE.value == "train":
+        if "://" not in workdir and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+            # A restarted run (preemption, stop_after_steps) reuses the compiled step instead of
+            # compiling again (the same program, so the same numbers).
+            import jax  # noqa: PLC0415
+
+            jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
         loop.train_and_evaluate(config, workdir)
     elif _MODE.value == "export":
         if not _EXPORT_DIR.value:

@@ -303,7 +303,7 @@ def train(t: Trainer, start_step: int, state: TrainState, scope: contextlib.Exit
         pending.append((step, metrics))
         pbar.update(1)
         if step % config.train.log_every_steps == 0 or step == end_step:
-            log(t, step, pending, time.time() - last_time, data_state, pbar)
+            log(t, step, pending, last_time, data_state, pbar)
             pending, last_time = [], time.time()
         early_stop = stopping = False
         if config.train.eval_every_steps and (
@@ -326,10 +326,11 @@ def train(t: Trainer, start_step: int, state: TrainState, scope: contextlib.Exit
     return step
 
 
-def log(t: Trainer, step: int, pending: list, elapsed: float, data_state: dict, pbar: tqdm) -> None:
-    """One metrics line for the steps since the last one (waits for them: only now is their time
-    known); the non-finite guard sees their flags first."""
+def log(t: Trainer, step: int, pending: list, since: float, data_state: dict, pbar: tqdm) -> None:
+    """One metrics line for the steps since the last one (`since`: when that was). It waits for the
+    steps (only then is their time known); the non-finite guard sees their flags first."""
     fetched = jax.device_get([m for _, m in pending])
+    elapsed = time.time() - since
     skipped = t.guard.check([s for s, _ in pending], [bool(m["nonfinite"]) for m in fetched])
     logged = _train_metrics(fetched, elapsed, t.config.data, t.data, data_state)
     logged["train/skipped_steps"] = float(skipped)
