@@ -34,6 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from jsft.models.llama import LlamaConfig
 from jsft.run import Run
 
 BENCH_DATA = os.environ.get("BENCH_DATA", "/tmp/jsft-bench/data")
@@ -122,7 +123,7 @@ def workload_batches(data_dir: str, mode: str, steps: int, rows: int = 8) -> lis
     return out
 
 
-def flops_per_token(cfg, seq_len: int) -> float:
+def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
     """Forward + backward model FLOPs per token (see the module docstring)."""
     d, h = cfg.d_model, cfg.head_dim
     per_layer = d * h * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * cfg.mlp_dim

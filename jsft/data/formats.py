@@ -4,6 +4,10 @@
   alpaca           {"instruction": str, "input": str (optional), "output": str}
   chat             {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
   text             {"text": str}  (continued pretraining: every token is trained, no template)
+  token_ids        {"prompt_ids": [int], "completion_ids": [int]}  pre-tokenized: the completion is
+                   trained; no template, no tokenization (ids must be below the tokenizer's size)
+  input_ids        {"input_ids": [int], "labels": [int] (optional)}  pre-tokenized, Hugging Face
+                   style: labels equal to the input id are trained, -100 is ignored (no labels: all)
 
 A source may rename fields (`fields={"prompt": "question"}`); ShareGPT-style messages
 (`{"from": "human"|"gpt", "value": ...}`) are read as chat.
@@ -16,6 +20,7 @@ and a detail for the listing that names its file and line:
   bad_role, role_order, empty_response, no_assistant_turn                       chat turns
   unknown_format             the fields match no format
   template                   the chat template could not render it             (templates.py)
+  bad_token_id, bad_labels   a pre-tokenized record's ids or labels do not fit
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-FORMATS = ("prompt_response", "alpaca", "chat", "text")
+FORMATS = ("prompt_response", "alpaca", "chat", "text", "token_ids", "input_ids")
+TOKEN_FORMATS = ("token_ids", "input_ids")  # pre-tokenized: records carry ids, not text
+IGNORE_LABEL = -100
 ROLES = ("system", "user", "assistant")
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant"}
 
@@ -34,6 +41,8 @@ FORMAT_FIELDS = {
     "prompt_response": ("prompt", "response"),
     "alpaca": ("instruction", "output"),
     "text": ("text",),
+    "token_ids": ("prompt_ids", "completion_ids"),
+    "input_ids": ("input_ids",),
 }
 
 
@@ -180,3 +189,70 @@ def to_conversation(record: Mapping[str, Any], fmt: str, fields: Mapping[str, st
     if fmt == "text":
         return Conversation((Message("assistant", _string(record, "text", fields)),), is_text=True)
     raise BadRecord(f"unknown format {fmt!r}; expected one of {FORMATS}", code="unknown_format")
+
+
+def _id_list(
+    record: Mapping[str, Any], name: str, fields: Mapping[str, str], required: bool = True
+) -> list[int]:
+    key = fields.get(name, name)
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise BadRecord(f"missing field {key!r}", code="missing_field")
+        return []
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise BadRecord(f"field {key!r} must be a list of integer token ids", code="wrong_type")
+    return [int(v) for v in value]
+
+
+def token_ids(
+    record: Mapping[str, Any], fmt: str, fields: Mapping[str, str], vocab_size: int | None = None
+) -> tuple[list[int], list[bool]]:
+    """(ids, trained mask) of a pre-tokenized record; ids outside [0, vocab_size) are bad records."""
+    if not isinstance(record, Mapping):
+        raise not_an_object(record)
+    if fmt == "token_ids":
+        prompt, completion = (
+            _id_list(record, "prompt_ids", fields),
+            _id_list(record, "completion_ids", fields),
+        )
+        if not completion:
+            raise BadRecord("field 'completion_ids' is empty: nothing to train", code="empty_response")
+        ids, mask = prompt + completion, [False] * len(prompt) + [True] * len(completion)
+    elif fmt == "input_ids":
+        ids, labels = (
+            _id_list(record, "input_ids", fields),
+            _id_list(record, "labels", fields, required=False),
+        )
+        if not ids:
+            raise BadRecord("field 'input_ids' is empty", code="empty_field")
+        labels = labels or ids
+        if len(labels) != len(ids):
+            raise BadRecord(f"{len(labels)} labels for {len(ids)} input ids", code="bad_labels")
+        wrong = [i for i, (x, y) in enumerate(zip(ids, labels, strict=True)) if y not in (x, IGNORE_LABEL)]
+        if wrong:
+            raise BadRecord(
+                f"labels[{wrong[0]}]={labels[wrong[0]]} is neither input_ids[{wrong[0]}]={ids[wrong[0]]} nor "
+                f"{IGNORE_LABEL} (labels are unshifted, as in Hugging Face)",
+                code="bad_labels",
+            )
+        mask = [y != IGNORE_LABEL for y in labels]
+    else:
+        raise BadRecord(f"format {fmt!r} is not pre-tokenized ({TOKEN_FORMATS})", code="unknown_format")
+    out_of_range = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+    if out_of_range:
+        limit = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+        raise BadRecord(
+            f"token id {out_of_range[0]} is outside the tokenizer's range {limit}", code="bad_token_id"
+        )
+    return ids, mask
+
+
+def check_record(record: Mapping[str, Any], fmt: str, fields: Mapping[str, str]) -> None:
+    """Raise BadRecord if `record` cannot be read in `fmt` (text or pre-tokenized)."""
+    if fmt in TOKEN_FORMATS:
+        token_ids(record, fmt, fields)
+    else:
+        to_conversation(record, fmt, fields)

@@ -15,9 +15,10 @@ import os
 import ml_collections
 import numpy as np
 
-from jsft.data import batches, eval_data, examples, mixture, packing, raw, templates, tokenizing
+from jsft.data import batches, eval_data, examples, formats, mixture, packing, raw, templates, tokenizing
 from jsft.data.tokenizer import Tokenizer
 from jsft.data.tokenizer_choice import build_tokenizer, training_texts
+from jsft.errors import DataError
 
 
 @dataclasses.dataclass
@@ -64,6 +65,12 @@ def build_data(
     specs = raw.source_specs(data_cfg)
     # ---- raw tables and their formats, each checked to hold a usable record
     raw_srcs = [raw.read_source(spec, seed, cache_dir) for spec in specs]
+    pretokenized = [r.spec.name for r in raw_srcs if r.fmt in formats.TOKEN_FORMATS]
+    if pretokenized and not (data_cfg.tokenizer or hf_path):
+        raise DataError(
+            f"source(s) {pretokenized} hold token ids: set config.data.tokenizer (or config.model.hf_path) "
+            "to the tokenizer they were made with (its vocabulary bounds the ids; nothing is re-tokenized)"
+        )
     # ---- tokenizer (from the full data, so every process trains the same one) and template
     tok = build_tokenizer(data_cfg, workdir, data_cfg.template, lambda: training_texts(raw_srcs), hf_path)
     template = templates.build_template(data_cfg.template, data_cfg.separator, tok)

@@ -83,7 +83,7 @@ def _check_format(spec: sources.SourceSpec, fmt: str, table: datasets.Dataset, p
                 ) from e
         if why is None:
             try:
-                formats.to_conversation(record, fmt, spec.fields)
+                formats.check_record(record, fmt, spec.fields)
                 return fmt
             except formats.BadRecord as e:
                 why = e
@@ -95,8 +95,11 @@ def _check_format(spec: sources.SourceSpec, fmt: str, table: datasets.Dataset, p
 def conversations(
     table: datasets.Dataset, path: str, fmt: str, fields: dict, limit: int
 ) -> list[formats.Conversation]:
-    """Up to `limit` parsed conversations (bad records skipped: they are reported elsewhere)."""
+    """Up to `limit` parsed conversations (bad records skipped: they are reported elsewhere; a
+    pre-tokenized source has none)."""
     out = []
+    if fmt in formats.TOKEN_FORMATS:
+        return out
     for _, record, why in _rows(table, path):
         if len(out) >= limit:
             break

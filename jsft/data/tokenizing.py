@@ -67,8 +67,11 @@ def _tokenize_batch(batch: dict, indices: list[int], *, spec: TokenizeSpec, path
         ids, mask, truncated, full_length = [], [], False, 0
         if bad is None:
             try:
-                conv = formats.to_conversation(record, spec.fmt, spec.fields)
-                ids, mask = templates.render(spec.template, spec.tokenizer, conv, spec.train_on)
+                if spec.fmt in formats.TOKEN_FORMATS:  # ids as they are: no template, no tokenizer
+                    ids, mask = formats.token_ids(record, spec.fmt, spec.fields, spec.tokenizer.vocab_size)
+                else:
+                    conv = formats.to_conversation(record, spec.fmt, spec.fields)
+                    ids, mask = templates.render(spec.template, spec.tokenizer, conv, spec.train_on)
                 full_length = len(ids)
                 ids, mask, truncated = packing.fit_ids(ids, mask, spec.seq_len, spec.overlong)
             except formats.BadRecord as e:

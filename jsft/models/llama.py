@@ -342,7 +342,12 @@ class Llama(nnx.Module):
         packed in one row from attending to each other. Both default to a single unpacked example."""
         return self._logits(self.features(tokens_bt, positions_bt, segment_ids_bt))
 
-    def features(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
+    def features(
+        self,
+        tokens_bt: jax.Array,
+        positions_bt: jax.Array | None = None,
+        segment_ids_bt: jax.Array | None = None,
+    ) -> jax.Array:
         """The final-normed hidden states [B, T, D] (compute dtype) that `head()` turns into logits;
         the training loss takes them directly (jsft/train/chunked_ce.py) so the [B, T, V] logits of
         the whole batch never exist."""
@@ -380,7 +385,7 @@ class Llama(nnx.Module):
             x_btd = x_btd * jnp.asarray(self.cfg.d_model**0.5, dt)
         return constrain(x_btd, ACTIVATION_AXES)
 
-    def head(self):
+    def head(self) -> jax.Array:
         """The output projection [D, V] in the compute dtype (the embedding's transpose when tied)."""
         head_dv = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
         return head_dv.astype(jnp.dtype(self.cfg.compute_dtype))

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from jsft.models.registry import ModelDef
+from jsft.parallel.sharding import constrain
 from jsft.train.chunked_ce import chunked_nll
 from jsft.train.losses import cross_entropy_sums, token_nll
 from jsft.train.nonfinite import keep_if_finite
@@ -17,6 +18,17 @@ from jsft.train.state import TrainState
 
 def _tree_add(a, b):
     return jax.tree.map(lambda x, y: x + y.astype(x.dtype), a, b)
+
+
+def split_micro_batches(x_bt: jax.Array, accum: int) -> jax.Array:
+    """[B, T] -> [accum, B / accum, T] with micro-batch i = rows i, i + accum, i + 2 * accum, ...
+
+    The batch is split over devices in contiguous blocks of rows, so interleaving puts rows of every
+    block (every device) in every micro-batch: no device idles while another works through its rows.
+    Micro-batches run one after another under scan; the sum over them is the big batch's.
+    """
+    micro = jnp.swapaxes(x_bt.reshape(-1, accum, *x_bt.shape[1:]), 0, 1)
+    return constrain(micro, (None, "batch", "seq"))
 
 
 def batch_nll(
@@ -48,10 +60,10 @@ def make_train_step(
         return sums["loss_sum"], sums
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        # [B, T] -> [accum, B / accum, T]: micro-batches run one after another under scan.
-        micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+        micro = jax.tree.map(lambda x: split_micro_batches(x, grad_accum_steps), batch)
 
         def accumulate(carry, mb):
+            mb = jax.tree.map(lambda x: constrain(x, ("batch", "seq")), mb)
             (_, sums), grads = jax.value_and_grad(loss_sums, has_aux=True)(state.params, mb)
             return _tree_add(carry, (grads, sums)), None
 
