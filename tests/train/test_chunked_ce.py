@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -13,6 +12,7 @@ from jsft.train import losses, optim
 from jsft.train.chunked_ce import chunked_nll
 from jsft.train.state import TrainState
 from jsft.train.step import make_train_step
+from tests.train.test_step import _optim_cfg
 
 jax.config.update("jax_default_matmul_precision", "float32")
 
@@ -48,20 +48,7 @@ def test_a_train_step_with_the_fused_loss_equals_the_reference_step(tie):
     model = ModelDef.create(
         LlamaConfig.tiny(vocab_size=64, tie_embeddings=tie, final_softcap=3.0 if tie else 0.0)
     )
-    cfg = ml_collections.ConfigDict(
-        dict(
-            lr=1e-2,
-            warmup_steps=0,
-            decay="constant",
-            final_lr_ratio=1.0,
-            weight_decay=0.1,
-            b1=0.9,
-            b2=0.99,
-            eps=1e-8,
-            clip_norm=1.0,
-            grad_accum_steps=2,
-        )
-    )
+    cfg = _optim_cfg(weight_decay=0.1, clip_norm=1.0, grad_accum_steps=2)
     schedule = optim.build_schedule(cfg, 5)
     tx = optim.build_optimizer(cfg, schedule)
     rng = np.random.default_rng(0)

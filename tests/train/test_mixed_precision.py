@@ -3,7 +3,6 @@ bfloat16 parameters keep float32 optimizer moments."""
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -13,6 +12,7 @@ from jsft.models.registry import ModelDef
 from jsft.train import optim
 from jsft.train.state import TrainState
 from jsft.train.step import make_train_step
+from tests.train.test_step import _optim_cfg
 
 TOLERANCE = 0.03  # mean loss over the last 20 of 200 steps, relative to float32
 
@@ -32,19 +32,14 @@ def _batches(n=8, seed=0):
 def _train(param_dtype, compute_dtype, steps=200):
     cfg = LlamaConfig.tiny(vocab_size=64, param_dtype=param_dtype, compute_dtype=compute_dtype)
     model = ModelDef.create(cfg)
-    ocfg = ml_collections.ConfigDict(
-        dict(
-            lr=3e-3,
-            warmup_steps=10,
-            decay="cosine",
-            final_lr_ratio=0.1,
-            weight_decay=0.01,
-            b1=0.9,
-            b2=0.98,
-            eps=1e-8,
-            clip_norm=1.0,
-            grad_accum_steps=1,
-        )
+    ocfg = _optim_cfg(
+        lr=3e-3,
+        warmup_steps=10,
+        decay="cosine",
+        final_lr_ratio=0.1,
+        weight_decay=0.01,
+        b2=0.98,
+        clip_norm=1.0,
     )
     schedule = optim.build_schedule(ocfg, steps)
     tx = optim.build_optimizer(ocfg, schedule)
