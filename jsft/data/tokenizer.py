@@ -268,7 +268,9 @@ def train_sentencepiece(
         minloglevel=2,
     )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
+    # Per-process temporary name: the processes of a multi-process run train the same model (same
+    # data, deterministic) into one workdir; each renames its own complete copy into place.
+    tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(model.getvalue())
     os.replace(tmp, path)  # a crash mid-write never leaves a half tokenizer behind
