@@ -31,6 +31,33 @@ def make_records(n: int, seed: int) -> list[dict]:
     return out
 
 
+def save_chatml_bpe_tokenizer(directory, extra_special_tokens=()) -> None:
+    """A small byte-level BPE `tokenizer.json` trained on the test records, with ChatML's special
+    tokens (and `extra_special_tokens`) and a `tokenizer_config.json` holding the ChatML template:
+    the tokenizer files of the tiny Hugging Face checkpoints the tests save with transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
+
+    from tests.data.test_templates import CHATML_JINJA  # noqa: PLC0415
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = [r["prompt"] + " " + r["response"] for r in make_records(300, 0)] + ["system user assistant"]
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *extra_special_tokens]
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "chat_template": CHATML_JINJA,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_data")

@@ -82,25 +82,10 @@ def tiny_hf_dir(tmp_path_factory):
     """A tiny random Llama saved by transformers, with a BPE tokenizer knowing the chat tokens."""
     torch = pytest.importorskip("torch", reason="the hf extra (torch==2.13.0, transformers) is not installed")
     transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from tests.conftest import make_records
-    from tests.data.test_templates import CHATML_JINJA
+    from tests.conftest import save_chatml_bpe_tokenizer
 
     d = tmp_path_factory.mktemp("tiny_llama")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    texts = [r["prompt"] + " " + r["response"] for r in make_records(300, 0)] + ["system user assistant"]
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *LLAMA3_SPECIAL]
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(texts, trainer)
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML_JINJA})
-    )
+    save_chatml_bpe_tokenizer(d, LLAMA3_SPECIAL)
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=320,

@@ -7,6 +7,7 @@ stream (or fail when a source shrank), so the loop names the changed fields inst
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -51,8 +52,6 @@ def stream_fingerprint(
 
 
 def _jsonable(d: dict) -> dict:
-    import json  # noqa: PLC0415
-
     return json.loads(json.dumps(d, sort_keys=True, default=str))
 
 

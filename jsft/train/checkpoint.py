@@ -145,18 +145,6 @@ class Checkpointer:
             raise CorruptCheckpoint("its data item is not a JSON object")
         return restored["state"], restored["data"], meta
 
-    def restore_or_fail(self, step: int, abstract_state: Any, hint: str = "") -> tuple[Any, dict]:
-        """`restore`, with any failure turned into one CheckpointError naming the step and the reason
-        (for modes that read a checkpoint without training on from it: nothing is moved aside)."""
-        try:
-            return self.restore(step, abstract_state)
-        except Exception as e:  # noqa: BLE001 - every unreadable checkpoint is reported the same way
-            others = [s for s in self.all_steps() if s != step]
-            raise CheckpointError(
-                f"checkpoint {self.directory}/{step} cannot be restored ({_reason(e)})"
-                + (f"; other steps there: {others}{hint}" if others else "")
-            ) from e
-
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """The parameters of one step only (the optimizer state is never read), verified against
         their checksums; any failure is one CheckpointError."""
@@ -179,8 +167,10 @@ class Checkpointer:
                 }
                 verify(restored, expected)
         except Exception as e:  # noqa: BLE001 - every unreadable checkpoint is reported the same way
+            others = [s for s in self.all_steps() if s != step]
             raise CheckpointError(
                 f"checkpoint {self.directory}/{step} cannot be restored ({_reason(e)})"
+                + (f"; other steps there: {others}" if others else "")
             ) from e
         return restored["params"]
 

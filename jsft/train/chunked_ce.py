@@ -69,10 +69,6 @@ def _forward(x_btd, head_dv, targets_bt, softcap, chunk):
     return _unchunk(nll, t), (x_btd, head_dv, targets_bt, lse)
 
 
-def _fwd(x_btd, head_dv, targets_bt, softcap, chunk):
-    return _forward(x_btd, head_dv, targets_bt, softcap, chunk)
-
-
 def _bwd(softcap, chunk, residuals, g_bt):
     x_btd, head_dv, targets_bt, lse = residuals
 
@@ -94,4 +90,4 @@ def _bwd(softcap, chunk, residuals, g_bt):
     return _unchunk(dx, t), dhead_dv.astype(head_dv.dtype), None
 
 
-chunked_nll.defvjp(_fwd, _bwd)
+chunked_nll.defvjp(_forward, _bwd)

@@ -355,7 +355,7 @@ def evaluate(t: Trainer, step: int, state: TrainState, data_state: dict) -> bool
     best = t.best
     if best is None:
         return False
-    if best.update(step, metrics, state, merge_states(multihost.allgather_json(data_state)), t.meta()):
+    if best.update(step, metrics, state, _global_data_state(data_state), t.meta()):
         _print(
             is_main,
             f"step {step}: new best {best.metric} {best.record['value']:.4f} "
@@ -377,7 +377,12 @@ def save(t: Trainer, step: int, state: TrainState, data_state: dict, pending: li
     of steps not yet logged are checked first; a save synchronises anyway)."""
     flags = jax.device_get([m["nonfinite"] for _, m in pending])
     t.guard.check([s for s, _ in pending], [bool(f) for f in flags])
-    t.ckpt.save(step, state, merge_states(multihost.allgather_json(data_state)), t.meta())
+    t.ckpt.save(step, state, _global_data_state(data_state), t.meta())
+
+
+def _global_data_state(data_state: dict) -> dict:
+    """Every process's shards of the data position, as one state (what a checkpoint stores)."""
+    return merge_states(multihost.allgather_json(data_state))
 
 
 def _write_samples(workdir: str, step: int, samples: list[dict]) -> None:

@@ -11,38 +11,13 @@ import pytest
 torch = pytest.importorskip("torch", reason="the hf extra (torch==2.13.0, transformers) is not installed")
 transformers = pytest.importorskip("transformers")
 
-from tests.conftest import make_records, write_jsonl  # noqa: E402
-from tests.data.test_templates import CHATML_JINJA  # noqa: E402
+from tests.conftest import make_records, save_chatml_bpe_tokenizer, write_jsonl  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _hf_model_dir(d):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    texts = [r["prompt"] + " " + r["response"] for r in make_records(300, 0)] + ["system user assistant"]
-    tok.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=300,
-            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "eos_token": "<|im_end|>",
-                "pad_token": "<|endoftext|>",
-                "bos_token": None,
-                "chat_template": CHATML_JINJA,
-            }
-        )
-    )
+    save_chatml_bpe_tokenizer(d)
     torch.manual_seed(0)
     config = transformers.Qwen2Config(
         vocab_size=320,
