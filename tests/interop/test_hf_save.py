@@ -245,13 +245,11 @@ if int(n) > 1:
                                coordinator_bind_address=coordinator)
 cfg, params = sharded_model(hf_config, (1, 4, 1))
 files = hf.save_pretrained(out, params, cfg, "llama", dtype="bfloat16", max_shard_bytes=30_000)
-print("RESULT", json.dumps(dict(process=jax.process_index(), files=files, devices=len(jax.devices()))))
+result = dict(process=jax.process_index(), files=files, devices=len(jax.devices()))
+with open(sys.argv[6], "w") as f:  # not stdout: gloo's C++ logging interleaves with it
+    json.dump(result, f)
 """
 )
-
-
-def _result(stdout):  # gloo prints to stdout too
-    return json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
 
 
 def _free_port():
@@ -270,7 +268,14 @@ def test_two_processes_export_the_same_bytes_as_one(tmp_path):
         env = dict(
             os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu"
         )
-        args = [str(out), json.dumps(LLAMA), coordinator, str(n), str(i)]
+        args = [
+            str(out),
+            json.dumps(LLAMA),
+            coordinator,
+            str(n),
+            str(i),
+            str(tmp_path / f"result-{n}-{i}.json"),
+        ]
         return subprocess.Popen(
             [sys.executable, "-c", MULTIPROCESS_EXPORT, *args],
             cwd=REPO,
@@ -287,7 +292,7 @@ def test_two_processes_export_the_same_bytes_as_one(tmp_path):
     single = start(tmp_path / "single", 1, 0, 4)
     _, err = single.communicate(timeout=300)
     assert single.returncode == 0, err[-3000:]
-    zero, one = (_result(out) for out, _ in results)
+    zero, one = (json.loads((tmp_path / f"result-2-{i}.json").read_text()) for i in range(2))
     assert (zero["devices"], one["files"]) == (4, [])  # process 1 wrote nothing
     assert "model.safetensors.index.json" in zero["files"]
     assert _files(tmp_path / "multi") == _files(tmp_path / "single")
