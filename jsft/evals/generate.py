@@ -6,12 +6,16 @@ every row decodes exactly as it would alone. Sampling is greedy (temperature 0) 
 optional top-k and top-p, from a key made of the seed, the eval step and the batch index: different
 batches and evaluations draw different samples, and a given seed and step always draw the same ones.
 Generation stops at any stop id or after `max_new_tokens`; stop strings are cut on the host after
-decoding (`cut_at_stop_strings`).
+decoding (`cut_at_stop_strings`). The prefill computes logits at each row's last prompt token only,
+and the loop carries the cache, each step writing only its new slot in place. `stream` decodes one
+prompt step by step from the host, with a jitted prefill and step compiled once per model and length
+bucket (`stream_bucket`), not once per prompt.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 
 import jax
@@ -65,19 +69,20 @@ def make_generator(
     def generate(params, prompts_bp, lengths_b, step=0, batch=0):
         module = model.module(params)
         b, p = prompts_bp.shape
-        rows = jnp.arange(b)
         cache = module.init_cache(b, p + max_new_tokens)
         is_token = jnp.arange(p)[None, :] < lengths_b[:, None]
-        logits, cache = module.cached_forward(prompts_bp, jnp.zeros(b, jnp.int32), is_token, cache)
+        start = jnp.zeros(b, jnp.int32)
+        # [B, 1, V]: the logits at each row's last prompt token only
+        logits, cache = module.cached_forward(prompts_bp, start, is_token, cache, lengths_b - 1)
         rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(sampling.seed), step), batch)
-        first = sample(logits[rows, lengths_b - 1], jax.random.fold_in(rng, 0), sampling).astype(jnp.int32)
+        first = sample(logits[:, 0], jax.random.fold_in(rng, 0), sampling).astype(jnp.int32)
         out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
 
         def not_finished(carry):
             i, _, _, done, _ = carry
             return (i < max_new_tokens) & ~jnp.all(done)
 
-        def step(carry):
+        def step(carry):  # the cache is carried: each step writes its one new slot in place
             i, out, cache, done, last = carry
             logits, cache = module.cached_forward(last[:, None], lengths_b + i - 1, ~done[:, None], cache)
             token = sample(logits[:, 0], jax.random.fold_in(rng, i), sampling).astype(jnp.int32)
@@ -132,6 +137,37 @@ def generate_ids(
     return outputs
 
 
+STREAM_MIN_BUCKET = 128
+
+
+def stream_bucket(n: int) -> int:
+    """The cache length (and padded prompt length) for `n` tokens: a power of two, at least
+    STREAM_MIN_BUCKET, so that a session's prompts share a few compiled shapes."""
+    return max(STREAM_MIN_BUCKET, 1 << (n - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _stream_prefill(model, sampling, cache_len, params, rng, prompt_1p, length_1):
+    """(first token [1], cache of `cache_len` slots) for one right-padded prompt."""
+    module = model.module(params)
+    is_token_1p = jnp.arange(prompt_1p.shape[1])[None, :] < length_1[:, None]
+    cache = module.init_cache(1, cache_len)
+    logits, cache = module.cached_forward(
+        prompt_1p, jnp.zeros(1, jnp.int32), is_token_1p, cache, length_1 - 1
+    )
+    return sample(logits[:, 0], jax.random.fold_in(rng, 0), sampling).astype(jnp.int32), cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(7,))
+def _stream_step(model, sampling, params, rng, i, token_1, start_1, cache):
+    """(token i [1], cache): token i - 1 written at slot `start_1` (the cache is donated: in place)."""
+    tok_11 = token_1[:, None]
+    logits, cache = model.module(params).cached_forward(
+        tok_11, start_1, jnp.ones_like(tok_11, jnp.bool_), cache
+    )
+    return sample(logits[:, 0], jax.random.fold_in(rng, i), sampling).astype(jnp.int32), cache
+
+
 def stream(
     model: ModelDef,
     params: Params,
@@ -143,22 +179,21 @@ def stream(
 ) -> Iterator[int]:
     """Yield one token id at a time for one prompt (for interactive use); the same cache and math as
     `make_generator`, stepped from the host so each token can be shown as soon as it exists. `index`
-    (the prompt's number in a session) is folded into the sampling key."""
-    module_step = jax.jit(
-        lambda p, tok, start, cache: model.module(p).cached_forward(
-            tok, start, jnp.ones_like(tok, jnp.bool_), cache
-        )
-    )
-    cache = jax.jit(lambda p: model.module(p).init_cache(1, len(prompt) + max_new_tokens))(params)
-    logits, cache = module_step(params, jnp.asarray([prompt], jnp.int32), jnp.zeros(1, jnp.int32), cache)
+    (the prompt's number in a session) is folded into the sampling key. The prompt is right-padded and
+    the cache sized to `stream_bucket` lengths, and the jitted functions are keyed by the model, so a
+    session compiles once per bucket rather than once per prompt."""
+    n = len(prompt)
+    padded = np.zeros((1, stream_bucket(n)), np.int32)
+    padded[0, :n] = prompt
     rng = jax.random.fold_in(jax.random.key(sampling.seed), index)
-    last = logits[:, -1]
+    token, cache = _stream_prefill(
+        model, sampling, stream_bucket(n + max_new_tokens), params, rng, padded, np.array([n], np.int32)
+    )
     for i in range(max_new_tokens):
-        token = int(sample(last, jax.random.fold_in(rng, i), sampling)[0])
-        if token in stop_ids:
+        token_id = int(token[0])
+        if token_id in stop_ids:
             return
-        yield token
-        logits, cache = module_step(
-            params, jnp.asarray([[token]], jnp.int32), jnp.asarray([len(prompt) + i], jnp.int32), cache
-        )
-        last = logits[:, -1]
+        yield token_id
+        if i + 1 < max_new_tokens:
+            start = np.array([n + i], np.int32)
+            token, cache = _stream_step(model, sampling, params, rng, np.int32(i + 1), token, start, cache)

@@ -232,10 +232,11 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(h, cfg.norm_eps, pd, rngs, "head_dim", cfg.norm_offset)
 
     def __call__(self, x_btd, cos, sin, mask, kv_cache=None):
-        """Returns (output, kv). With `kv_cache` = (k [B, S, K, H], v, slots [B, T]) the new keys and
-        values are written at `slots` and the queries attend over the whole cache (decoding; `mask` is
-        then a dense [B, T, S] array); kv is the updated cache. Without it, attention is over the T
-        tokens themselves (`mask` an attention.Mask) and kv is None."""
+        """Returns (output, kv). With `kv_cache` = (k [L, B, S, K, H], v, layer, slots [B, T]) the new
+        keys and values are written at `slots` of layer `layer` of the stacked cache (only those slots:
+        the cache is updated in place) and the queries attend over that layer's S slots (decoding;
+        `mask` is then a dense [B, T, S] array); kv is the updated (k, v). Without it, attention is
+        over the T tokens themselves (`mask` an attention.Mask) and kv is None."""
         dt = x_btd.dtype
         q_btnh = jnp.einsum("BTD,DNH->BTNH", x_btd, self.q_proj[...].astype(dt))
         k_btkh = jnp.einsum("BTD,DKH->BTKH", x_btd, self.k_proj[...].astype(dt))
@@ -247,24 +248,21 @@ class Attention(nnx.Module):
         if self.cfg.qk_norm:
             q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
         q_btnh, k_btkh = apply_rope(q_btnh, cos, sin), apply_rope(k_btkh, cos, sin)
-        kv = None
-        if kv_cache is not None:
-            k_cache, v_cache, slots_bt = kv_cache
-            rows_b1 = jnp.arange(x_btd.shape[0])[:, None]
-            k_btkh = k_cache.at[rows_b1, slots_bt].set(k_btkh.astype(k_cache.dtype))  # now [B, S, K, H]
-            v_btkh = v_cache.at[rows_b1, slots_bt].set(v_btkh.astype(v_cache.dtype))
-            kv = (k_btkh, v_btkh)
         scale = (self.cfg.query_scale or self.cfg.head_dim) ** -0.5
-        if kv is not None:
-            out_btnh = attention.reference_attention(
-                q_btnh, k_btkh.astype(dt), v_btkh.astype(dt), mask, scale, self.cfg.attn_softcap
-            )
-        else:
+        if kv_cache is None:
             kernel = attention.resolve(self.cfg.attention, self.cfg.attn_softcap)
             out_btnh = attention.attend(
                 kernel, q_btnh, k_btkh, v_btkh, mask, scale, self.cfg.attn_softcap, self.cfg.attention_chunk
             )
-        return jnp.einsum("BTNH,NHD->BTD", out_btnh, self.o_proj[...].astype(dt)), kv
+            return jnp.einsum("BTNH,NHD->BTD", out_btnh, self.o_proj[...].astype(dt)), None
+        k_lbskh, v_lbskh, layer, slots_bt = kv_cache
+        rows_b1 = jnp.arange(x_btd.shape[0])[:, None]
+        k_lbskh = k_lbskh.at[layer, rows_b1, slots_bt].set(k_btkh.astype(k_lbskh.dtype))
+        v_lbskh = v_lbskh.at[layer, rows_b1, slots_bt].set(v_btkh.astype(v_lbskh.dtype))
+        # [B, S, K, H]: this layer's keys and values, the new ones included
+        k_bskh, v_bskh = k_lbskh[layer].astype(dt), v_lbskh[layer].astype(dt)
+        out_btnh = attention.reference_attention(q_btnh, k_bskh, v_bskh, mask, scale, self.cfg.attn_softcap)
+        return jnp.einsum("BTNH,NHD->BTD", out_btnh, self.o_proj[...].astype(dt)), (k_lbskh, v_lbskh)
 
 
 class MLP(nnx.Module):
@@ -405,11 +403,19 @@ class Llama(nnx.Module):
         return {"k": zeros, "v": zeros, "valid": jnp.zeros((batch, length), jnp.bool_)}
 
     def cached_forward(
-        self, tokens_bt: jax.Array, start_b: jax.Array, is_token_bt: jax.Array, cache: dict
+        self,
+        tokens_bt: jax.Array,
+        start_b: jax.Array,
+        is_token_bt: jax.Array,
+        cache: dict,
+        logits_at_b: jax.Array | None = None,
     ) -> tuple[jax.Array, dict]:
         """Decode-time forward: row b's T tokens take cache slots start_b[b] + 0..T-1 (and RoPE
         positions equal to their slots); `is_token_bt` marks real tokens (False: right padding of a
-        shorter prompt, never attended to). Returns (logits [B, T, V], updated cache)."""
+        shorter prompt, never attended to). Returns (logits [B, T, V], updated cache), or logits
+        [B, 1, V] at token `logits_at_b[b]` of each row only when given (a prefill needs only the
+        last prompt token's). The layers carry the whole stacked cache and write only the new
+        tokens' slots, so under a jit that donates `cache` it is updated in place."""
         cfg = self.cfg
         b, t = tokens_bt.shape
         slots_bt = start_b[:, None] + jnp.arange(t)[None, :]
@@ -422,14 +428,21 @@ class Llama(nnx.Module):
         windows = jnp.asarray(cfg.layer_windows or (cfg.sliding_window,) * cfg.n_layers, jnp.int32)
         layers_def, layers_state = nnx.split(self.layers)
 
-        def one_layer(x_btd, layer):
-            layer_state, window, k_cache, v_cache = layer
+        def one_layer(carry, layer):
+            x_btd, k_lbskh, v_lbskh = carry
+            layer_state, window, index = layer
             layer_mask = mask_bts & ((window == 0) | (distance_bts < window))
             block = nnx.merge(layers_def, layer_state)
-            x_btd, (k_cache, v_cache) = block(x_btd, cos, sin, layer_mask, (k_cache, v_cache, slots_bt))
-            return x_btd, (k_cache, v_cache)
+            x_btd, (k_lbskh, v_lbskh) = block(
+                x_btd, cos, sin, layer_mask, (k_lbskh, v_lbskh, index, slots_bt)
+            )
+            return (x_btd, k_lbskh, v_lbskh), None
 
-        x_btd, (k, v) = jax.lax.scan(
-            one_layer, self._embed(tokens_bt), (layers_state, windows, cache["k"], cache["v"])
+        (x_btd, k, v), _ = jax.lax.scan(
+            one_layer,
+            (self._embed(tokens_bt), cache["k"], cache["v"]),
+            (layers_state, windows, jnp.arange(cfg.n_layers)),
         )
+        if logits_at_b is not None:  # [B, 1, D]: the hidden state of one token per row
+            x_btd = x_btd[jnp.arange(b)[:, None], logits_at_b[:, None]]
         return self._logits(self.final_norm(x_btd)), {"k": k, "v": v, "valid": valid_bs}

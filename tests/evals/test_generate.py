@@ -121,3 +121,57 @@ def test_exact_match_ignores_only_whitespace_differences():
     assert metrics.exact_match(" C  A T ", "C A T") == 1.0
     assert metrics.exact_match("c a t", "C A T") == 0.0
     np.testing.assert_equal(metrics.exact_match("", ""), 1.0)
+
+
+def _backend_compiles(fn):
+    """(fn's result, how many XLA compilations it ran)."""
+    seen = []
+
+    def listener(event, _secs, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        return fn(), len(seen)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_stream_equals_the_greedy_generator_and_compiles_once_per_bucket(name):
+    model = ModelDef.create(CONFIGS[name])
+    params = jax.tree.map(
+        lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape), model.init(jax.random.key(0))
+    )
+    gen = generate.make_generator(model, 6, stop_ids=[NO_STOP], pad_id=0)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]  # different lengths, one bucket
+
+    def streamed(index):
+        return list(generate.stream(model, params, prompts[index], 6, [NO_STOP], index=index))
+
+    first = streamed(0)
+    second, compiles = _backend_compiles(lambda: streamed(1))
+    assert compiles == 0  # the second prompt reuses the first one's prefill and step
+    expected = generate.generate_ids(gen, params, prompts, 8, batch_size=2, stop_ids=[NO_STOP], pad_id=0)
+    assert [first, second] == expected
+
+
+def test_stream_stops_at_a_stop_id():
+    model = ModelDef.create(CONFIGS["llama"])
+    params = model.init(jax.random.key(0))
+    free = list(generate.stream(model, params, [5, 6], 4, [NO_STOP]))
+    assert len(free) == 4
+    assert list(generate.stream(model, params, [5, 6], 4, [free[2]])) == free[: free.index(free[2])]
+
+
+def test_the_decode_loop_carries_one_cache_rather_than_rebuilding_it_each_step():
+    # A long cache around a tiny model, so the cache dominates the generator's temporary memory.
+    cfg = LlamaConfig.tiny(vocab_size=32, d_model=16, n_layers=16, n_heads=2, n_kv_heads=2, head_dim=8)
+    model = ModelDef.create(cfg)
+    gen = generate.make_generator(model, 1000, [NO_STOP], 0)
+    prompts, lengths = jax.ShapeDtypeStruct((2, 24), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32)
+    temp = gen.lower(model.abstract_params(), prompts, lengths).compile().memory_analysis().temp_size_in_bytes
+    cache_bytes = 2 * 16 * 2 * 1024 * 2 * 8 * 4  # k and v: [L, B, S, K, H] float32
+    # Measured: 8,813,168 bytes with a per-step copy of the cache, 5,191,856 carrying one.
+    assert temp < 1.5 * cache_bytes, (temp, cache_bytes)
