@@ -25,7 +25,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "reference", "chunked", "xla_sdpa", "cudnn")
+from jsft.models.flash import flash_attention
+
+IMPLEMENTATIONS = ("auto", "reference", "chunked", "flash", "xla_sdpa", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,4 +183,6 @@ def attend(
         return reference_attention(q_btnh, k_bskh, v_bskh, mask.dense(), scale, softcap)
     if name == "chunked":
         return chunked_attention(q_btnh, k_bskh, v_bskh, mask, scale, softcap, chunk)
+    if name == "flash":
+        return flash_attention(q_btnh, k_bskh, v_bskh, mask.start_bt, mask.window, scale, softcap, chunk)
     return sdpa_attention(q_btnh, k_bskh, v_bskh, mask, scale, "cudnn" if name == "cudnn" else None)

@@ -18,6 +18,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jsft.parallel.sharding import constrain
+
+HEAD_AXES = ("embed", "vocab")  # the output projection's logical axes (lm_head, or the tied embedding's .T)
+VOCAB_BLOCK = 8192  # columns of the head per backward block (a [B, chunk, VOCAB_BLOCK] float32 logits block)
+
 
 def _chunks(a: jax.Array, chunk: int) -> jax.Array:
     """[B, T, ...] -> [T / chunk, B, chunk, ...] (T padded up to a multiple of `chunk`)."""
@@ -70,24 +75,47 @@ def _forward(x_btd, head_dv, targets_bt, softcap, chunk):
 
 
 def _bwd(softcap, chunk, residuals, g_bt):
+    """Vocabulary blocks outside, sequence chunks inside: each block's [D, vocab_block] gradient is
+    summed over every token in float32 and written once into the head's gradient (in the head's
+    dtype, one rounding, as the unfused loss's matmul does); dx accumulates in place. No [D, V]
+    float32 array and no per-chunk [D, V] partial sum ever exists."""
     x_btd, head_dv, targets_bt, lse = residuals
+    vocab = head_dv.shape[1]
+    block = min(VOCAB_BLOCK, vocab)
+    xs, ts, gs = _chunks(x_btd, chunk), _chunks(targets_bt, chunk), _chunks(g_bt.astype(jnp.float32), chunk)
 
-    def body(dhead_dv, xs):
-        x_bcd, t_bc, lse_bc, g_bc = xs
-        logits, squashed = _logits(x_bcd, head_dv, softcap)
-        hit = jnp.arange(logits.shape[-1]) == t_bc[..., None]
-        d_bcv = (jnp.exp(logits - lse_bc[..., None]) - hit) * g_bc[..., None]
-        if softcap:
-            d_bcv = d_bcv * (1.0 - squashed * squashed)
-        d_bcv = d_bcv.astype(x_bcd.dtype)
-        dx_bcd = jnp.einsum("BCV,DV->BCD", d_bcv, head_dv, preferred_element_type=jnp.float32)
-        dhead_dv = dhead_dv + jnp.einsum("BCD,BCV->DV", x_bcd, d_bcv, preferred_element_type=jnp.float32)
-        return dhead_dv, dx_bcd.astype(x_bcd.dtype)
+    def vocab_block(v, carry):
+        dx, dhead_dv = carry
+        # The last block may overlap the one before it (V need not be a multiple of the block): its
+        # columns already counted are left out of dx; their head gradient is recomputed identically.
+        v0 = jnp.minimum(v * block, vocab - block)
+        head_vb = jax.lax.dynamic_slice_in_dim(head_dv, v0, block, axis=1)
+        new_column = v0 + jnp.arange(block) >= v * block
 
-    t = x_btd.shape[1]
-    xs = (_chunks(x_btd, chunk), _chunks(targets_bt, chunk), lse, _chunks(g_bt.astype(jnp.float32), chunk))
-    dhead_dv, dx = jax.lax.scan(body, jnp.zeros(head_dv.shape, jnp.float32), xs)
-    return _unchunk(dx, t), dhead_dv.astype(head_dv.dtype), None
+        def token_chunk(i, inner):
+            dx, dhead_db = inner
+            x_bcd = xs[i]
+            logits, squashed = _logits(x_bcd, head_vb, softcap)
+            hit = v0 + jnp.arange(block) == ts[i][..., None]
+            d_bcv = (jnp.exp(logits - lse[i][..., None]) - hit) * gs[i][..., None]
+            if softcap:
+                d_bcv = d_bcv * (1.0 - squashed * squashed)
+            d_bcv = d_bcv.astype(x_bcd.dtype)
+            dhead_db = dhead_db + jnp.einsum("BCD,BCV->DV", x_bcd, d_bcv, preferred_element_type=jnp.float32)
+            d_new = jnp.where(new_column, d_bcv, jnp.zeros((), d_bcv.dtype))
+            dx_bcd = jnp.einsum("BCV,DV->BCD", d_new, head_vb, preferred_element_type=jnp.float32)
+            return dx.at[i].add(dx_bcd), dhead_db
+
+        zeros = jnp.zeros((head_dv.shape[0], block), jnp.float32)
+        dx, dhead_db = jax.lax.fori_loop(0, xs.shape[0], token_chunk, (dx, zeros))
+        dhead_dv = jax.lax.dynamic_update_slice_in_dim(dhead_dv, dhead_db.astype(head_dv.dtype), v0, axis=1)
+        return dx, constrain(dhead_dv, HEAD_AXES)
+
+    # The head's gradient keeps the head's own sharding (FSDP: split over devices): each block is
+    # reduce-scattered as it is written, so no device ever holds the whole [D, V] gradient.
+    init = (jnp.zeros(xs.shape, jnp.float32), constrain(jnp.zeros(head_dv.shape, head_dv.dtype), HEAD_AXES))
+    dx, dhead_dv = jax.lax.fori_loop(0, -(-vocab // block), vocab_block, init)
+    return _unchunk(dx, x_btd.shape[1]).astype(x_btd.dtype), dhead_dv, None
 
 
 chunked_nll.defvjp(_forward, _bwd)

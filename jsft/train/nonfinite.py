@@ -1,28 +1,29 @@
 """The non-finite guard: a step whose loss or gradient is NaN/inf is never applied, and the loop decides
 whether to stop (`train.on_nonfinite='stop'`) or to go on without that update ('skip').
 
-Inside the jitted step, `keep_if_finite` selects the old parameters and optimizer state when the step
-is not finite, so no checkpoint can ever hold a non-finite state. Outside, `NonFiniteGuard` reads the
+Inside the jitted step, `apply_if_finite` runs the optimizer update only when the step is finite (a
+`lax.cond`, so the update writes into the donated state in place: a select between old and new would
+keep both alive, three extra float32 copies of the parameters), so no checkpoint can ever hold a
+non-finite state. Outside, `NonFiniteGuard` reads the
 per-step flags whenever the loop fetches metrics (log steps and before every save) and raises
 `NonFiniteError` with the step number when the policy says stop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 
 class NonFiniteError(FloatingPointError):
     """Training produced a non-finite loss or gradient; the message names the step and what to change."""
 
 
-def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
-    """`new` where `finite` (a scalar bool), else `old`, leaf by leaf (fused into the update by XLA)."""
-    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+def apply_if_finite(finite: jax.Array, update: Callable[..., Any], *state: Any) -> Any:
+    """`update(*state)` if `finite` (a scalar bool), else `state` unchanged."""
+    return jax.lax.cond(finite, update, lambda *s: s, *state)
 
 
 class NonFiniteGuard:

@@ -12,7 +12,7 @@ from jsft.models.registry import ModelDef
 from jsft.parallel.sharding import constrain
 from jsft.train.chunked_ce import chunked_nll
 from jsft.train.losses import cross_entropy_sums, token_nll
-from jsft.train.nonfinite import keep_if_finite
+from jsft.train.nonfinite import apply_if_finite
 from jsft.train.state import TrainState
 
 
@@ -78,12 +78,14 @@ def make_train_step(
         # optax.apply_updates casts each update to its parameter's dtype.
         grads = jax.tree.map(lambda g: g / denom, grads)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
         # A NaN/inf loss or gradient is never applied: the step counts, the state stays as it was.
         finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
-        params, opt_state = keep_if_finite(
-            finite, (optax.apply_updates(state.params, updates), opt_state), (state.params, state.opt_state)
-        )
+
+        def update(params, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        params, opt_state = apply_if_finite(finite, update, state.params, state.opt_state)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         metrics = {
             "loss": sums["loss_sum"] / denom,

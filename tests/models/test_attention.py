@@ -51,7 +51,8 @@ CASES = [(0, 0.0, 16), (6, 0.0, 7), (0, 4.0, 16), (0, 0.0, 64)]  # (window, soft
 
 @pytest.mark.parametrize(
     "kernel,window,softcap,chunk",
-    [("chunked", *c) for c in CASES] + [("xla_sdpa", *c) for c in CASES if not c[1]],  # sdpa: no soft-cap
+    [(kernel, *c) for kernel in ("chunked", "flash") for c in CASES]
+    + [("xla_sdpa", *c) for c in CASES if not c[1]],  # sdpa: no soft-cap
 )
 def test_a_kernel_equals_the_reference_in_outputs_and_gradients(kernel, window, softcap, chunk):
     q, k, v = _qkv()
@@ -72,7 +73,8 @@ def test_a_kernel_equals_the_reference_in_outputs_and_gradients(kernel, window, 
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_a_per_layer_window_traced_under_scan_equals_the_reference():
+@pytest.mark.parametrize("kernel", ["chunked", "flash"])
+def test_a_per_layer_window_traced_under_scan_equals_the_reference(kernel):
     q, k, v = _qkv()
     seg = _packed_segments()
 
@@ -83,10 +85,10 @@ def test_a_per_layer_window_traced_under_scan_equals_the_reference():
 
         return jax.lax.scan(body, None, jnp.asarray([0, 4, 11], jnp.int32))[1]
 
-    np.testing.assert_allclose(run("chunked"), run("reference"), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(run(kernel), run("reference"), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["chunked", "xla_sdpa"])
+@pytest.mark.parametrize("kernel", ["chunked", "flash", "xla_sdpa"])
 def test_a_model_with_each_kernel_gives_the_reference_logits_on_packed_rows(kernel):
     base = LlamaConfig.tiny(vocab_size=64, sliding_window=6)
     models = {

@@ -8,7 +8,7 @@ import pytest
 from jsft.data import packing
 from jsft.models.llama import LlamaConfig
 from jsft.models.registry import ModelDef
-from jsft.train import losses, optim
+from jsft.train import chunked_ce, losses, optim
 from jsft.train.chunked_ce import chunked_nll
 from jsft.train.state import TrainState
 from jsft.train.step import make_train_step
@@ -17,8 +17,13 @@ from tests.train.test_step import _optim_cfg
 jax.config.update("jax_default_matmul_precision", "float32")
 
 
-@pytest.mark.parametrize("softcap,chunk", [(0.0, 8), (0.0, 64), (5.0, 8), (0.0, 5)])
-def test_value_and_gradients_equal_the_reference(softcap, chunk):
+@pytest.mark.parametrize(
+    "softcap,chunk,vocab_block",
+    [(0.0, 8, 64), (0.0, 64, 64), (5.0, 8, 64), (0.0, 5, 64), (0.0, 8, 16), (5.0, 5, 7)],
+)
+def test_value_and_gradients_equal_the_reference(softcap, chunk, vocab_block, monkeypatch):
+    # Vocabulary blocks of 16 or 7 over 50 columns: the last block overlaps the one before it.
+    monkeypatch.setattr(chunked_ce, "VOCAB_BLOCK", vocab_block)
     k = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(k[0], (3, 37, 16))
     head = jax.random.normal(k[1], (16, 50)) * 0.3

@@ -14,7 +14,10 @@ from jsft.train.state import TrainState
 from jsft.train.step import make_train_step
 from tests.train.test_step import _optim_cfg
 
-TOLERANCE = 0.03  # mean loss over the last 20 of 200 steps, relative to float32
+# The loss curves, compared window by window (20 steps each): no window's mean differs from float32's by
+# more than 1% of the initial loss, and the mean over all 200 steps by no more than 3% of float32's.
+# (The final loss is ~0.004 on this memorisable task, so a tolerance relative to it would measure noise.)
+WINDOW_TOLERANCE, MEAN_TOLERANCE = 0.01, 0.03
 
 
 def _batches(n=8, seed=0):
@@ -57,7 +60,9 @@ def test_bfloat16_compute_tracks_float32_training_over_200_steps():
     _, fp32 = _train("float32", "float32")
     _, bf16 = _train("float32", "bfloat16")
     assert fp32[-20:].mean() < 0.6 * fp32[:10].mean()  # it learns
-    assert abs(bf16[-20:].mean() - fp32[-20:].mean()) < TOLERANCE * fp32[-20:].mean()
+    windows = np.abs(fp32.reshape(-1, 20).mean(axis=1) - bf16.reshape(-1, 20).mean(axis=1))
+    assert windows.max() < WINDOW_TOLERANCE * fp32[:10].mean(), windows
+    assert abs(bf16.mean() - fp32.mean()) < MEAN_TOLERANCE * fp32.mean()
 
 
 def test_bfloat16_parameters_keep_float32_moments():
