@@ -101,7 +101,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.param_dtype = "float32"
     config.model.compute_dtype = "float32"
     config.model.remat = "none"
-    # auto (cuDNN on GPUs, else chunked) | chunked | reference | xla_sdpa | cudnn: jsft/models/attention.py
+    # auto (cuDNN on GPUs, splash on TPUs, else flash) | flash | splash | chunked | reference | xla_sdpa |
+    # cudnn: jsft/models/attention.py
     config.model.attention = "auto"
     config.model.attention_chunk = 128
 

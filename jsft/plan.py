@@ -97,10 +97,14 @@ def run_plan(
         state_sharding.params,
     )  # accumulated in float32 by the step
     rows = [("parameters", params), ("optimizer state", opt), ("gradients (float32)", grads)]
+    # With accumulation, one micro-batch's gradients exist beside the accumulator until they are added.
+    micro = grads if config.optim.grad_accum_steps > 1 else 0
+    if micro:
+        rows.append(("micro-batch gradients (float32, accumulation)", micro))
     analysis = _compile_step(run, model, tx, schedule, abstract, state_sharding) if compile_step else None
     if analysis is not None:
         temp = int(analysis.temp_size_in_bytes)
-        rows.append(("activations + workspace (XLA temp - gradients)", max(temp - grads, 0)))
+        rows.append(("activations + workspace (XLA temp - gradients)", max(temp - grads - micro, 0)))
         peak = int(
             analysis.argument_size_in_bytes
             + analysis.output_size_in_bytes
@@ -108,7 +112,7 @@ def run_plan(
             + temp
         )
     else:
-        peak = params + opt + grads
+        peak = params + opt + grads + micro
     rows.append(("peak per device", peak))
     plan_rows.clear()
     plan_rows.update(rows)

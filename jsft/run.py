@@ -150,7 +150,8 @@ class Run:
                 model = ModelDef.create(arch)
             else:
                 model = build_model(cfg, vocab_size)
-            attention.resolve(model.config.attention, model.config.attn_softcap)
+            arch = model.config
+            attention.resolve(arch.attention, arch.attn_softcap, per_layer_windows=bool(arch.layer_windows))
         except ValueError as e:  # an unknown family, a vocabulary smaller than the tokenizer's, a kernel
             raise ConfigError(str(e)) from e
         return model

@@ -33,7 +33,7 @@ seg = np.zeros((b, t), np.int32)
 seg[:, : t // 3], seg[:, t // 3 : t - 5] = 1, 2
 mask = attention.Mask.from_segments(jnp.asarray(seg))
 platform = jax.default_backend()
-kernels = ["chunked", "xla_sdpa"] + (["cudnn"] if platform == "gpu" else [])
+kernels = ["flash", "chunked", "xla_sdpa"] + (["cudnn"] if platform == "gpu" else [])
 def value_and_grads(name, dtype):
     f = lambda q, kk, v: jnp.sum(attention.attend(name, q.astype(dtype), kk.astype(dtype), v.astype(dtype), mask, h**-0.5).astype(jnp.float32) ** 2)
     return jax.jit(jax.value_and_grad(f, (0, 1, 2)))(q, kk, v)

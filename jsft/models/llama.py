@@ -250,9 +250,20 @@ class Attention(nnx.Module):
         q_btnh, k_btkh = apply_rope(q_btnh, cos, sin), apply_rope(k_btkh, cos, sin)
         scale = (self.cfg.query_scale or self.cfg.head_dim) ** -0.5
         if kv_cache is None:
-            kernel = attention.resolve(self.cfg.attention, self.cfg.attn_softcap)
+            cfg = self.cfg
+            kernel = attention.resolve(
+                cfg.attention, cfg.attn_softcap, per_layer_windows=bool(cfg.layer_windows)
+            )
             out_btnh = attention.attend(
-                kernel, q_btnh, k_btkh, v_btkh, mask, scale, self.cfg.attn_softcap, self.cfg.attention_chunk
+                kernel,
+                q_btnh,
+                k_btkh,
+                v_btkh,
+                mask,
+                scale,
+                cfg.attn_softcap,
+                cfg.attention_chunk,
+                cfg.sliding_window,
             )
             return jnp.einsum("BTNH,NHD->BTD", out_btnh, self.o_proj[...].astype(dt)), None
         k_lbskh, v_lbskh, layer, slots_bt = kv_cache

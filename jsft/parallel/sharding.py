@@ -110,6 +110,11 @@ def use_rules(mesh: jax.sharding.Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def active() -> tuple[jax.sharding.Mesh, Rules] | None:
+    """The (mesh, rules) of the enclosing `use_rules` block, or None outside one."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names when rules are active; otherwise `x` unchanged."""
     active = _ACTIVE.get()

@@ -52,6 +52,7 @@ CASES = [(0, 0.0, 16), (6, 0.0, 7), (0, 4.0, 16), (0, 0.0, 64)]  # (window, soft
 @pytest.mark.parametrize(
     "kernel,window,softcap,chunk",
     [(kernel, *c) for kernel in ("chunked", "flash") for c in CASES]
+    + [("splash", *c) for c in CASES]  # Pallas interpret mode off TPU; blocks of 128
     + [("xla_sdpa", *c) for c in CASES if not c[1]],  # sdpa: no soft-cap
 )
 def test_a_kernel_equals_the_reference_in_outputs_and_gradients(kernel, window, softcap, chunk):
@@ -67,7 +68,7 @@ def test_a_kernel_equals_the_reference_in_outputs_and_gradients(kernel, window, 
         return jax.value_and_grad(f, (0, 1, 2))(q, k, v)
 
     ref_val, ref_grads = loss(lambda q, k, v: attention.attend("reference", q, k, v, mask, scale, softcap))
-    val, grads = loss(lambda q, k, v: attention.attend(kernel, q, k, v, mask, scale, softcap, chunk))
+    val, grads = loss(lambda q, k, v: attention.attend(kernel, q, k, v, mask, scale, softcap, chunk, window))
     np.testing.assert_allclose(val, ref_val, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
@@ -88,7 +89,7 @@ def test_a_per_layer_window_traced_under_scan_equals_the_reference(kernel):
     np.testing.assert_allclose(run(kernel), run("reference"), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["chunked", "flash", "xla_sdpa"])
+@pytest.mark.parametrize("kernel", ["chunked", "flash", "splash", "xla_sdpa"])
 def test_a_model_with_each_kernel_gives_the_reference_logits_on_packed_rows(kernel):
     base = LlamaConfig.tiny(vocab_size=64, sliding_window=6)
     models = {
@@ -108,9 +109,13 @@ def test_a_model_with_each_kernel_gives_the_reference_logits_on_packed_rows(kern
 
 
 def test_kernels_a_model_or_platform_cannot_use_are_refused_and_auto_falls_back():
-    assert attention.resolve("auto", 0.0, "cpu") == "chunked"
+    assert attention.resolve("auto", 0.0, "cpu") == "flash"
+    assert attention.resolve("auto", 0.0, "tpu") == "splash"
+    assert attention.resolve("auto", 0.0, "tpu", per_layer_windows=True) == "flash"  # Gemma 2, 3
+    with pytest.raises(ValueError, match="per-layer windows"):
+        attention.resolve("splash", 0.0, "tpu", per_layer_windows=True)
     assert attention.resolve("auto", 0.0, "gpu") == "cudnn"
-    assert attention.resolve("auto", 50.0, "gpu") == "chunked"  # Gemma 2 soft-caps: cuDNN cannot
+    assert attention.resolve("auto", 50.0, "gpu") == "flash"  # Gemma 2 soft-caps: cuDNN cannot
     with pytest.raises(ValueError, match="does not soft-cap"):
         attention.resolve("xla_sdpa", 50.0, "cpu")
     with pytest.raises(ValueError, match="needs a GPU"):
