@@ -109,7 +109,7 @@ def test_the_accelerator_check_dry_run_writes_both_reports(tmp_path):
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     check = json.loads((tmp_path / "attention_check.json").read_text())
-    assert {row["kernel"] for row in check["results"]} == {"chunked", "xla_sdpa"}
+    assert {row["kernel"] for row in check["results"]} == {"flash", "chunked", "xla_sdpa"}
     assert all(row["ok"] for row in check["results"])
     bench = json.loads((tmp_path / "bench_llama1b.json").read_text())["jsft"]
     assert bench["mode"] == "synthetic" and bench["steps"] == 12

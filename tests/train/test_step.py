@@ -56,6 +56,15 @@ def model():
     return ModelDef.create(LlamaConfig.tiny(vocab_size=VOCAB))
 
 
+# The equivalences below hold for every attention kernel (splash: Pallas interpret mode on CPU).
+KERNELS = ["flash", "chunked", "reference", "xla_sdpa", "splash"]
+
+
+@pytest.fixture(scope="module", params=KERNELS)
+def kernel_model(request):
+    return ModelDef.create(LlamaConfig.tiny(vocab_size=VOCAB, attention=request.param))
+
+
 def _state(model, tx, seed=0):
     return TrainState.create(model.init(jax.random.key(seed)), tx, jax.random.key(1))
 
@@ -76,7 +85,8 @@ def test_prompt_tokens_get_zero_gradient(model):
 
 
 @pytest.mark.parametrize("normalization", ["token", "sequence"])
-def test_packed_batch_gives_the_same_loss_as_unpacked(model, normalization):
+def test_packed_batch_gives_the_same_loss_as_unpacked(kernel_model, normalization):
+    model = kernel_model
     params = model.init(jax.random.key(0))
     examples = _examples(6)
     packed, padded = packing.pack(examples, 32), _padded(examples, 32)
@@ -125,7 +135,8 @@ def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(model):
 
 
 @pytest.mark.parametrize("normalization", ["token", "sequence"])
-def test_accumulating_k_micro_batches_equals_one_big_batch(model, normalization):
+def test_accumulating_k_micro_batches_equals_one_big_batch(kernel_model, normalization):
+    model = kernel_model
     batch = _padded(_examples(8, seed=5), 16)
     results = []
     # Plain SGD, so the updates are the gradients themselves (Adam's first step is sign(g) * lr,
