@@ -140,6 +140,31 @@ def _backward(q, k, v, start_bt, window, out, lse, d_out, scale, softcap, bq, bk
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
+def to_blocks(
+    q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, start_bt: jax.Array, block: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The kernels' layouts, q [B, K, G, T', H], k and v [B, K, T', H], starts [B, T'] int32, with T'
+    the row padded up to a multiple of `block`; each padding position is an example of its own (its
+    start is itself), so no real query sees it (causality) and it sees only itself."""
+    b, t, n, h = q_btnh.shape
+    kh = k_bskh.shape[2]
+    pad = -t % block
+    q = jnp.moveaxis(q_btnh.reshape(b, t, kh, n // kh, h), 1, 3)
+    k, v = (jnp.moveaxis(x, 1, 2) for x in (k_bskh, v_bskh))
+    start = start_bt.astype(jnp.int32)
+    if pad:
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
+        k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (k, v))
+        start = jnp.concatenate([start, jnp.broadcast_to(jnp.arange(t, t + pad), (b, pad))], axis=1)
+    return q, k, v, start
+
+
+def from_blocks(out_bkgth: jax.Array, t: int) -> jax.Array:
+    """[B, K, G, T', H] -> [B, t, N, H] without the padding (inverse of `to_blocks` for q)."""
+    b, kh, g, _, h = out_bkgth.shape
+    return jnp.moveaxis(out_bkgth[:, :, :, :t], 3, 1).reshape(b, t, kh * g, h)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
 def _flash(q, k, v, start_bt, window, scale, softcap, bq, bk):
     return _forward(q, k, v, start_bt, window, scale, softcap, bq, bk)[0]
@@ -171,17 +196,9 @@ def flash_attention(
 ) -> jax.Array:
     """Self-attention over packed rows (`start_bt`: each query's example start, see attention.Mask);
     T need not be a multiple of `block` (the row is padded, the padding sees only itself)."""
-    b, t, n, h = q_btnh.shape
-    kh = k_bskh.shape[2]
+    t, h = q_btnh.shape[1], q_btnh.shape[3]
     block = min(block, t)
-    pad = -t % block
-    q = jnp.moveaxis(q_btnh.reshape(b, t, kh, n // kh, h), 1, 3)  # [B, K, G, T, H]
-    k, v = (jnp.moveaxis(x, 1, 2) for x in (k_bskh, v_bskh))  # [B, K, S, H]
-    start = start_bt.astype(jnp.int32)
-    if pad:
-        q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
-        k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (k, v))
-        start = jnp.concatenate([start, jnp.broadcast_to(jnp.arange(t, t + pad), (b, pad))], axis=1)
+    q, k, v, start = to_blocks(q_btnh, k_bskh, v_bskh, start_bt, block)
     window = jnp.asarray(window, jnp.int32)
     out = _flash(q, k, v, start, window, float(scale or h**-0.5), float(softcap), block, block)
-    return jnp.moveaxis(out[:, :, :, :t], 3, 1).reshape(b, t, n, h)
+    return from_blocks(out, t)

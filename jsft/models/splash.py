@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
+from jsft.models.flash import from_blocks, to_blocks
 from jsft.parallel import sharding
 
 
@@ -63,19 +64,13 @@ def splash_attention(
 ) -> jax.Array:
     """Self-attention over packed rows (`start_bt`: each query's example start); `window` static.
     `block` is rounded up to a multiple of 128 and the row padded to a multiple of it."""
-    b, t, n, h = q_btnh.shape
+    t, n, h = q_btnh.shape[1:]
     kh = k_bskh.shape[2]
     interpret = jax.default_backend() != "tpu" if interpret is None else interpret
     block = -(-max(block, 128) // 128) * 128  # the kernel's blocks are multiples of 128 (lanes)
-    pad = -t % block
-    q = jnp.moveaxis(q_btnh.reshape(b, t, kh, n // kh, h), 1, 3) * jnp.asarray(scale or h**-0.5, q_btnh.dtype)
-    k, v = (jnp.moveaxis(x, 1, 2) for x in (k_bskh, v_bskh))  # [B, K, S, H]
-    segments = start_bt.astype(jnp.int32)
-    if pad:  # padding: each position its own example, seen by no real query (causality)
-        q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
-        k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (k, v))
-        segments = jnp.concatenate([segments, jnp.broadcast_to(jnp.arange(t, t + pad), (b, pad))], axis=1)
-    kernel = _kernel(t + pad, n // kh, int(window), float(softcap), block, interpret)
+    q, k, v, segments = to_blocks(q_btnh, k_bskh, v_bskh, start_bt, block)  # starts as segment ids
+    q = q * jnp.asarray(scale or h**-0.5, q.dtype)
+    kernel = _kernel(q.shape[3], n // kh, int(window), float(softcap), block, interpret)
 
     def run(q, k, v, segments):
         def one_row(q_kgth, k_kth, v_kth, seg_t):
@@ -94,5 +89,4 @@ def splash_attention(
         run = jax.shard_map(
             run, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False
         )
-    out = run(q, k, v, segments)
-    return jnp.moveaxis(out[:, :, :, :t], 3, 1).reshape(b, t, n, h)
+    return from_blocks(run(q, k, v, segments), t)
