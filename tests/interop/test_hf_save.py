@@ -12,6 +12,7 @@ import pytest
 
 from jsft.interop import hf, hf_save
 from jsft.models.registry import ModelDef
+from tests.conftest import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LLAMA = dict(
@@ -252,17 +253,9 @@ with open(sys.argv[6], "w") as f:  # not stdout: gloo's C++ logging interleaves 
 )
 
 
-def _free_port():
-    import socket  # noqa: PLC0415
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_export_the_same_bytes_as_one(tmp_path):
-    coordinator = f"127.0.0.1:{_free_port()}"
+    coordinator = f"127.0.0.1:{free_port()}"
 
     def start(out, n, i, devices):
         env = dict(

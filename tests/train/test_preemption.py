@@ -4,7 +4,6 @@ together, and the previous handler put back when the run ends."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from jsft.evals import validation
 from jsft.train import nonfinite
 from jsft.train.checkpoint import Checkpointer
 from jsft.train.loop import train_and_evaluate
+from tests.conftest import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "tests", "tiny_config.py")
@@ -65,9 +65,7 @@ def test_sigterm_during_an_evaluation_saves_that_step_and_stops(tiny_config, tmp
 
 @pytest.mark.slow
 def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tiny_data_dir, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
     wd = tmp_path / "wd"
     procs = [
