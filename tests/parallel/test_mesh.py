@@ -79,7 +79,8 @@ def test_every_mesh_trains_to_the_single_device_losses(tiny_data_dir, tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernel", ["chunked", "splash"])  # the default (flash) runs on every mesh above
+# The default (flash) runs on every mesh above.
+@pytest.mark.parametrize("kernel", ["reference", "chunked", "splash", "xla_sdpa"])
 def test_other_attention_kernels_train_to_the_single_device_losses_on_a_mesh(
     tiny_data_dir, tmp_path, baseline, kernel
 ):
