@@ -157,6 +157,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # saved); skip: drop that update, count it in metrics.jsonl, stop after max_skipped_steps in a row.
     config.train.on_nonfinite = "stop"
     config.train.max_skipped_steps = 10
+    # Frozen subsets: regexes over dotted parameter paths (embed, lm_head, layers.attn.q_proj, ...);
+    # a parameter trains if it matches `trainable` ("": all) and not `frozen` ("": none).
+    config.train.trainable = ""
+    config.train.frozen = ""
 
     config.eval = ml_collections.ConfigDict()
     config.eval.at_start = True

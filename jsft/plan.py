@@ -17,11 +17,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from jsft.parallel import sharding
 from jsft.parallel.mesh import resolve_shape
 from jsft.run import Run
+from jsft.train.trainable import count, split
 
 GB = 1e9
 # Memory per device (bytes) of accelerators people fine-tune on.
@@ -92,10 +92,11 @@ def run_plan(
 
     params = per_device_bytes(abstract.params, state_sharding.params)
     opt = per_device_bytes(abstract.opt_state, state_sharding.opt_state)
+    mask = run.trainable_mask(model)
     grads = per_device_bytes(
-        jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), abstract.params),
-        state_sharding.params,
-    )  # accumulated in float32 by the step
+        jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), split(abstract.params, mask)[0]),
+        split(state_sharding.params, mask)[0],
+    )  # accumulated in float32 by the step, for the trainable parameters only
     rows = [("parameters", params), ("optimizer state", opt), ("gradients (float32)", grads)]
     # With accumulation, one micro-batch's gradients exist beside the accumulator until they are added.
     micro = grads if config.optim.grad_accum_steps > 1 else 0
@@ -117,13 +118,15 @@ def run_plan(
     plan_rows.clear()
     plan_rows.update(rows)
 
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract.params))
+    n_train, n_params = count(abstract.params, mask)
     lines = [
         f"jsft memory plan: {n_params / 1e9:.2f}B parameters ({config.model.param_dtype}, compute "
         f"{config.model.compute_dtype}, remat {config.model.remat!r}), mesh {dict(mesh.shape)} = "
         f"{mesh.size} devices, batch {config.data.batch_size} x {config.data.seq_len} tokens, "
         f"grad accumulation {config.optim.grad_accum_steps}",
     ]
+    if mask is not None:
+        lines.append(f"  trainable: {n_train / 1e9:.3f}B of {n_params / 1e9:.2f}B parameters")
     lines += [f"  {name:<50} {value / GB:>9.2f} GB" for name, value in rows]
     if dropped:
         lines.append(f"  replicated for divisibility: {sorted({d[0] for d in dropped})}")

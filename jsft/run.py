@@ -31,10 +31,12 @@ from jsft.models.registry import ModelDef, Params, build_model
 from jsft.parallel import sharding
 from jsft.parallel.mesh import build_mesh
 from jsft.parallel.placement import BatchPlacement
+from jsft.train import trainable
 from jsft.train.checkpoint import Checkpointer
 from jsft.train.optim import build_optimizer, build_schedule
 from jsft.train.state import TrainState, init_fn, state_shardings
 from jsft.train.step import make_train_step
+from jsft.train.trainable import Mask
 
 
 def local_mirror(remote: str) -> str:
@@ -178,14 +180,25 @@ class Run:
             num_sources,
             cfg.loss.implementation,
             cfg.loss.chunk_len,
+            self.trainable_mask(model),
         )
+
+    def trainable_mask(self, model: ModelDef) -> Mask | None:
+        """Which parameters train (`config.train.trainable` / `frozen`); None: all of them."""
+        train_cfg = self.config.train
+        try:
+            return trainable.trainable_mask(model.abstract_params(), train_cfg.trainable, train_cfg.frozen)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
     def state_layout(
         self, model: ModelDef, tx: optax.GradientTransformation
     ) -> tuple[TrainState, TrainState, list]:
         """(abstract TrainState with shardings, TrainState of shardings, dims replicated for
         divisibility): nothing is allocated."""
-        abstract, shardings, dropped = state_shardings(model, tx, self.mesh, self.rules)
+        abstract, shardings, dropped = state_shardings(
+            model, tx, self.mesh, self.rules, self.trainable_mask(model)
+        )
         return _with_shardings(abstract, shardings), shardings, dropped
 
     def params_layout(self, model: ModelDef) -> tuple[Params, dict[str, Any]]:
@@ -201,12 +214,13 @@ class Run:
         """Fresh weights, or the Hugging Face checkpoint's, created or streamed straight into their
         shardings (no full copy of the model on any one device)."""
         key = jax.random.key(self.config.seed)
+        mask = self.trainable_mask(model)
         if not self.config.model.hf_path:
-            return jax.jit(init_fn(model, tx), out_shardings=state_sharding)(key)
+            return jax.jit(init_fn(model, tx, mask), out_shardings=state_sharding)(key)
         params = hf.load_params(self.config.model.hf_path, model.config, state_sharding.params)
         _, train_rng = jax.random.split(key)
         create = jax.jit(
-            lambda p, rng: TrainState.create(p, tx, rng), out_shardings=state_sharding, donate_argnums=0
+            lambda p, rng: TrainState.create(p, tx, rng, mask), out_shardings=state_sharding, donate_argnums=0
         )
         return create(params, train_rng)
 

@@ -10,10 +10,12 @@ import optax
 
 from jsft.models.registry import ModelDef
 from jsft.parallel.sharding import constrain
+from jsft.train import trainable
 from jsft.train.chunked_ce import chunked_nll
 from jsft.train.losses import cross_entropy_sums, token_nll
 from jsft.train.nonfinite import apply_if_finite
 from jsft.train.state import TrainState
+from jsft.train.trainable import Mask
 
 
 def _tree_add(a, b):
@@ -51,24 +53,29 @@ def make_train_step(
     num_sources: int = 0,
     loss_implementation: str = "chunked",
     loss_chunk: int = 128,
+    mask: Mask | None = None,
 ) -> Callable:
-    """Build the un-jitted step; the loop jits it with donation and explicit shardings."""
+    """Build the un-jitted step; the loop jits it with donation and explicit shardings. With a
+    trainable `mask` (jsft.train.trainable) only those parameters are differentiated and updated."""
 
-    def loss_sums(params, micro):
+    def loss_sums(train_params, frozen_params, micro):
+        params = trainable.merge(train_params, frozen_params)
         nll = batch_nll(model, params, micro, loss_implementation, loss_chunk)
         sums = cross_entropy_sums(nll, micro, normalization, num_sources)
         return sums["loss_sum"], sums
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         micro = jax.tree.map(lambda x: split_micro_batches(x, grad_accum_steps), batch)
+        train_params, frozen_params = trainable.split(state.params, mask)
 
         def accumulate(carry, mb):
             mb = jax.tree.map(lambda x: constrain(x, ("batch", "seq")), mb)
-            (_, sums), grads = jax.value_and_grad(loss_sums, has_aux=True)(state.params, mb)
+            (_, sums), grads = jax.value_and_grad(loss_sums, has_aux=True)(train_params, frozen_params, mb)
             return _tree_add(carry, (grads, sums)), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        sums_shape = jax.eval_shape(loss_sums, state.params, jax.tree.map(lambda x: x[0], micro))[1]
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), train_params)
+        first = jax.tree.map(lambda x: x[0], micro)
+        sums_shape = jax.eval_shape(loss_sums, train_params, frozen_params, first)[1]
         zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), sums_shape)
         (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), micro)
 
@@ -85,7 +92,8 @@ def make_train_step(
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state
 
-        params, opt_state = apply_if_finite(finite, update, state.params, state.opt_state)
+        train_params, opt_state = apply_if_finite(finite, update, train_params, state.opt_state)
+        params = trainable.merge(train_params, frozen_params)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         metrics = {
             "loss": sums["loss_sum"] / denom,
