@@ -146,3 +146,14 @@ def test_a_checkpoint_restores_onto_another_mesh_and_one_device(tiny_data_dir, t
         np.testing.assert_allclose(
             [losses[s] for s in range(1, 7)], [baseline[s] for s in range(1, 7)], rtol=2e-5
         )
+
+
+@pytest.mark.slow
+def test_a_frozen_subset_on_a_mesh_trains_to_its_single_device_losses(tiny_data_dir, tmp_path):
+    # Optimizer state exists for the trainable parameters only and takes their shardings.
+    frozen = r"--config.train.frozen=embed|lm_head|layers\.attn\."
+    _train(tiny_data_dir, tmp_path / "one", 1, "--config.mesh.shape=(1,1,1)", frozen)
+    _train(tiny_data_dir, tmp_path / "mesh", 8, "--config.mesh.shape=(2,2,2)", frozen)
+    one, mesh = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
+    assert sorted(one) == sorted(mesh) == list(range(1, 7))
+    np.testing.assert_allclose([mesh[s] for s in one], list(one.values()), rtol=2e-5)

@@ -11,9 +11,12 @@ import pytest
 
 from jsft.models.llama import LlamaConfig
 from jsft.models.registry import ModelDef
+from jsft.run import Run
 from jsft.train import optim, trainable
-from jsft.train.state import TrainState
+from jsft.train.loop import train_and_evaluate
+from jsft.train.state import TrainState, init_fn
 from jsft.train.step import make_train_step
+from tests.train.test_loop import _losses
 from tests.train.test_step import _examples, _optim_cfg, _padded
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -114,3 +117,27 @@ def test_a_pattern_matching_nothing_is_one_error_line(tiny_data_dir, tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("jsft: error:")]
     assert len(errors) == 1 and "config.train.frozen='embeddings' matches no parameter" in errors[0], errors
+
+
+@pytest.mark.slow
+def test_a_frozen_subset_run_resumes_exactly_and_never_moves_the_frozen_weights(tiny_config, tmp_path):
+    tiny_config.train.frozen = r"embed|lm_head|layers\.mlp\."
+    tiny_config.train.steps = 12
+    tiny_config.train.checkpoint_every_steps = 6
+    tiny_config.train.eval_every_steps = 0
+    train_and_evaluate(tiny_config, str(tmp_path / "full"))
+    resumed = str(tmp_path / "resumed")
+    tiny_config.train.stop_after_steps = 6
+    assert train_and_evaluate(tiny_config, resumed)["steps"] == 6
+    tiny_config.train.stop_after_steps = 0
+    assert train_and_evaluate(tiny_config, resumed)["steps"] == 12
+    assert _losses(resumed) == _losses(tmp_path / "full")  # bitwise-equal floats on CPU
+
+    run = Run.create(tiny_config, resumed)
+    model = run.model(run.tokenizer().vocab_size)
+    mask = run.trainable_mask(model)
+    initial = jax.jit(init_fn(model, run.optimizer()[0], mask))(jax.random.key(tiny_config.seed)).params
+    final, _, step = run.restore_params(model)
+    assert step == 12
+    for m, a, b in zip(jax.tree.leaves(mask), jax.tree.leaves(initial), jax.tree.leaves(final), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b)) == (not m)  # frozen: bitwise the initial weights
