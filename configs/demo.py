@@ -162,6 +162,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.trainable = ""
     config.train.frozen = ""
 
+    # Parameter-efficient fine-tuning (jsft/models/lora.py). method: none (full fine-tuning) | lora |
+    # qlora (the frozen base projections stored as `quant`: nf4 | int8, blocks of `quant_block`).
+    # targets: q,k,v,o,gate,up,down, HF names (q_proj), all, or regexes over paths (layers.attn.*).
+    # adapter: a Hugging Face PEFT LoRA directory to start from (its r, alpha and targets apply).
+    config.peft = ml_collections.ConfigDict()
+    config.peft.method = "none"
+    config.peft.rank = 8
+    config.peft.alpha = 16.0
+    config.peft.rslora = False  # scale alpha / sqrt(rank) instead of alpha / rank
+    config.peft.dropout = 0.0
+    config.peft.targets = "all"
+    config.peft.quant = "nf4"
+    config.peft.quant_block = 64
+    config.peft.adapter = ""
+
     config.eval = ml_collections.ConfigDict()
     config.eval.at_start = True
     config.eval.batch_size = 50

@@ -130,6 +130,41 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
     _choice(config, "data.mixture", mixture.RULES)
     _choice(config, "train.on_nonfinite", ON_NONFINITE)
     _choice(config, "data.on_changed_data", ON_CHANGED_DATA)
+    _check_peft(config)
+
+
+def _check_peft(config: ml_collections.ConfigDict) -> None:
+    """The PEFT method, quantization format, targets and numbers; a rank larger than a target's
+    dimension needs the model's shapes and is checked when the model is built (jsft.run)."""
+    from jsft.models import lora, quant  # noqa: PLC0415
+
+    peft = config.get("peft")
+    if peft is None:
+        return
+    _choice(config, "peft.method", lora.METHODS)
+    if peft.method == "none":
+        return
+    if peft.method == "qlora" and peft.quant not in quant.FORMATS:
+        raise ConfigError(
+            f"config.peft.quant={peft.quant!r} is not a QLoRA storage format; "
+            f"choose one of {list(quant.FORMATS)}"
+        )
+    _positive(config, "peft.rank")
+    _positive(config, "peft.alpha")
+    _positive(config, "peft.quant_block")
+    if not 0.0 <= peft.dropout < 1.0:
+        raise ConfigError(f"config.peft.dropout={peft.dropout} must be in [0, 1)")
+    try:
+        lora.parse_targets(peft.targets)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if config.train.trainable or config.train.frozen:
+        raise ConfigError(
+            f"config.peft.method={peft.method!r} trains the adapters only; config.train.trainable / "
+            "config.train.frozen select parameters for full fine-tuning (peft.method='none'): unset them"
+        )
+    if peft.adapter and not os.path.isfile(os.path.join(peft.adapter, "adapter_config.json")):
+        raise ConfigError(f"config.peft.adapter={peft.adapter!r}: no adapter_config.json there")
 
 
 def _check_sources(config: ml_collections.ConfigDict) -> None:

@@ -36,6 +36,11 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-process runs: this pr
 _EXPORT_DIR = flags.DEFINE_string("export_dir", "", "--mode export: where to write the HF model directory.")
 _EXPORT_STEP = flags.DEFINE_integer("export_step", 0, "--mode export: checkpoint step (0: the latest).")
 _EXPORT_DTYPE = flags.DEFINE_string("export_dtype", "bfloat16", "--mode export: dtype of the safetensors.")
+_EXPORT_ADAPTER = flags.DEFINE_bool(
+    "export_adapter",
+    False,
+    "--mode export of a LoRA/QLoRA run: a Hugging Face PEFT adapter directory, not the merged model.",
+)
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "latest", "--mode eval/generate: latest, best, a step, or hf."
 )
@@ -185,7 +190,9 @@ def _run_mode(config, workdir: str) -> None:
             raise config_lib.ConfigError("--mode export needs --export_dir")
         from jsft.interop.export import run_export  # noqa: PLC0415
 
-        run_export(config, workdir, _EXPORT_DIR.value, _EXPORT_STEP.value, _EXPORT_DTYPE.value)
+        run_export(
+            config, workdir, _EXPORT_DIR.value, _EXPORT_STEP.value, _EXPORT_DTYPE.value, _EXPORT_ADAPTER.value
+        )
     elif _MODE.value == "eval":
         from jsft.evals.run import run_eval  # noqa: PLC0415
 

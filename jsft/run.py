@@ -13,6 +13,8 @@ a checkpoint of the workdir; the model registry only builds modules.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -26,13 +28,14 @@ from jsft.data.tokenizer import Tokenizer
 from jsft.data.tokenizer_choice import build_tokenizer
 from jsft.errors import ConfigError
 from jsft.interop import hf
-from jsft.models import attention
+from jsft.interop import peft as peft_io
+from jsft.models import attention, lora
 from jsft.models.registry import ModelDef, Params, build_model
 from jsft.parallel import sharding
 from jsft.parallel.mesh import build_mesh
 from jsft.parallel.placement import BatchPlacement
 from jsft.train import trainable
-from jsft.train.checkpoint import Checkpointer
+from jsft.train.checkpoint import Checkpointer, checksums
 from jsft.train.optim import build_optimizer, build_schedule
 from jsft.train.state import TrainState, init_fn, state_shardings
 from jsft.train.step import make_train_step
@@ -154,9 +157,45 @@ class Run:
                 model = build_model(cfg, vocab_size)
             arch = model.config
             attention.resolve(arch.attention, arch.attn_softcap, per_layer_windows=bool(arch.layer_windows))
+            fields = self.peft_fields()
+            if fields:
+                shapes = model.abstract_params()["layers"]
+                lora.check_rank(
+                    fields["lora_rank"],
+                    {p: shapes[p.split(".")[0]][p.split(".")[1]].shape[1:] for p in fields["lora_targets"]},
+                )
+                model = ModelDef.create(dataclasses.replace(arch, **fields))
         except ValueError as e:  # an unknown family, a vocabulary smaller than the tokenizer's, a kernel
             raise ConfigError(str(e)) from e
         return model
+
+    def peft_settings(self) -> dict[str, Any]:
+        """config.peft with a PEFT adapter directory's own r, alpha, rsLoRA and targets applied."""
+        peft = self.config.get("peft")
+        if peft is None or peft.method == "none":
+            return {}
+        out = {k: peft[k] for k in ("rank", "alpha", "rslora", "dropout")}
+        out["targets"] = lora.parse_targets(peft.targets)
+        if peft.adapter:
+            out.update(peft_io.read_adapter_config(peft.adapter))
+            out["dropout"] = peft.dropout  # training's choice, not the saved adapter's
+        return out
+
+    def peft_fields(self) -> dict[str, Any]:
+        """The LlamaConfig fields of config.peft ({} for full fine-tuning)."""
+        s = self.peft_settings()
+        if not s:
+            return {}
+        peft = self.config.peft
+        quantized = peft.method == "qlora"
+        return dict(
+            lora_rank=s["rank"],
+            lora_targets=s["targets"],
+            lora_scale=lora.scaling(s["rank"], s["alpha"], s["rslora"]),
+            lora_dropout=s["dropout"],
+            quant=peft.quant if quantized else "none",
+            quant_block=peft.quant_block,
+        )
 
     def optimizer(self) -> tuple[optax.GradientTransformation, optax.Schedule]:
         schedule = build_schedule(self.config.optim, self.config.train.steps)
@@ -186,6 +225,8 @@ class Run:
     def trainable_mask(self, model: ModelDef) -> Mask | None:
         """Which parameters train (`config.train.trainable` / `frozen`); None: all of them."""
         train_cfg = self.config.train
+        if model.config.is_peft:  # the adapters train, the base is frozen (config.validate)
+            return lora.adapter_mask(model.abstract_params())
         try:
             return trainable.trainable_mask(model.abstract_params(), train_cfg.trainable, train_cfg.frozen)
         except ValueError as e:
@@ -209,20 +250,76 @@ class Run:
 
     # ------------------------------------------------------------------ weights
     def initial_state(
-        self, model: ModelDef, tx: optax.GradientTransformation, state_sharding: TrainState
+        self,
+        model: ModelDef,
+        tx: optax.GradientTransformation,
+        state_sharding: TrainState,
+        params: Params | None = None,
     ) -> TrainState:
         """Fresh weights, or the Hugging Face checkpoint's, created or streamed straight into their
-        shardings (no full copy of the model on any one device)."""
+        shardings (no full copy of the model on any one device); or `params` as given (LoRA: the base
+        with its adapters, `peft_params`)."""
         key = jax.random.key(self.config.seed)
         mask = self.trainable_mask(model)
-        if not self.config.model.hf_path:
+        if params is None and model.config.is_peft:
+            params = self.peft_params(model, self.base_params(model)[0], state_sharding.params)
+        if params is None and not self.config.model.hf_path:
             return jax.jit(init_fn(model, tx, mask), out_shardings=state_sharding)(key)
-        params = hf.load_params(self.config.model.hf_path, model.config, state_sharding.params)
+        if params is None:
+            params = hf.load_params(self.config.model.hf_path, model.config, state_sharding.params)
         _, train_rng = jax.random.split(key)
         create = jax.jit(
             lambda p, rng: TrainState.create(p, tx, rng, mask), out_shardings=state_sharding, donate_argnums=0
         )
         return create(params, train_rng)
+
+    # ------------------------------------------------------------------ LoRA / QLoRA bases
+    def base_params(self, model: ModelDef) -> tuple[Params, dict[str, str]]:
+        """(the base model's float parameters in their shardings, its identity {source, hash}): the
+        weights of model.hf_path, or fresh ones from config.seed (what `model.init` starts from). The
+        hash covers every array's contents (checksums computed on the devices), not file names."""
+        base = model.base()
+        _, shardings = self.params_layout(base)
+        init_rng, _ = jax.random.split(jax.random.key(self.config.seed))
+        path = self.config.model.hf_path
+        if path:
+            params, source = hf.load_params(path, base.config, shardings), os.path.abspath(path)
+        else:
+            params = jax.jit(base.init, out_shardings=shardings)(init_rng)
+            source = f"fresh weights (seed {self.config.seed})"
+        digest = hashlib.sha256(json.dumps(checksums(params), sort_keys=True).encode()).hexdigest()
+        return params, {"source": source, "hash": digest}
+
+    def peft_params(self, model: ModelDef, base: Params, shardings: Params) -> Params:
+        """The base's parameters -> this model's: projections quantized (QLoRA), adapters fresh (A
+        random, B zero) or those of config.peft.adapter. `base` is consumed (donated)."""
+        init_rng, _ = jax.random.split(jax.random.key(self.config.seed))
+        attach = jax.jit(model.attach, out_shardings=shardings, donate_argnums=0)
+        params = attach(base, jax.random.fold_in(init_rng, 1))
+        if self.config.peft.adapter:
+            try:
+                params = peft_io.load_adapter(self.config.peft.adapter, params, model.config, shardings)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
+        return params
+
+    def saved_view(self, state: TrainState, model: ModelDef) -> TrainState:
+        """What a checkpoint holds of `state` (abstract or concrete): everything, or with LoRA/QLoRA
+        the adapters and their optimizer state only (the base is re-read from its source)."""
+        if not model.config.is_peft:
+            return state
+        return state.replace(params=trainable.split(state.params, self.trainable_mask(model))[0])
+
+    @staticmethod
+    def check_base(saved: dict | None, current: dict, where: str) -> None:
+        """Refuse adapters trained on another base (a different content hash)."""
+        if saved and saved.get("hash") != current["hash"]:
+            raise ConfigError(
+                f"{where} holds LoRA adapters trained on the base {saved.get('source')} (content hash "
+                f"{str(saved.get('hash'))[:12]}), but this run's base is {current['source']} (hash "
+                f"{current['hash'][:12]}); set config.model.hf_path to the base the adapters were trained "
+                "on, or start a new --workdir"
+            )
 
     def checkpointer(self, name: str = "checkpoints", keep: int | None = None) -> Checkpointer:
         keep = self.config.train.keep_checkpoints if keep is None else keep
@@ -233,6 +330,8 @@ class Run:
         `hf` (the weights of model.hf_path as they are, step 0). Only the parameters are read: the
         optimizer state (twice the parameters' bytes with AdamW) stays on disk."""
         target, shardings = self.params_layout(model)
+        if which == "hf" and model.config.is_peft:
+            return self.peft_params(model, self.base_params(model)[0], shardings), "hf", 0
         if which == "hf":
             if not self.config.model.hf_path:
                 raise ConfigError(
@@ -249,7 +348,19 @@ class Run:
                 raise FileNotFoundError(
                     f"no checkpoint {which!r} in {ckpt.directory} (steps: {ckpt.all_steps()})"
                 )
-            params = ckpt.restore_params(step, target)
+            if model.config.is_peft:
+                params = self._restore_adapters(model, ckpt, step, target, shardings)
+            else:
+                params = ckpt.restore_params(step, target)
         finally:
             ckpt.close()
         return params, f"{which}_step_{step}", step
+
+    def _restore_adapters(self, model: ModelDef, ckpt: Checkpointer, step: int, target, shardings) -> Params:
+        """A LoRA checkpoint's adapters over this run's base (refused if the base differs)."""
+        base, identity = self.base_params(model)
+        self.check_base(ckpt.read_meta(step).get("base"), identity, f"checkpoint {ckpt.directory}/{step}")
+        params = self.peft_params(model, base, shardings)
+        mask = self.trainable_mask(model)
+        adapters = ckpt.restore_params(step, trainable.split(target, mask)[0])
+        return trainable.merge(adapters, trainable.split(params, mask)[1])

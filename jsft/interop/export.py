@@ -9,7 +9,10 @@ import jax
 import ml_collections
 
 from jsft.data import templates
+from jsft.errors import ConfigError
 from jsft.interop import hf
+from jsft.interop import peft as peft_io
+from jsft.models import lora
 from jsft.run import Run
 
 if TYPE_CHECKING:
@@ -17,21 +20,44 @@ if TYPE_CHECKING:
 
 
 def run_export(
-    config: ml_collections.ConfigDict, workdir: str, export_dir: str, step: int = 0, dtype: str = "bfloat16"
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    export_dir: str,
+    step: int = 0,
+    dtype: str = "bfloat16",
+    adapter: bool = False,
 ) -> list[str]:
     """Write the checkpoint at `step` (0: the latest) of `workdir` to `export_dir`; returns the files.
 
     Only the parameters are restored (never the optimizer state), already sharded on the run's mesh,
     and every process takes part in the export: each tensor is gathered from the devices that hold
-    it, one at a time, and process 0 writes it."""
+    it, one at a time, and process 0 writes it. A LoRA/QLoRA run exports the merged model (adapters
+    folded into the dequantized base, as PEFT's merge_and_unload), or with `adapter` a PEFT adapter
+    directory for the base model."""
     run = Run.create(config, workdir)
     tok = run.tokenizer()
     model = run.model(tok.vocab_size)
+    if adapter and not model.config.lora_targets:
+        raise ConfigError("--export_adapter needs a LoRA/QLoRA run (config.peft.method=lora or qlora)")
     which = str(step) if step else "latest"
     try:
         params, _, step = run.restore_params(model, which)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e}; pass an existing step with --export_step=STEP") from e
+    if adapter:
+        peft_cfg = run.peft_settings()
+        files = peft_io.save_adapter(
+            export_dir, params, model.config, config.model.hf_path, peft_cfg["rslora"], peft_cfg["alpha"]
+        )
+        if jax.process_index() == 0:
+            print(f"Exported the LoRA adapters of step {step} of {run.remote} to {export_dir} (PEFT)")
+        return files
+    if model.config.is_peft:  # fold the adapters in: the export is a plain model of the base's shape
+        _, base_shardings = run.params_layout(model.base())
+        merge = jax.jit(
+            lambda p: lora.merge(p, model.config, model.config.param_dtype), out_shardings=base_shardings
+        )
+        params, model = merge(params), model.base()
     family = (
         hf.read_config(config.model.hf_path)["model_type"]
         if config.model.hf_path

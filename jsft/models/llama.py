@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jsft.models import attention
+from jsft.models import attention, lora, quant
 from jsft.parallel.sharding import constrain
 
 # Logical axis names used on parameters; config.mesh.rules (jsft/parallel/sharding.py) map them to mesh axes.
@@ -72,6 +72,15 @@ class LlamaConfig:
     remat: str = "none"
     attention: str = "auto"  # a kernel of jsft/models/attention.py
     attention_chunk: int = 128  # query rows per chunk of the chunked kernel
+    # LoRA / QLoRA (jsft/models/lora.py): adapters of rank `lora_rank` on the `lora_targets`
+    # projections (paths such as "attn.q_proj"), output scaled by `lora_scale`; `quant` stores every
+    # projection of the layers as int8 or nf4 in blocks of `quant_block` along its last axis.
+    lora_rank: int = 0
+    lora_targets: tuple = ()
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+    quant: str = "none"
+    quant_block: int = 64
 
     def __post_init__(self):
         if self.attention not in attention.IMPLEMENTATIONS:
@@ -94,6 +103,10 @@ class LlamaConfig:
             raise ValueError(
                 f"layer_windows has {len(self.layer_windows)} entries for {self.n_layers} layers"
             )
+        if self.quant not in ("none", *quant.FORMATS):
+            raise ValueError(f"quant={self.quant!r} is not one of {('none', *quant.FORMATS)}")
+        if self.lora_targets and self.lora_rank < 1:
+            raise ValueError(f"lora_rank={self.lora_rank} must be >= 1 with LoRA targets")
         rope_type = dict(self.rope_scaling).get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"rope_scaling type {rope_type!r} is not supported (default, linear, llama3)")
@@ -140,6 +153,14 @@ class LlamaConfig:
             "tie_embeddings",
         )
         return {k: getattr(self, k) for k in keep}
+
+    def base(self) -> LlamaConfig:
+        """The same decoder without adapters or quantization (what checkpoints of the base hold)."""
+        return dataclasses.replace(self, lora_rank=0, lora_targets=(), quant="none")
+
+    @property
+    def is_peft(self) -> bool:
+        return bool(self.lora_targets) or self.quant != "none"
 
     def num_params(self) -> int:
         d, h = self.d_model, self.head_dim
@@ -210,18 +231,40 @@ def apply_rope(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax
     return out.astype(x_btnh.dtype)
 
 
+def _linear_maker(module: nnx.Module, rngs: nnx.Rngs, group: str, cfg: LlamaConfig):
+    """name, init, shape, axes -> the projection `name` on `module` (quantized, with adapters: lora.py)."""
+
+    def make_param(init, shape, axes, dtype):
+        return _param(rngs, init, shape, axes, dtype)
+
+    def linear(name, init, shape, axes):
+        lora.declare(module, name, f"{group}.{name}", make_param, init, shape, axes, cfg)
+
+    return linear
+
+
+def _projector(module: nnx.Module, rng: jax.Array | None):
+    """name, einsum spec, x -> x times the projection `name` (LoRA dropout keys folded from `rng`)."""
+    counter = iter(range(8))
+
+    def proj(name, spec, x):
+        key = None if rng is None else jax.random.fold_in(rng, next(counter))
+        return lora.project(module, name, spec, x, module.cfg, key)
+
+    return proj
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         d, n, k, h, pd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype
         self.cfg = cfg
-        self.q_proj = _param(rngs, _fan_in_init(d), (d, n, h), ("embed", "heads", "head_dim"), pd)
-        self.k_proj = _param(rngs, _fan_in_init(d), (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
-        self.v_proj = _param(rngs, _fan_in_init(d), (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+        linear = _linear_maker(self, rngs, "attn", cfg)
+        linear("q_proj", _fan_in_init(d), (d, n, h), ("embed", "heads", "head_dim"))
+        linear("k_proj", _fan_in_init(d), (d, k, h), ("embed", "kv_heads", "head_dim"))
+        linear("v_proj", _fan_in_init(d), (d, k, h), ("embed", "kv_heads", "head_dim"))
         # Output projections start small (scaled by depth) so the residual stream stays O(1).
         out_std = (n * h) ** -0.5 / (2 * cfg.n_layers) ** 0.5
-        self.o_proj = _param(
-            rngs, jax.nn.initializers.normal(out_std), (n, h, d), ("heads", "head_dim", "embed"), pd
-        )
+        linear("o_proj", jax.nn.initializers.normal(out_std), (n, h, d), ("heads", "head_dim", "embed"))
         if cfg.qkv_bias:
             zeros = jax.nn.initializers.zeros
             self.q_bias = _param(rngs, zeros, (n, h), ("heads", "head_dim"), pd)
@@ -231,16 +274,17 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(h, cfg.norm_eps, pd, rngs, "head_dim", cfg.norm_offset)
             self.k_norm = RMSNorm(h, cfg.norm_eps, pd, rngs, "head_dim", cfg.norm_offset)
 
-    def __call__(self, x_btd, cos, sin, mask, kv_cache=None):
+    def __call__(self, x_btd, cos, sin, mask, kv_cache=None, rng=None):
         """Returns (output, kv). With `kv_cache` = (k [L, B, S, K, H], v, layer, slots [B, T]) the new
         keys and values are written at `slots` of layer `layer` of the stacked cache (only those slots:
         the cache is updated in place) and the queries attend over that layer's S slots (decoding;
         `mask` is then a dense [B, T, S] array); kv is the updated (k, v). Without it, attention is
         over the T tokens themselves (`mask` an attention.Mask) and kv is None."""
         dt = x_btd.dtype
-        q_btnh = jnp.einsum("BTD,DNH->BTNH", x_btd, self.q_proj[...].astype(dt))
-        k_btkh = jnp.einsum("BTD,DKH->BTKH", x_btd, self.k_proj[...].astype(dt))
-        v_btkh = jnp.einsum("BTD,DKH->BTKH", x_btd, self.v_proj[...].astype(dt))
+        proj = _projector(self, rng)
+        q_btnh = proj("q_proj", "BTD,DNH->BTNH", x_btd)
+        k_btkh = proj("k_proj", "BTD,DKH->BTKH", x_btd)
+        v_btkh = proj("v_proj", "BTD,DKH->BTKH", x_btd)
         if self.cfg.qkv_bias:
             q_btnh = q_btnh + self.q_bias[...].astype(dt)
             k_btkh = k_btkh + self.k_bias[...].astype(dt)
@@ -265,7 +309,7 @@ class Attention(nnx.Module):
                 cfg.attention_chunk,
                 cfg.sliding_window,
             )
-            return jnp.einsum("BTNH,NHD->BTD", out_btnh, self.o_proj[...].astype(dt)), None
+            return proj("o_proj", "BTNH,NHD->BTD", out_btnh), None
         k_lbskh, v_lbskh, layer, slots_bt = kv_cache
         rows_b1 = jnp.arange(x_btd.shape[0])[:, None]
         k_lbskh = k_lbskh.at[layer, rows_b1, slots_bt].set(k_btkh.astype(k_lbskh.dtype))
@@ -273,24 +317,26 @@ class Attention(nnx.Module):
         # [B, S, K, H]: this layer's keys and values, the new ones included
         k_bskh, v_bskh = k_lbskh[layer].astype(dt), v_lbskh[layer].astype(dt)
         out_btnh = attention.reference_attention(q_btnh, k_bskh, v_bskh, mask, scale, self.cfg.attn_softcap)
-        return jnp.einsum("BTNH,NHD->BTD", out_btnh, self.o_proj[...].astype(dt)), (k_lbskh, v_lbskh)
+        return proj("o_proj", "BTNH,NHD->BTD", out_btnh), (k_lbskh, v_lbskh)
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
-        d, f, pd = cfg.d_model, cfg.mlp_dim, cfg.param_dtype
-        self.gate_proj = _param(rngs, _fan_in_init(d), (d, f), ("embed", "mlp"), pd)
-        self.up_proj = _param(rngs, _fan_in_init(d), (d, f), ("embed", "mlp"), pd)
+        d, f = cfg.d_model, cfg.mlp_dim
+        self.cfg = cfg
+        linear = _linear_maker(self, rngs, "mlp", cfg)
+        linear("gate_proj", _fan_in_init(d), (d, f), ("embed", "mlp"))
+        linear("up_proj", _fan_in_init(d), (d, f), ("embed", "mlp"))
         down_std = f**-0.5 / (2 * cfg.n_layers) ** 0.5
-        self.down_proj = _param(rngs, jax.nn.initializers.normal(down_std), (f, d), ("mlp", "embed"), pd)
+        linear("down_proj", jax.nn.initializers.normal(down_std), (f, d), ("mlp", "embed"))
         self.activation = cfg.activation
 
-    def __call__(self, x_btd):
-        dt = x_btd.dtype
-        gate_btf = jnp.einsum("BTD,DF->BTF", x_btd, self.gate_proj[...].astype(dt))
-        up_btf = jnp.einsum("BTD,DF->BTF", x_btd, self.up_proj[...].astype(dt))
+    def __call__(self, x_btd, rng=None):
+        proj = _projector(self, rng)
+        gate_btf = proj("gate_proj", "BTD,DF->BTF", x_btd)
+        up_btf = proj("up_proj", "BTD,DF->BTF", x_btd)
         act = ACTIVATIONS[self.activation]
-        return jnp.einsum("BTF,FD->BTD", act(gate_btf) * up_btf, self.down_proj[...].astype(dt))
+        return proj("down_proj", "BTF,FD->BTD", act(gate_btf) * up_btf)
 
 
 class Block(nnx.Module):
@@ -310,10 +356,11 @@ class Block(nnx.Module):
         if cfg.post_norms:  # Gemma 2's "sandwich": the sublayer's output is normalised too
             self.post_attn_norm, self.post_mlp_norm = norm(), norm()
 
-    def __call__(self, x_btd, cos, sin, mask, kv_cache=None):
-        attn_btd, kv = self.attn(self.attn_norm(x_btd), cos, sin, mask, kv_cache)
+    def __call__(self, x_btd, cos, sin, mask, kv_cache=None, rng=None):
+        attn_rng, mlp_rng = (None, None) if rng is None else jax.random.split(rng)
+        attn_btd, kv = self.attn(self.attn_norm(x_btd), cos, sin, mask, kv_cache, attn_rng)
         x_btd = x_btd + (self.post_attn_norm(attn_btd) if self.post_norms else attn_btd)
-        mlp_btd = self.mlp(self.mlp_norm(x_btd))
+        mlp_btd = self.mlp(self.mlp_norm(x_btd), mlp_rng)
         return x_btd + (self.post_mlp_norm(mlp_btd) if self.post_norms else mlp_btd), kv
 
 
@@ -346,16 +393,18 @@ class Llama(nnx.Module):
                 cfg.param_dtype,
             )
 
-    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
+    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, rng=None):
         """positions restart at 0 for each packed example; segment ids (0 = padding) keep examples
-        packed in one row from attending to each other. Both default to a single unpacked example."""
-        return self._logits(self.features(tokens_bt, positions_bt, segment_ids_bt))
+        packed in one row from attending to each other. Both default to a single unpacked example.
+        `rng` (training only) drives dropout; without it the forward is deterministic."""
+        return self._logits(self.features(tokens_bt, positions_bt, segment_ids_bt, rng))
 
     def features(
         self,
         tokens_bt: jax.Array,
         positions_bt: jax.Array | None = None,
         segment_ids_bt: jax.Array | None = None,
+        rng: jax.Array | None = None,
     ) -> jax.Array:
         """The final-normed hidden states [B, T, D] (compute dtype) that `head()` turns into logits;
         the training loss takes them directly (jsft/train/chunked_ce.py) so the [B, T, V] logits of
@@ -375,16 +424,18 @@ class Llama(nnx.Module):
         layers_def, layers_state = nnx.split(self.layers)
 
         def one_layer(x_btd, layer):
-            layer_state, window = layer
+            layer_state, window, layer_rng = layer
             # A layer with a window (0: none) sees only the last `window` keys.
             mask = attention.Mask(start_bt, window if windowed else 0)
-            x_btd, _ = nnx.merge(layers_def, layer_state)(x_btd, cos, sin, mask)
+            block = nnx.merge(layers_def, layer_state)
+            x_btd, _ = block(x_btd, cos, sin, mask, rng=layer_rng)
             return constrain(x_btd, ACTIVATION_AXES), None
 
         policy = REMAT_POLICIES[cfg.remat]
         if cfg.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=policy, prevent_cse=False)
-        x_btd, _ = jax.lax.scan(one_layer, x_btd, (layers_state, windows))
+        layer_rngs = None if rng is None else jax.random.split(rng, cfg.n_layers)
+        x_btd, _ = jax.lax.scan(one_layer, x_btd, (layers_state, windows, layer_rngs))
         return self.final_norm(x_btd)
 
     def _embed(self, tokens_bt):

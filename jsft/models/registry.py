@@ -14,6 +14,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from jsft.models import lora
 from jsft.models.llama import Llama, LlamaConfig
 
 Params = dict[str, Any]
@@ -31,9 +32,20 @@ class ModelDef:
         return cls(config, graphdef, jax.tree.structure(state))
 
     def init(self, rng: jax.Array) -> Params:
-        """Fresh parameters as a pure dict; jit it (with out_shardings) to create them in place."""
+        """Fresh parameters as a pure dict; jit it (with out_shardings) to create them in place. With
+        LoRA/QLoRA: the base model's fresh parameters (same `rng`), quantized, with fresh adapters."""
+        if self.config.is_peft:
+            return self.attach(self.base().init(rng), jax.random.fold_in(rng, 1))
         _, state = nnx.split(Llama(self.config, nnx.Rngs(params=rng)))
         return nnx.to_pure_dict(state)
+
+    def base(self) -> ModelDef:
+        """The model without adapters or quantization (itself when it has neither)."""
+        return ModelDef.create(self.config.base()) if self.config.is_peft else self
+
+    def attach(self, base_params: Params, rng: jax.Array) -> Params:
+        """The base model's parameters -> this model's (quantized; adapters A random, B zero)."""
+        return lora.attach(base_params, rng, self.config)
 
     def abstract_params(self) -> Params:
         return jax.eval_shape(self.init, jax.random.key(0))
@@ -53,8 +65,9 @@ class ModelDef:
         tokens: jax.Array,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        rng: jax.Array | None = None,
     ) -> jax.Array:
-        return self.module(params)(tokens, positions, segment_ids)
+        return self.module(params)(tokens, positions, segment_ids, rng)
 
     def features(
         self,
@@ -62,10 +75,12 @@ class ModelDef:
         tokens: jax.Array,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        rng: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
-        """(final hidden states [B, T, D], output projection [D, V]): logits without forming them."""
+        """(final hidden states [B, T, D], output projection [D, V]): logits without forming them.
+        `rng` (training) drives dropout."""
         module = self.module(params)
-        return module.features(tokens, positions, segment_ids), module.head()
+        return module.features(tokens, positions, segment_ids, rng), module.head()
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> ModelDef:

@@ -174,6 +174,13 @@ class Checkpointer:
             ) from e
         return restored["params"]
 
+    def read_meta(self, step: int) -> dict:
+        """The meta item of one step ({} for checkpoints written before it existed)."""
+        path = epath.Path(self.directory) / str(step) / "meta"
+        if not path.exists():
+            return {}
+        return dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path))
+
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
         """The newest intact checkpoint as (step, state, data state, meta); None if there is none.
 

@@ -36,6 +36,7 @@ from jsft.evals.suite import Evaluation, Interrupted
 from jsft.models.registry import ModelDef
 from jsft.parallel import multihost, sharding
 from jsft.run import Run
+from jsft.train import trainable
 from jsft.train.checkpoint import BestCheckpoint, Checkpointer
 from jsft.train.nonfinite import NonFiniteGuard
 from jsft.train.preemption import StopRequest
@@ -70,6 +71,7 @@ class Trainer:
     # Opened by restore_or_initialise, once the checkpoint (and its best record) is known:
     best: BestCheckpoint | None = None
     writer: MetricWriter | None = None
+    base_id: dict | None = None  # LoRA/QLoRA: the base's source and content hash, kept in checkpoints
 
     @property
     def config(self) -> ml_collections.ConfigDict:
@@ -77,7 +79,14 @@ class Trainer:
 
     def meta(self) -> dict:
         """What a checkpoint carries besides the state and the data position."""
-        return {"data_fingerprint": self.stream_id, "best": self.best.record if self.best else None}
+        meta = {"data_fingerprint": self.stream_id, "best": self.best.record if self.best else None}
+        if self.base_id is not None:
+            meta["base"] = self.base_id
+        return meta
+
+    def saved(self, state: TrainState) -> TrainState:
+        """What a checkpoint of `state` holds (LoRA: adapters and their optimizer state only)."""
+        return self.run.saved_view(state, self.model)
 
     def close_files(self) -> None:
         for f in (self.writer, self.best):
@@ -212,18 +221,26 @@ def _data_fingerprint(config: ml_collections.ConfigDict, data: Data) -> dict:
 def restore_or_initialise(t: Trainer) -> tuple[int, TrainState]:
     """(start step, state): the newest intact checkpoint with its data position and best record, or
     fresh (or Hugging Face) weights at step 0. Opens the metrics files and the best checkpoint."""
-    config, is_main = t.config, t.run.is_main
-    restored = t.ckpt.restore_latest(t.state_target)
+    config, is_main, run = t.config, t.run.is_main, t.run
+    params = None
+    if t.model.config.is_peft:  # the base comes from its source, quantized, with fresh adapters
+        base, t.base_id = run.base_params(t.model)
+        params = run.peft_params(t.model, base, t.state_sharding.params)
+    restored = t.ckpt.restore_latest(t.saved(t.state_target))
     best_record = None
     if restored is not None:
         start_step, state, data_state, meta = restored
+        if params is not None:
+            run.check_base(meta.get("base"), t.base_id, f"the checkpoint at step {start_step}")
+            mask = run.trainable_mask(t.model)
+            state = state.replace(params=trainable.merge(state.params, trainable.split(params, mask)[1]))
         best_record = meta.get("best")
         _restore_data(
             config, t.data, data_state, meta.get("data_fingerprint"), t.stream_id, start_step, is_main
         )
         _print(is_main, f"Resuming from the checkpoint at step {start_step} in {t.ckpt.directory}")
     else:
-        start_step, state = 0, t.run.initial_state(t.model, t.tx, t.state_sharding)
+        start_step, state = 0, run.initial_state(t.model, t.tx, t.state_sharding, params)
     if config.train.best_metric:
         t.best = BestCheckpoint(
             f"{t.run.remote}/checkpoints_best",
@@ -355,7 +372,7 @@ def evaluate(t: Trainer, step: int, state: TrainState, data_state: dict) -> bool
     best = t.best
     if best is None:
         return False
-    if best.update(step, metrics, state, _global_data_state(data_state), t.meta()):
+    if best.update(step, metrics, t.saved(state), _global_data_state(data_state), t.meta()):
         _print(
             is_main,
             f"step {step}: new best {best.metric} {best.record['value']:.4f} "
@@ -377,7 +394,7 @@ def save(t: Trainer, step: int, state: TrainState, data_state: dict, pending: li
     of steps not yet logged are checked first; a save synchronises anyway)."""
     flags = jax.device_get([m["nonfinite"] for _, m in pending])
     t.guard.check([s for s, _ in pending], [bool(f) for f in flags])
-    t.ckpt.save(step, state, _global_data_state(data_state), t.meta())
+    t.ckpt.save(step, t.saved(state), _global_data_state(data_state), t.meta())
 
 
 def _global_data_state(data_state: dict) -> dict:

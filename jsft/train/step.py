@@ -34,10 +34,16 @@ def split_micro_batches(x_bt: jax.Array, accum: int) -> jax.Array:
 
 
 def batch_nll(
-    model: ModelDef, params: dict, batch: dict, implementation: str = "chunked", chunk: int = 128
+    model: ModelDef,
+    params: dict,
+    batch: dict,
+    implementation: str = "chunked",
+    chunk: int = 128,
+    rng: jax.Array | None = None,
 ) -> jax.Array:
-    """[B, T] float32 NLL of every target of `batch` (masking and weighting are the caller's)."""
-    args = (params, batch["inputs"], batch["positions"], batch["segment_ids"])
+    """[B, T] float32 NLL of every target of `batch` (masking and weighting are the caller's);
+    `rng` turns dropout on (training)."""
+    args = (params, batch["inputs"], batch["positions"], batch["segment_ids"], rng)
     if implementation == "reference":
         return token_nll(model.apply(*args), batch["targets"])
     x_btd, head_dv = model.features(*args)
@@ -58,9 +64,11 @@ def make_train_step(
     """Build the un-jitted step; the loop jits it with donation and explicit shardings. With a
     trainable `mask` (jsft.train.trainable) only those parameters are differentiated and updated."""
 
-    def loss_sums(train_params, frozen_params, micro):
+    uses_rng = model.config.lora_dropout > 0
+
+    def loss_sums(train_params, frozen_params, micro, rng=None):
         params = trainable.merge(train_params, frozen_params)
-        nll = batch_nll(model, params, micro, loss_implementation, loss_chunk)
+        nll = batch_nll(model, params, micro, loss_implementation, loss_chunk, rng)
         sums = cross_entropy_sums(nll, micro, normalization, num_sources)
         return sums["loss_sum"], sums
 
@@ -68,16 +76,23 @@ def make_train_step(
         micro = jax.tree.map(lambda x: split_micro_batches(x, grad_accum_steps), batch)
         train_params, frozen_params = trainable.split(state.params, mask)
 
-        def accumulate(carry, mb):
+        # Dropout keys: one per step and micro-batch, from the state's key (resume replays them).
+        step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step) if uses_rng else None
+
+        def accumulate(carry, xs):
+            mb, index = xs
             mb = jax.tree.map(lambda x: constrain(x, ("batch", "seq")), mb)
-            (_, sums), grads = jax.value_and_grad(loss_sums, has_aux=True)(train_params, frozen_params, mb)
+            rng = None if step_rng is None else jax.random.fold_in(step_rng, index)
+            (_, sums), grads = jax.value_and_grad(loss_sums, has_aux=True)(
+                train_params, frozen_params, mb, rng
+            )
             return _tree_add(carry, (grads, sums)), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), train_params)
         first = jax.tree.map(lambda x: x[0], micro)
         sums_shape = jax.eval_shape(loss_sums, train_params, frozen_params, first)[1]
         zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), sums_shape)
-        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), micro)
+        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), (micro, jnp.arange(grad_accum_steps)))
 
         # Sums over the whole global batch are divided once: accumulation leaves the objective as is.
         denom = jnp.maximum(sums["weight_sum"], 1.0)
