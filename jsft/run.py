@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -295,7 +296,9 @@ class Run:
         random, B zero) or those of config.peft.adapter. `base` is consumed (donated)."""
         init_rng, _ = jax.random.split(jax.random.key(self.config.seed))
         attach = jax.jit(model.attach, out_shardings=shardings, donate_argnums=0)
-        params = attach(base, jax.random.fold_in(init_rng, 1))
+        with warnings.catch_warnings():  # quantized projections cannot reuse the float buffers
+            warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+            params = attach(base, jax.random.fold_in(init_rng, 1))
         if self.config.peft.adapter:
             try:
                 params = peft_io.load_adapter(self.config.peft.adapter, params, model.config, shardings)
