@@ -21,6 +21,7 @@ from jsft.models.llama import LlamaConfig  # noqa: E402
 MESHES = {
     "gpu8x4": dict(shape=(1, 32, 1), dcn_shape=(1, 4, 1), batch_size=32, grad_accum_steps=1),
     "v5p-128": dict(shape=(1, 64, 1), dcn_shape=(1, 1, 1), batch_size=64, grad_accum_steps=1),
+    "gpu1": dict(shape=(1, 1, 1), dcn_shape=(1, 1, 1), batch_size=8, grad_accum_steps=8),
 }
 MODEL = LlamaConfig.llama3_70b().shape_fields()
 ARGS = (None, *MESHES)

@@ -27,6 +27,8 @@ from jsft.models.llama import LlamaConfig  # noqa: E402
 
 MESHES = {
     "gpu8": dict(shape=(1, 8, 1), dcn_shape=(1, 1, 1), batch_size=32, grad_accum_steps=4),
+    "gpu1": dict(shape=(1, 1, 1), dcn_shape=(1, 1, 1), batch_size=8, grad_accum_steps=8),
+    "v5e-8": dict(shape=(1, 8, 1), dcn_shape=(1, 1, 1), batch_size=16, grad_accum_steps=2),
     "v5p-64": dict(shape=(1, 32, 1), dcn_shape=(1, 1, 1), batch_size=64, grad_accum_steps=2),
 }
 MODEL = LlamaConfig.llama3_8b().shape_fields()

@@ -3,12 +3,15 @@
     python -m jsft.bench data --config configs/demo.py [--config.data.seq_len=256] [--seconds 10]
     python -m jsft.bench generate --config configs/demo.py
     python -m jsft.bench train --config configs/bench_workload.py [--compare torch] [--json OUT]
+    python -m jsft.bench peft --config configs/llama3_8b_sft.py:gpu1 --peft_what plan
+    python -m jsft.bench peft --config configs/demo.py --peft_what steps --steps 20
 
 `data` builds the configured data twice in a temporary workdir (the first build tokenizes, the
 second hits the cache), pulls batches from the train stream for `--seconds`, then times the train
 step on the same batch shape and prints one table with the ratio of the two rates. `generate` times
 KV-cache decoding of the configured model at batch 1 and 16. `train` times the train step on the
-shared peer workload (jsft/bench_train.py).
+shared peer workload (jsft/bench_train.py). `peft` compares full fine-tuning, a frozen subset, LoRA
+and QLoRA: planner bytes, or step times on this machine (jsft/bench_peft.py).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from ml_collections import config_flags
 if TYPE_CHECKING:
     from jsft.data.pipeline import Data
 
-BENCHMARKS = ("data", "generate", "train")
+BENCHMARKS = ("data", "generate", "train", "peft")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -43,6 +46,7 @@ _ROWS = flags.DEFINE_enum(
 _COMPARE = flags.DEFINE_enum("compare", "", ["", "torch"], "train: also run the plain torch reference now.")
 _JSON = flags.DEFINE_string("json", "", "train: write the result record (with the config) here.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "train: the device's peak TFLOP/s for MFU (0: known devices).")
+_PEFT_WHAT = flags.DEFINE_enum("peft_what", "plan", ["plan", "steps"], "peft: planner bytes or step times.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -195,11 +199,19 @@ def main(argv: list[str]) -> None:
 
     config = _CONFIG.value
     try:
-        config_lib.validate(config, "plan" if argv[1] == "train" else "train")  # train: no data needed
+        # train, peft: no data or checkpoint needed
+        config_lib.validate(config, "plan" if argv[1] in ("train", "peft") else "train")
         if argv[1] == "data":
             print(bench_data(config, _SECONDS.value, _STEPS.value))
         elif argv[1] == "generate":
             print(bench_generate(config))
+        elif argv[1] == "peft":
+            from jsft import bench_peft  # noqa: PLC0415
+
+            if _PEFT_WHAT.value == "plan":
+                print(bench_peft.plan_table(config))
+            else:
+                print(bench_peft.step_table(config, _STEPS.value))
         else:
             print(_bench_train(config))
     except (config_lib.ConfigError, DataError) as e:

@@ -1,5 +1,8 @@
 """Generate the bundled demo SFT data (deterministic): `python data/demo/make_demo_data.py`.
 
+It also writes `data/demo_lora/` (configs/demo_lora.py): two tasks the demo model never saw,
+`rotate` (the first letter moves to the end) and `double` (every letter twice), taught with LoRA.
+
 Five small instruction tasks whose answers can be checked exactly and that need an algorithm, not
 recall: the validation split uses words and operand pairs that never occur in training. Letters are
 written space-separated so that every letter is its own token whatever the tokenizer.
@@ -66,12 +69,26 @@ def eval_sets() -> dict[str, list[dict]]:
     }
 
 
-def main():
-    sets = {"train": generate(20000, False, 0), "val": generate(500, True, 1), **eval_sets()}
+LORA_TASKS = {
+    "rotate": lambda r: (lambda w: (w, f"rotate: {spaced(w)}", spaced(w[1:] + w[0])))(word(r, 3, 6)),
+    "double": lambda r: (lambda w: (w, f"double: {spaced(w)}", spaced("".join(c + c for c in w))))(word(r, 2, 5)),
+}
+
+
+def write(directory: str, sets: dict[str, list[dict]]) -> None:
+    os.makedirs(directory, exist_ok=True)
     for name, records in sets.items():
-        with open(os.path.join(HERE, f"{name}.jsonl"), "w") as f:
+        with open(os.path.join(directory, f"{name}.jsonl"), "w") as f:
             for rec in records:
                 f.write(json.dumps(rec) + "\n")
+
+
+def main():
+    write(HERE, {"train": generate(20000, False, 0), "val": generate(500, True, 1), **eval_sets()})
+    TASKS.clear()
+    TASKS.update(LORA_TASKS)
+    lora = os.path.join(os.path.dirname(HERE), "demo_lora")
+    write(lora, {"train": generate(4000, False, 10), "val": generate(300, True, 11)})
 
 
 if __name__ == "__main__":
