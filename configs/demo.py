@@ -161,6 +161,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # a parameter trains if it matches `trainable` ("": all) and not `frozen` ("": none).
     config.train.trainable = ""
     config.train.frozen = ""
+    # Layers whose slices of every stacked parameter stay as they are, e.g. "0-23" trains only the last
+    # 8 layers of a 32-layer model (with LoRA too: their adapters stay zero).
+    config.train.frozen_layers = ""
 
     # Parameter-efficient fine-tuning (jsft/models/lora.py). method: none (full fine-tuning) | lora |
     # qlora (the frozen base projections stored as `quant`: nf4 | int8, blocks of `quant_block`).

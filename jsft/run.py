@@ -221,7 +221,15 @@ class Run:
             cfg.loss.implementation,
             cfg.loss.chunk_len,
             self.trainable_mask(model),
+            self.layers_train(model),
         )
+
+    def layers_train(self, model: ModelDef) -> tuple[bool, ...] | None:
+        """Per layer, whether it trains (`config.train.frozen_layers`); None: every layer."""
+        try:
+            return trainable.frozen_layers(self.config.train.get("frozen_layers", ""), model.config.n_layers)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
     def trainable_mask(self, model: ModelDef) -> Mask | None:
         """Which parameters train (`config.train.trainable` / `frozen`); None: all of them."""
@@ -262,6 +270,7 @@ class Run:
         with its adapters, `peft_params`)."""
         key = jax.random.key(self.config.seed)
         mask = self.trainable_mask(model)
+        self.layers_train(model)  # a bad layer range is refused before anything is built
         if params is None and model.config.is_peft:
             params = self.peft_params(model, self.base_params(model)[0], state_sharding.params)
         if params is None and not self.config.model.hf_path:

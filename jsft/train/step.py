@@ -50,6 +50,18 @@ def batch_nll(
     return chunked_nll(x_btd, head_dv, batch["targets"], model.config.final_softcap, chunk)
 
 
+def _per_layer(layers_train: tuple[bool, ...], like: jax.Array) -> jax.Array:
+    """[L, 1, 1, ...]: 1 for a layer that trains, 0 for a frozen one, broadcastable to `like`."""
+    return jnp.asarray(layers_train, jnp.float32).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _in_layers(tree: dict, layers_train: tuple[bool, ...] | None, fn: Callable) -> dict:
+    """`fn(leaf, per-layer keep)` on the stacked layers' leaves of `tree`; other leaves as they are."""
+    if layers_train is None or "layers" not in tree:
+        return tree
+    return {**tree, "layers": jax.tree.map(lambda x: fn(x, _per_layer(layers_train, x)), tree["layers"])}
+
+
 def make_train_step(
     model: ModelDef,
     tx: optax.GradientTransformation,
@@ -60,9 +72,13 @@ def make_train_step(
     loss_implementation: str = "chunked",
     loss_chunk: int = 128,
     mask: Mask | None = None,
+    layers_train: tuple[bool, ...] | None = None,
 ) -> Callable:
     """Build the un-jitted step; the loop jits it with donation and explicit shardings. With a
-    trainable `mask` (jsft.train.trainable) only those parameters are differentiated and updated."""
+    trainable `mask` (jsft.train.trainable) only those parameters are differentiated and updated.
+    With `layers_train` (per layer, from config.train.frozen_layers) the stacked parameters' slices of
+    frozen layers get zero gradients and keep their values (no update, no weight decay); their
+    optimizer state still exists (the layers are one stacked array) and stays zero."""
 
     uses_rng = model.config.lora_dropout > 0
 
@@ -99,13 +115,21 @@ def make_train_step(
         # Gradients stay float32 into the optimizer (float32 moments, also for bfloat16 parameters);
         # optax.apply_updates casts each update to its parameter's dtype.
         grads = jax.tree.map(lambda g: g / denom, grads)
+        grads = _in_layers(grads, layers_train, lambda g, keep: g * keep.astype(g.dtype))
         grad_norm = optax.tree.norm(grads)
         # A NaN/inf loss or gradient is never applied: the step counts, the state stays as it was.
         finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
 
         def update(params, opt_state):
             updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
+            new = optax.apply_updates(params, updates)
+            if layers_train is not None and "layers" in new:
+                new["layers"] = jax.tree.map(
+                    lambda n, o: jnp.where(_per_layer(layers_train, n) > 0, n, o),
+                    new["layers"],
+                    params["layers"],
+                )
+            return new, opt_state
 
         train_params, opt_state = apply_if_finite(finite, update, train_params, state.opt_state)
         params = trainable.merge(train_params, frozen_params)

@@ -60,6 +60,32 @@ def trainable_mask(params: Any, trainable: str = "", frozen: str = "") -> Mask |
     return mask
 
 
+def frozen_layers(spec: str, n_layers: int) -> tuple[bool, ...] | None:
+    """`config.train.frozen_layers` (layer numbers and ranges: "0-23", "0,2,5-7") -> per layer True
+    when it trains; None when every layer trains."""
+    if not spec.strip():
+        return None
+    frozen = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            lo, _, hi = part.partition("-")
+            first, last = int(lo), int(hi or lo)
+        except ValueError as e:
+            raise ValueError(
+                f"config.train.frozen_layers={spec!r}: {part!r} is not a layer number or a range like 0-23"
+            ) from e
+        if not 0 <= first <= last < n_layers:
+            raise ValueError(
+                f"config.train.frozen_layers={spec!r}: {part!r} is outside the model's layers "
+                f"0-{n_layers - 1}"
+            )
+        frozen.update(range(first, last + 1))
+    if len(frozen) == n_layers:
+        raise ValueError(f"config.train.frozen_layers={spec!r} freezes every layer; use config.train.frozen")
+    return tuple(i not in frozen for i in range(n_layers))
+
+
 def split(tree: dict, mask: Mask | None) -> tuple[dict, dict]:
     """(the trainable part, the frozen part) of a nested dict shaped like the parameters; subtrees
     with nothing left are dropped. With no mask everything is trainable."""

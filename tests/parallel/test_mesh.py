@@ -157,3 +157,16 @@ def test_a_frozen_subset_on_a_mesh_trains_to_its_single_device_losses(tiny_data_
     one, mesh = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
     assert sorted(one) == sorted(mesh) == list(range(1, 7))
     np.testing.assert_allclose([mesh[s] for s in one], list(one.values()), rtol=2e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_lora_on_a_mesh_trains_to_its_single_device_losses(tiny_data_dir, tmp_path, method):
+    # Adapters (rank 4 on every projection) shard like their weights' input/output axes; the QLoRA
+    # base's codes and scales keep the weights' logical axes.
+    peft = [f"--config.peft.method={method}", "--config.peft.rank=4", "--config.peft.quant_block=8"]
+    _train(tiny_data_dir, tmp_path / "one", 1, "--config.mesh.shape=(1,1,1)", *peft)
+    _train(tiny_data_dir, tmp_path / "mesh", 8, "--config.mesh.shape=(2,2,2)", *peft)
+    one, mesh = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
+    assert sorted(one) == sorted(mesh) == list(range(1, 7))
+    np.testing.assert_allclose([mesh[s] for s in one], list(one.values()), rtol=2e-5)

@@ -141,3 +141,29 @@ def test_a_frozen_subset_run_resumes_exactly_and_never_moves_the_frozen_weights(
     assert step == 12
     for m, a, b in zip(jax.tree.leaves(mask), jax.tree.leaves(initial), jax.tree.leaves(final), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b)) == (not m)  # frozen: bitwise the initial weights
+
+
+def test_frozen_layers_keep_their_slices_bitwise_and_the_others_train(model):
+    assert trainable.frozen_layers("", 4) is None
+    assert trainable.frozen_layers("0-1,3", 4) == (False, False, True, False)
+    for spec, message in (
+        ("2-9", "outside the model's layers 0-3"),
+        ("x", "not a layer number"),
+        ("0-3", "every"),
+    ):
+        with pytest.raises(ValueError, match=f"config.train.frozen_layers='{spec}'.*{message}"):
+            trainable.frozen_layers(spec, 4)
+    layers_train = trainable.frozen_layers("0", model.config.n_layers)
+    cfg = _optim_cfg(weight_decay=0.1, clip_norm=1.0)
+    schedule = optim.build_schedule(cfg, 10)
+    tx = optim.build_optimizer(cfg, schedule)
+    before = model.init(jax.random.key(0))
+    state = TrainState.create(before, tx, jax.random.key(1))
+    step = jax.jit(make_train_step(model, tx, schedule, layers_train=layers_train))
+    batch = _padded(_examples(6, seed=2), 24)
+    for _ in range(3):
+        state, _ = step(state, batch)
+    for a, b in zip(jax.tree.leaves(before["layers"]), jax.tree.leaves(state.params["layers"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))  # layer 0: bitwise
+        assert not np.array_equal(np.asarray(a[1]), np.asarray(b[1]))  # layer 1 trains
+    assert not np.array_equal(np.asarray(before["embed"]), np.asarray(state.params["embed"]))
