@@ -209,6 +209,9 @@ def main(argv: list[str]) -> None:
             from jsft import bench_peft  # noqa: PLC0415
 
             if _PEFT_WHAT.value == "plan":
+                from jsft import plan  # noqa: PLC0415
+
+                plan.simulate_devices(config)
                 print(bench_peft.plan_table(config))
             else:
                 print(bench_peft.step_table(config, _STEPS.value))

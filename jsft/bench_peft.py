@@ -31,6 +31,21 @@ METHODS = {
     "lora r16": {"peft.method": "lora", "peft.rank": 16, "peft.alpha": 32.0},
     "lora r64": {"peft.method": "lora", "peft.rank": 64, "peft.alpha": 128.0},
     "qlora nf4 r16": {"peft.method": "qlora", "peft.quant": "nf4", "peft.rank": 16, "peft.alpha": 32.0},
+    # The frozen base needs no float32 master copy: bfloat16 parameters (LoRA: the whole base;
+    # QLoRA: embeddings, head and norms) halve what is left.
+    "lora r16, bf16 base": {
+        "peft.method": "lora",
+        "peft.rank": 16,
+        "peft.alpha": 32.0,
+        "model.param_dtype": "bfloat16",
+    },
+    "qlora nf4 r16, bf16 rest": {
+        "peft.method": "qlora",
+        "peft.quant": "nf4",
+        "peft.rank": 16,
+        "peft.alpha": 32.0,
+        "model.param_dtype": "bfloat16",
+    },
 }
 
 

@@ -216,17 +216,8 @@ def _plan(config) -> None:
     """Memory plan on as many simulated CPU devices as the mesh names (set before JAX starts)."""
     from jsft import plan  # noqa: PLC0415
 
-    if config.model.hf_path == config_lib.REQUIRED:  # a plan takes the shapes from the config
-        config.model.hf_path = ""
     try:
-        n = plan.devices_needed(config.mesh)
-    except ValueError as e:
-        raise config_lib.ConfigError(str(e)) from e
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
-    import jax  # noqa: PLC0415
-
-    jax.config.update("jax_platforms", "cpu")
-    try:
+        plan.simulate_devices(config)  # a plan takes the shapes from the config
         plan.run_plan(config)
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from e

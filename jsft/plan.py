@@ -11,6 +11,7 @@ TPU/GPU backends, so the activation figure is an estimate of the same order, not
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any
 
@@ -43,6 +44,18 @@ def devices_needed(mesh_cfg: ml_collections.ConfigDict) -> int:
             f"config.mesh.shape={tuple(mesh_cfg.shape)}: --mode plan needs explicit sizes, no -1"
         )
     return math.prod(resolve_shape(mesh_cfg.shape, math.prod(mesh_cfg.shape)))
+
+
+def simulate_devices(config: ml_collections.ConfigDict) -> None:
+    """Before JAX's first use: as many simulated CPU devices as the mesh names, and the shapes from
+    the config (a required `model.hf_path` is not needed). ValueError for a mesh with -1."""
+    from jsft.config import REQUIRED  # noqa: PLC0415
+
+    if config.model.hf_path == REQUIRED:
+        config.model.hf_path = ""
+    n = devices_needed(config.mesh)
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
+    jax.config.update("jax_platforms", "cpu")
 
 
 def per_device_bytes(abstract_tree: Any, shardings_tree: Any) -> int:
@@ -119,6 +132,8 @@ def run_plan(
     plan_rows.update(rows)
 
     n_train, n_params = count(abstract.params, mask)
+    if model.config.is_peft:  # quantized codes pack several weights per element: count the weights
+        n_params = model.config.num_params() + n_train
     lines = [
         f"jsft memory plan: {n_params / 1e9:.2f}B parameters ({config.model.param_dtype}, compute "
         f"{config.model.compute_dtype}, remat {config.model.remat!r}), mesh {dict(mesh.shape)} = "
