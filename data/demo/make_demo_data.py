@@ -71,7 +71,9 @@ def eval_sets() -> dict[str, list[dict]]:
 
 LORA_TASKS = {
     "rotate": lambda r: (lambda w: (w, f"rotate: {spaced(w)}", spaced(w[1:] + w[0])))(word(r, 3, 6)),
-    "double": lambda r: (lambda w: (w, f"double: {spaced(w)}", spaced("".join(c + c for c in w))))(word(r, 2, 5)),
+    "double": lambda r: (lambda w: (w, f"double: {spaced(w)}", spaced("".join(c + c for c in w))))(
+        word(r, 2, 5)
+    ),
 }
 
 
