@@ -292,13 +292,38 @@ class Run:
         _, shardings = self.params_layout(base)
         init_rng, _ = jax.random.split(jax.random.key(self.config.seed))
         path = self.config.model.hf_path
-        if path:
-            params, source = hf.load_params(path, base.config, shardings), os.path.abspath(path)
+        if path:  # QLoRA: each projection is quantized as soon as it is loaded
+            sums: dict[str, list[int]] = {}
+            on_leaf = self._quantizing_loader(model, sums)
+            params = hf.load_params(path, base.config, shardings, on_leaf=on_leaf)
+            source = os.path.abspath(path)
         else:
             params = jax.jit(base.init, out_shardings=shardings)(init_rng)
-            source = f"fresh weights (seed {self.config.seed})"
-        digest = hashlib.sha256(json.dumps(checksums(params), sort_keys=True).encode()).hexdigest()
+            sums, source = checksums(params), f"fresh weights (seed {self.config.seed})"
+        digest = hashlib.sha256(json.dumps(sums, sort_keys=True).encode()).hexdigest()
         return params, {"source": source, "hash": digest}
+
+    def _quantizing_loader(self, model: ModelDef, sums: dict) -> Callable:
+        """on_leaf for hf.load_params: records each float parameter's checksum (the base's identity)
+        and, with QLoRA, returns a projection's codes and scales in their shardings instead of it."""
+        _, shardings = self.params_layout(model)
+
+        def on_leaf(path: tuple, value: jax.Array) -> dict[str, jax.Array]:
+            key = jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in path))
+            sums[key] = checksums({"leaf": value})["['leaf']"]  # as checksums() of the whole tree
+            if model.config.quant == "none" or not lora.is_projection(path):
+                return {path[-1]: value}
+            parent = shardings[path[0]][path[1]]
+            out = (parent[path[2]], parent[path[2] + "_scale"])
+            quantize = jax.jit(
+                lambda w: lora.quantize_stacked(w, model.config), out_shardings=out, donate_argnums=0
+            )
+            with warnings.catch_warnings():  # the float buffer cannot hold the codes; it is freed
+                warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+                codes, scale = quantize(value)
+            return {path[2]: codes, path[2] + "_scale": scale}
+
+        return on_leaf
 
     def peft_params(self, model: ModelDef, base: Params, shardings: Params) -> Params:
         """The base's parameters -> this model's: projections quantized (QLoRA), adapters fresh (A

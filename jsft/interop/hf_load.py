@@ -3,7 +3,7 @@ straight into its sharding."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -17,10 +17,17 @@ from jsft.models.llama import LlamaConfig
 
 
 def load_params(
-    directory: str, cfg: LlamaConfig, shardings: Mapping[str, Any] | None = None, dtype: str | None = None
+    directory: str,
+    cfg: LlamaConfig,
+    shardings: Mapping[str, Any] | None = None,
+    dtype: str | None = None,
+    on_leaf: Callable[[tuple, jax.Array], dict[str, jax.Array]] | None = None,
 ) -> dict:
     """jsft params from a HF safetensors checkpoint, one tensor at a time, each placed straight into
-    its sharding (when given). Every tensor in the checkpoint must be used; extra ones are refused."""
+    its sharding (when given). Every tensor in the checkpoint must be used; extra ones are refused.
+    `on_leaf(path, array)`, when given, sees each parameter as soon as it is loaded and returns the
+    leaves to keep in its place ({name: array} under the same parent; e.g. QLoRA's codes and scales),
+    so only one float parameter exists beside what was kept."""
     from safetensors import safe_open  # noqa: PLC0415
 
     files = weight_files(directory)
@@ -48,7 +55,9 @@ def load_params(
             value = spec.to_jsft(tensor(spec.hf), cfg).astype(dtype)
             value = jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
         used.update(names)
-        set_path(params, spec.path, value)
+        kept = on_leaf(spec.path, value) if on_leaf is not None else {spec.path[-1]: value}
+        for name, leaf in kept.items():
+            set_path(params, (*spec.path[:-1], name), leaf)
     extra = sorted(k for k in files if k not in used and not k.endswith("rotary_emb.inv_freq"))
     if cfg.tie_embeddings and "lm_head.weight" in extra:
         extra.remove("lm_head.weight")  # some tied checkpoints store the shared matrix twice

@@ -190,9 +190,8 @@ def attach(base: dict, rng: jax.Array, cfg: Any) -> dict:
     out = jax.tree.map(lambda x: x, base)  # new dicts, same arrays
     for i, (path, parent, name) in enumerate(_projection_leaves(out)):
         w = parent[name]
-        if cfg.quant != "none":
-            codes, scale = jax.lax.map(lambda layer: quant.quantize(layer, cfg.quant, cfg.quant_block), w)
-            parent[name], parent[name + "_scale"] = codes, scale
+        if cfg.quant != "none" and name + "_scale" not in parent:  # not quantized while loading
+            parent[name], parent[name + "_scale"] = quantize_stacked(w, cfg)
         if path in cfg.lora_targets:
             n_in = PROJECTIONS[path][2]
             layers, per_layer = w.shape[0], w.shape[1:]
@@ -202,6 +201,16 @@ def attach(base: dict, rng: jax.Array, cfg: Any) -> dict:
             parent[name + "_lora_a"] = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound)
             parent[name + "_lora_b"] = jnp.zeros((layers, cfg.lora_rank, *per_layer[n_in:]), jnp.float32)
     return out
+
+
+def quantize_stacked(w: jax.Array, cfg: Any) -> tuple[jax.Array, jax.Array]:
+    """(codes, scales) of a stacked [L, ...] projection, quantized one layer at a time."""
+    return jax.lax.map(lambda layer: quant.quantize(layer, cfg.quant, cfg.quant_block), w)
+
+
+def is_projection(path: tuple) -> bool:
+    """Whether a parameter path (('layers', 'attn', 'q_proj'), ...) is a projection of the layers."""
+    return len(path) == 3 and path[0] == "layers" and f"{path[1]}.{path[2]}" in PROJECTIONS
 
 
 def delta(a: jax.Array, b: jax.Array, n_in: int, scale: float) -> jax.Array:

@@ -116,3 +116,31 @@ def test_unsupported_adapter_configs_are_refused_naming_the_field(tmp_path):
         (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
         with pytest.raises(ValueError, match=field if field != "peft_type" else "IA3"):
             peft_io.read_adapter_config(str(tmp_path))
+
+
+def test_qlora_quantizes_each_projection_while_loading_with_the_same_result_and_identity(base):
+    import os  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    from configs import demo  # noqa: PLC0415
+    from jsft.run import Run  # noqa: PLC0415
+
+    config = demo.get_config()
+    config.model.hf_path = base
+    config.peft.method, config.peft.rank, config.peft.quant_block = "qlora", 4, 16
+    run = Run.create(config)
+    model = run.model(96)
+    loaded, identity = run.base_params(model)  # codes and scales, quantized leaf by leaf
+    assert (
+        loaded["layers"]["attn"]["q_proj"].dtype == jnp.uint8 and "q_proj_scale" in loaded["layers"]["attn"]
+    )
+    after = lora.attach(hf.load_params(base, model.config.base()), jax.random.key(0), model.config)
+    for path in lora.PROJECTIONS:
+        group, name = path.split(".")
+        for leaf in (name, name + "_scale"):
+            np.testing.assert_array_equal(loaded["layers"][group][leaf], after["layers"][group][leaf])
+    # The identity hashes the float base, as for LoRA over the same directory.
+    config.peft.method = "lora"
+    lora_run = Run.create(config)
+    assert lora_run.base_params(lora_run.model(96))[1] == identity

@@ -2,6 +2,7 @@
 checked on resume and restore, eval/generate/export of an adapter checkpoint, and bad input as one
 `jsft: error:` line before compilation."""
 
+import json
 import os
 import subprocess
 import sys
@@ -116,3 +117,17 @@ def test_adapters_for_another_base_are_refused_and_the_adapter_checkpoint_evalua
         tiny_data_dir, tmp_path, *lora, "--export_adapter", f"--export_dir={tmp_path / 'a'}", mode="export"
     )
     assert r.returncode == 0 and (tmp_path / "a" / "adapter_model.safetensors").exists(), r.stderr[-3000:]
+    # Generation from the adapter checkpoint.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n{"prompt": "abc"}\n')
+    r = _main(tiny_data_dir, tmp_path, *lora, f"--prompts={prompts}", "--max_new_tokens=3", mode="generate")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len((tmp_path / "prompts.outputs.jsonl").read_text().splitlines()) == 2
+    # The exported PEFT adapter, loaded by another run over the same base, evaluates the same.
+    other = tmp_path / "from_adapter"
+    adapter = f"--config.peft.adapter={tmp_path / 'a'}"
+    r = _main(tiny_data_dir, other, *lora, adapter, "--checkpoint=hf", mode="eval")
+    assert r.returncode == 0, r.stderr[-3000:]
+    mine = json.loads((tmp_path / "eval_latest_step_4.json").read_text())
+    theirs = json.loads((other / "eval_hf.json").read_text())
+    assert abs(mine["eval/loss"] - theirs["eval/loss"]) < 1e-5, (mine, theirs)
