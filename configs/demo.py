@@ -142,6 +142,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (the batch's [B, T, V] logits never exist); reference: log-softmax over full logits (the oracle).
     config.loss.implementation = "chunked"
     config.loss.chunk_len = 128
+    # The objective (jsft/train/objectives.py): ce | gem (GEM: gem_beta in (0, 1], gem_h linear |
+    # log_sigmoid); label_smoothing (ce), z_loss (coefficient of log(Z)^2) and NEFTune's neftune_alpha
+    # (noise on the input embeddings, training only). Eval loss is always plain cross-entropy.
+    config.loss.objective = "ce"
+    config.loss.label_smoothing = 0.0
+    config.loss.z_loss = 0.0
+    config.loss.gem_beta = 0.7
+    config.loss.gem_h = "linear"
+    config.loss.neftune_alpha = 0.0
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 600

@@ -131,6 +131,18 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
     _choice(config, "train.on_nonfinite", ON_NONFINITE)
     _choice(config, "data.on_changed_data", ON_CHANGED_DATA)
     _check_peft(config)
+    _check_objective(config)
+
+
+def _check_objective(config: ml_collections.ConfigDict) -> None:
+    from jsft.train.objectives import Objective  # noqa: PLC0415
+
+    try:
+        Objective.from_config(config.loss)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if config.loss.get("neftune_alpha", 0.0) < 0:
+        raise ConfigError(f"config.loss.neftune_alpha={config.loss.neftune_alpha} must be >= 0")
 
 
 def _check_peft(config: ml_collections.ConfigDict) -> None:

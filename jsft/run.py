@@ -37,6 +37,7 @@ from jsft.parallel.mesh import build_mesh
 from jsft.parallel.placement import BatchPlacement
 from jsft.train import trainable
 from jsft.train.checkpoint import Checkpointer, checksums
+from jsft.train.objectives import Objective
 from jsft.train.optim import build_optimizer, build_schedule
 from jsft.train.state import TrainState, init_fn, state_shardings
 from jsft.train.step import make_train_step
@@ -158,6 +159,10 @@ class Run:
                 model = build_model(cfg, vocab_size)
             arch = model.config
             attention.resolve(arch.attention, arch.attn_softcap, per_layer_windows=bool(arch.layer_windows))
+            neftune = float(self.config.loss.get("neftune_alpha", 0.0))
+            if neftune:
+                model = ModelDef.create(dataclasses.replace(arch, neftune_alpha=neftune))
+                arch = model.config
             fields = self.peft_fields()
             if fields:
                 shapes = model.abstract_params()["layers"]
@@ -222,7 +227,15 @@ class Run:
             cfg.loss.chunk_len,
             self.trainable_mask(model),
             self.layers_train(model),
+            self.objective(),
         )
+
+    def objective(self) -> Objective:
+        """The training objective of config.loss (plain cross-entropy by default)."""
+        try:
+            return Objective.from_config(self.config.loss)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
     def layers_train(self, model: ModelDef) -> tuple[bool, ...] | None:
         """Per layer, whether it trains (`config.train.frozen_layers`); None: every layer."""

@@ -81,6 +81,9 @@ class LlamaConfig:
     lora_dropout: float = 0.0
     quant: str = "none"
     quant_block: int = 64
+    # NEFTune (Jain et al., arXiv 2310.05914): training only (when the forward gets an rng), uniform
+    # noise of scale alpha / sqrt(L * d_model) on the input embeddings, L the example's own length.
+    neftune_alpha: float = 0.0
 
     def __post_init__(self):
         if self.attention not in attention.IMPLEMENTATIONS:
@@ -416,6 +419,8 @@ class Llama(nnx.Module):
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones((b, t), jnp.int32)
         x_btd = self._embed(tokens_bt)
+        if rng is not None and cfg.neftune_alpha > 0:
+            x_btd = self._neftune(x_btd, segment_ids_bt, jax.random.fold_in(rng, cfg.n_layers))
         cos, sin = rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         start_bt = attention.Mask.from_segments(segment_ids_bt).start_bt
         windowed = bool(cfg.layer_windows or cfg.sliding_window)
@@ -444,6 +449,16 @@ class Llama(nnx.Module):
         if self.cfg.embed_scale:  # the scale is rounded to the compute dtype first, as Gemma does
             x_btd = x_btd * jnp.asarray(self.cfg.d_model**0.5, dt)
         return constrain(x_btd, ACTIVATION_AXES)
+
+    def _neftune(self, x_btd: jax.Array, segment_ids_bt: jax.Array, rng: jax.Array) -> jax.Array:
+        """NEFTune noise, scaled by each packed example's own length (padding gets none)."""
+        b, t = segment_ids_bt.shape
+        key_bt = jnp.arange(b)[:, None] * t + segment_ids_bt  # (row, segment): one example
+        counts = jax.ops.segment_sum(jnp.ones(b * t, jnp.float32), key_bt.reshape(-1), num_segments=b * t)
+        length_bt = counts[key_bt.reshape(-1)].reshape(b, t)
+        scale_bt = self.cfg.neftune_alpha / jnp.sqrt(length_bt * self.cfg.d_model)
+        noise = jax.random.uniform(rng, x_btd.shape, jnp.float32, -1.0, 1.0) * scale_bt[..., None]
+        return x_btd + jnp.where(segment_ids_bt[..., None] > 0, noise, 0.0).astype(x_btd.dtype)
 
     def head(self) -> jax.Array:
         """The output projection [D, V] in the compute dtype (the embedding's transpose when tied)."""

@@ -421,6 +421,9 @@ def _train_metrics(
         "train/target_tokens": float(np.sum([m["target_tokens"] for m in fetched])),
         "train/tokens_per_s": len(fetched) * data_cfg.batch_size * data_cfg.seq_len / elapsed,
     }
+    for key in fetched[0]:
+        if key.startswith("loss/"):  # the objective's terms (train/loss/ce, train/loss/z, ...)
+            logged[f"train/{key}"] = float(np.mean([m[key] for m in applied]))
     if len(data.source_names) > 1:
         loss_sums = np.sum([m["loss_sum_by_source"] for m in applied], axis=0)
         tokens = np.sum([m["target_tokens_by_source"] for m in applied], axis=0)

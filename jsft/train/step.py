@@ -12,9 +12,11 @@ from jsft.models.registry import ModelDef
 from jsft.parallel.sharding import constrain
 from jsft.train import trainable
 from jsft.train.chunked_ce import chunked_nll
-from jsft.train.losses import cross_entropy_sums, token_nll
+from jsft.train.losses import cross_entropy_sums, token_nll, token_weights
 from jsft.train.nonfinite import apply_if_finite
+from jsft.train.objectives import Objective
 from jsft.train.state import TrainState
+from jsft.train.token_terms import chunked_terms, reference_terms
 from jsft.train.trainable import Mask
 
 
@@ -62,6 +64,50 @@ def _in_layers(tree: dict, layers_train: tuple[bool, ...] | None, fn: Callable) 
     return {**tree, "layers": jax.tree.map(lambda x: fn(x, _per_layer(layers_train, x)), tree["layers"])}
 
 
+def batch_terms(
+    model: ModelDef,
+    params: dict,
+    batch: dict,
+    objective: Objective,
+    implementation: str = "chunked",
+    chunk: int = 128,
+    rng: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """([B, T] per-token loss of `objective`, {term: [B, T]} to log), masking and weighting the
+    caller's, as `batch_nll`."""
+    args = (params, batch["inputs"], batch["positions"], batch["segment_ids"], rng)
+    if implementation == "reference":
+        terms = reference_terms(model.apply(*args), batch["targets"], objective.terms)
+    else:
+        x_btd, head_dv = model.features(*args)
+        softcap = model.config.final_softcap
+        terms = chunked_terms(x_btd, head_dv, batch["targets"], softcap, chunk, objective.terms)
+    return objective.combine(terms)
+
+
+def objective_sums(
+    model: ModelDef,
+    params: dict,
+    micro: dict,
+    objective: Objective | None,
+    normalization: str,
+    num_sources: int,
+    implementation: str,
+    chunk: int,
+    rng: jax.Array | None,
+) -> dict[str, jax.Array]:
+    """The sums of `cross_entropy_sums` for the objective's per-token loss, plus `term_<name>` sums
+    (each term weighted like the loss) for logging. Plain CE keeps the CE-only kernel."""
+    if objective is None or objective.is_plain:
+        nll = batch_nll(model, params, micro, implementation, chunk, rng)
+        return cross_entropy_sums(nll, micro, normalization, num_sources)
+    main, logged = batch_terms(model, params, micro, objective, implementation, chunk, rng)
+    sums = cross_entropy_sums(main, micro, normalization, num_sources)
+    weights = token_weights(micro["loss_mask"], micro["segment_ids"], normalization)
+    sums.update({f"term_{k}": jax.numpy.sum(jax.lax.stop_gradient(v) * weights) for k, v in logged.items()})
+    return sums
+
+
 def make_train_step(
     model: ModelDef,
     tx: optax.GradientTransformation,
@@ -73,6 +119,7 @@ def make_train_step(
     loss_chunk: int = 128,
     mask: Mask | None = None,
     layers_train: tuple[bool, ...] | None = None,
+    objective: Objective | None = None,
 ) -> Callable:
     """Build the un-jitted step; the loop jits it with donation and explicit shardings. With a
     trainable `mask` (jsft.train.trainable) only those parameters are differentiated and updated.
@@ -80,12 +127,13 @@ def make_train_step(
     frozen layers get zero gradients and keep their values (no update, no weight decay); their
     optimizer state still exists (the layers are one stacked array) and stays zero."""
 
-    uses_rng = model.config.lora_dropout > 0
+    uses_rng = model.config.lora_dropout > 0 or model.config.neftune_alpha > 0
 
     def loss_sums(train_params, frozen_params, micro, rng=None):
         params = trainable.merge(train_params, frozen_params)
-        nll = batch_nll(model, params, micro, loss_implementation, loss_chunk, rng)
-        sums = cross_entropy_sums(nll, micro, normalization, num_sources)
+        sums = objective_sums(
+            model, params, micro, objective, normalization, num_sources, loss_implementation, loss_chunk, rng
+        )
         return sums["loss_sum"], sums
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -142,6 +190,9 @@ def make_train_step(
             "nonfinite": ~finite,
         }
         metrics.update({k: v for k, v in sums.items() if k.endswith("_by_source")})
+        metrics.update(
+            {f"loss/{k[len('term_') :]}": v / denom for k, v in sums.items() if k.startswith("term_")}
+        )
         return new_state, metrics
 
     return train_step

@@ -170,3 +170,19 @@ def test_lora_on_a_mesh_trains_to_its_single_device_losses(tiny_data_dir, tmp_pa
     one, mesh = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
     assert sorted(one) == sorted(mesh) == list(range(1, 7))
     np.testing.assert_allclose([mesh[s] for s in one], list(one.values()), rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_objectives_on_a_mesh_train_to_their_single_device_losses(tiny_data_dir, tmp_path):
+    # GEM (log_sigmoid) + z-loss through the fused kernel, NEFTune noise, on a (2,2,2) mesh.
+    extra = [
+        "--config.loss.objective=gem",
+        "--config.loss.gem_h=log_sigmoid",
+        "--config.loss.z_loss=0.001",
+        "--config.loss.neftune_alpha=5",
+    ]
+    _train(tiny_data_dir, tmp_path / "one", 1, "--config.mesh.shape=(1,1,1)", *extra)
+    _train(tiny_data_dir, tmp_path / "mesh", 8, "--config.mesh.shape=(2,2,2)", *extra)
+    one, mesh = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
+    assert sorted(one) == sorted(mesh) == list(range(1, 7))
+    np.testing.assert_allclose([mesh[s] for s in one], list(one.values()), rtol=2e-5)
