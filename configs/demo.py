@@ -151,6 +151,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss.gem_beta = 0.7
     config.loss.gem_h = "linear"
     config.loss.neftune_alpha = 0.0
+    config.loss.prompt_weight = 0.0  # > 0: also train prompt/template tokens with this weight
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 600

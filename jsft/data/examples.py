@@ -35,6 +35,7 @@ class TokenizedSource:
     bad: list[tuple[str, str]]  # (where, reason)
     stats: dict
     bad_codes: list[str] = dataclasses.field(default_factory=list)  # the short reason code of each bad
+    weights: np.ndarray | None = None  # each table row's `weight` (None: all 1)
 
     def __len__(self) -> int:
         return len(self.kept)
@@ -42,7 +43,8 @@ class TokenizedSource:
     def example(self, i: int) -> packing.Example:
         r = self.kept[i]
         sl = slice(self.offsets[r], self.offsets[r + 1])
-        return packing.Example(self.ids[sl], self.mask[sl].astype(np.bool_), self.index)
+        weight = 1.0 if self.weights is None else float(self.weights[r])
+        return packing.Example(self.ids[sl], self.mask[sl].astype(np.bool_), self.index, weight)
 
     def examples(self) -> list[packing.Example]:
         return [self.example(i) for i in range(len(self))]
@@ -73,7 +75,20 @@ def collect(name: str, index: int, tokenized: datasets.Dataset) -> TokenizedSour
         "tokens": int(lengths.sum()),
     }
     bad_codes = [codes[i] for i in np.flatnonzero(is_bad)]
-    return TokenizedSource(name, index, tokenized, ids, mask, offsets, kept, bad, stats, bad_codes)
+    weights = tbl.column("weight").to_numpy(zero_copy_only=False)
+    return TokenizedSource(
+        name,
+        index,
+        tokenized,
+        ids,
+        mask,
+        offsets,
+        kept,
+        bad,
+        stats,
+        bad_codes,
+        None if np.all(weights == 1) else weights,
+    )
 
 
 def _listing(bad: list[tuple[str, object]], count: int, limit: int = 10) -> str:

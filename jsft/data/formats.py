@@ -21,11 +21,16 @@ and a detail for the listing that names its file and line:
   unknown_format             the fields match no format
   template                   the chat template could not render it             (templates.py)
   bad_token_id, bad_labels   a pre-tokenized record's ids or labels do not fit
+  bad_weight                 the optional `weight` field is not a finite number >= 0
+
+Any format may carry `weight` (a number >= 0, default 1): the example's weight in the loss
+(jsft/train/losses.py: the loss is the weighted mean over trained tokens).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -250,9 +255,21 @@ def token_ids(
     return ids, mask
 
 
+def record_weight(record: Mapping[str, Any], fields: Mapping[str, str]) -> float:
+    """The record's `weight` field (renameable), 1.0 when absent; BadRecord unless finite and >= 0."""
+    key = fields.get("weight", "weight")
+    value = record.get(key) if isinstance(record, Mapping) else None
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise BadRecord(f"field {key!r} must be a finite number >= 0, got {value!r}", code="bad_weight")
+    return float(value)
+
+
 def check_record(record: Mapping[str, Any], fmt: str, fields: Mapping[str, str]) -> None:
     """Raise BadRecord if `record` cannot be read in `fmt` (text or pre-tokenized)."""
     if fmt in TOKEN_FORMATS:
         token_ids(record, fmt, fields)
     else:
         to_conversation(record, fmt, fields)
+    record_weight(record, fields)

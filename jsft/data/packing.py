@@ -7,6 +7,7 @@ A row is five int32 arrays of length `seq_len`:
   segment_ids 1, 2, ... per example in the row; 0 for padding
   positions   0, 1, ... restarting for every example (RoPE sees each example as if alone)
   source_ids  1 + the index of the example's data source; 0 for padding (per-source losses)
+  weight      (float32) the example's weight in the loss (its record's `weight`, default 1); 0 padding
 
 Over-long examples (more than seq_len + 1 tokens) follow a policy:
   truncate         cut the end, keeping the prompt and the start of the response
@@ -22,7 +23,7 @@ import dataclasses
 
 import numpy as np
 
-ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "source_ids")
+ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "source_ids", "weight")
 OVERLONG_POLICIES = ("truncate", "truncate_prompt", "drop")
 PACKING_MODES = ("best_fit", "pad")
 
@@ -32,6 +33,7 @@ class Example:
     ids: np.ndarray  # int32 [n]
     mask: np.ndarray  # bool [n], True where ids[i] is trained
     source: int = 0
+    weight: float = 1.0
 
 
 def fit_ids(
@@ -89,7 +91,7 @@ def pack(examples: list[Example], seq_len: int, mode: str = "best_fit") -> dict[
         bins = [[i] for i in range(len(examples))]
     else:
         raise ValueError(f"config.data.packing={mode!r} is not one of {PACKING_MODES}")
-    rows = {k: np.zeros((len(bins), seq_len), np.int32) for k in ROW_KEYS}
+    rows = {k: np.zeros((len(bins), seq_len), np.float32 if k == "weight" else np.int32) for k in ROW_KEYS}
     for r, members in enumerate(bins):
         start = 0
         for seg, i in enumerate(members, start=1):
@@ -102,6 +104,7 @@ def pack(examples: list[Example], seq_len: int, mode: str = "best_fit") -> dict[
             rows["segment_ids"][r, sl] = seg
             rows["positions"][r, sl] = np.arange(n)
             rows["source_ids"][r, sl] = examples[i].source + 1
+            rows["weight"][r, sl] = examples[i].weight
             start += n
     return rows
 

@@ -28,9 +28,10 @@ TOKENIZED_FEATURES = datasets.Features(
         "truncated": datasets.Value("bool"),
         "dropped": datasets.Value("bool"),
         "full_length": datasets.Value("int32"),  # tokens before the overlong policy
+        "weight": datasets.Value("float32"),  # the record's `weight` field (1 when absent)
     }
 )
-TOKENIZED_VERSION = "2"  # bump when TOKENIZED_FEATURES or their meaning change: old caches are stale
+TOKENIZED_VERSION = "3"  # bump when TOKENIZED_FEATURES or their meaning change: old caches are stale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +65,10 @@ def _tokenize_batch(batch: dict, indices: list[int], *, spec: TokenizeSpec, path
     out = {k: [] for k in TOKENIZED_FEATURES}
     for j, index in enumerate(indices):
         where, record, bad = sources.read_row({k: v[j] for k, v in batch.items()}, index, path)
-        ids, mask, truncated, full_length = [], [], False, 0
+        ids, mask, truncated, full_length, weight = [], [], False, 0, 1.0
         if bad is None:
             try:
+                weight = formats.record_weight(record, spec.fields)
                 if spec.fmt in formats.TOKEN_FORMATS:  # ids as they are: no template, no tokenizer
                     ids, mask = formats.token_ids(record, spec.fmt, spec.fields, spec.tokenizer.vocab_size)
                 else:
@@ -84,6 +86,7 @@ def _tokenize_batch(batch: dict, indices: list[int], *, spec: TokenizeSpec, path
         out["truncated"].append(truncated)
         out["dropped"].append(bad is None and not ids)
         out["full_length"].append(full_length)
+        out["weight"].append(weight)
     return out
 
 

@@ -30,9 +30,24 @@ def token_nll(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(logprobs, targets_bt[..., None], axis=-1)[..., 0]
 
 
-def token_weights(loss_mask_bt: jax.Array, segment_ids_bt: jax.Array, normalization: str) -> jax.Array:
-    """Per-token weights; their sum over the global batch is the loss denominator."""
+def token_weights(
+    loss_mask_bt: jax.Array,
+    segment_ids_bt: jax.Array,
+    normalization: str,
+    prompt_weight: float = 0.0,
+    example_weight_bt: jax.Array | None = None,
+) -> jax.Array:
+    """Per-token weights; their sum over the global batch is the loss denominator.
+
+    `prompt_weight` in [0, 1] also trains the example's untrained tokens (prompt, template) with that
+    weight (0: only the response, today's behaviour); `example_weight_bt` (each example's `weight`
+    field on its tokens) scales every token of its example, so the loss is the weighted mean."""
     mask = loss_mask_bt.astype(jnp.float32)
+    if prompt_weight:
+        prompt = (segment_ids_bt > 0) & (loss_mask_bt == 0)
+        mask = mask + prompt_weight * prompt.astype(jnp.float32)
+    if example_weight_bt is not None:
+        mask = mask * example_weight_bt.astype(jnp.float32)
     if normalization == "token":
         return mask
     if normalization == "sequence":
@@ -46,7 +61,11 @@ def token_weights(loss_mask_bt: jax.Array, segment_ids_bt: jax.Array, normalizat
 
 
 def cross_entropy_sums(
-    nll_bt: jax.Array, batch: Mapping[str, jax.Array], normalization: str = "token", num_sources: int = 0
+    nll_bt: jax.Array,
+    batch: Mapping[str, jax.Array],
+    normalization: str = "token",
+    num_sources: int = 0,
+    prompt_weight: float = 0.0,
 ) -> dict[str, jax.Array]:
     """{'loss_sum', 'weight_sum', 'target_tokens'} for one (micro-)batch, from each token's NLL.
 
@@ -54,7 +73,9 @@ def cross_entropy_sums(
     k is index k + 1), so `train/loss/<source>` is exact even when sources share packed rows.
     """
     nll = nll_bt
-    weights = token_weights(batch["loss_mask"], batch["segment_ids"], normalization)
+    weights = token_weights(
+        batch["loss_mask"], batch["segment_ids"], normalization, prompt_weight, batch.get("weight")
+    )
     mask = batch["loss_mask"].astype(jnp.float32)
     sums = {
         "loss_sum": jnp.sum(nll * weights),

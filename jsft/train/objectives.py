@@ -8,6 +8,8 @@
              l_y))), as in the reference implementation (liziniu/GEM, `SFTTrainer.gem_loss`, read at
              e5b1430). beta -> 1 and h = linear recovers CE's gradient.
     z_loss   + coefficient * (log Z)^2 per token (PaLM, MaxText), with either objective
+    prompt_weight   trains the prompt/template tokens too, with this weight in [0, 1]
+    per-example weights   a record's `weight` field scales its tokens (the loss is the weighted mean)
 
 Each term is weighted per token like CE (the `token` / `sequence` normalisation of
 jsft/train/losses.py) and logged on its own as `train/loss/<term>` (`ce` is always the plain
@@ -33,12 +35,15 @@ class Objective:
     z_loss: float = 0.0
     gem_beta: float = 0.7
     gem_h: str = "linear"
+    prompt_weight: float = 0.0  # weight of the untrained (prompt, template) tokens: 0 trains replies only
 
     def __post_init__(self):
         if self.name not in OBJECTIVES:
             raise ValueError(f"config.loss.objective={self.name!r} is not one of {list(OBJECTIVES)}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"config.loss.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if not 0.0 <= self.prompt_weight <= 1.0:
+            raise ValueError(f"config.loss.prompt_weight={self.prompt_weight} must be in [0, 1]")
         if self.z_loss < 0:
             raise ValueError(f"config.loss.z_loss={self.z_loss} must be >= 0")
         if self.name == "gem":
@@ -58,11 +63,13 @@ class Objective:
             float(get("z_loss", 0.0)),
             float(get("gem_beta", 0.7)),
             get("gem_h", "linear"),
+            float(get("prompt_weight", 0.0)),
         )
 
     @property
     def is_plain(self) -> bool:
-        """Plain cross-entropy: the step keeps today's kernel (bitwise the same training)."""
+        """Plain cross-entropy (prompt weight aside): the step keeps the CE-only kernel (bitwise
+        today's training when nothing else is set)."""
         return self.name == "ce" and not self.label_smoothing and not self.z_loss
 
     @property

@@ -98,12 +98,15 @@ def objective_sums(
 ) -> dict[str, jax.Array]:
     """The sums of `cross_entropy_sums` for the objective's per-token loss, plus `term_<name>` sums
     (each term weighted like the loss) for logging. Plain CE keeps the CE-only kernel."""
+    prompt_weight = objective.prompt_weight if objective is not None else 0.0
     if objective is None or objective.is_plain:
         nll = batch_nll(model, params, micro, implementation, chunk, rng)
-        return cross_entropy_sums(nll, micro, normalization, num_sources)
+        return cross_entropy_sums(nll, micro, normalization, num_sources, prompt_weight)
     main, logged = batch_terms(model, params, micro, objective, implementation, chunk, rng)
-    sums = cross_entropy_sums(main, micro, normalization, num_sources)
-    weights = token_weights(micro["loss_mask"], micro["segment_ids"], normalization)
+    sums = cross_entropy_sums(main, micro, normalization, num_sources, prompt_weight)
+    weights = token_weights(
+        micro["loss_mask"], micro["segment_ids"], normalization, prompt_weight, micro.get("weight")
+    )
     sums.update({f"term_{k}": jax.numpy.sum(jax.lax.stop_gradient(v) * weights) for k, v in logged.items()})
     return sums
 
@@ -204,6 +207,7 @@ def make_eval_step(
     """Sums (not means) of the per-token loss, so the caller can total over any number of batches."""
 
     def eval_step(params, batch: dict) -> dict:
+        batch = {k: v for k, v in batch.items() if k != "weight"}  # evaluation weighs every example alike
         nll = batch_nll(model, params, batch, loss_implementation, loss_chunk)
         return cross_entropy_sums(nll, batch, "token", num_sources)
 

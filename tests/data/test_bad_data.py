@@ -153,3 +153,23 @@ def test_a_val_fraction_that_leaves_nothing_to_train_is_an_error(tmp_path):
         r"of its 10 records \(.*\); change it or give a val_path$",
         msg,
     )
+
+
+def test_example_weights_come_from_the_weight_field_and_bad_ones_name_the_line(tmp_path):
+    records = make_records(30, 4)
+    for i, r in enumerate(records):
+        r["weight"] = [0.5, 2, 1.0][i % 3]
+    records[7]["weight"] = -1
+    records[9]["weight"] = "heavy"
+    train = tmp_path / "train.jsonl"
+    write_jsonl(train, records)
+    write_jsonl(tmp_path / "val.jsonl", make_records(4, 5))
+    config = _config(tmp_path, train, tmp_path / "val.jsonl")
+    msg = _build_error(config, tmp_path / "wd")
+    assert f"{train}:8: field 'weight' must be a finite number >= 0, got -1" in msg
+    assert f"{train}:10: field 'weight' must be a finite number >= 0, got 'heavy'" in msg
+    config.data.on_bad_record = "skip"
+    src = build_data(config.data, 0, str(tmp_path / "wd")).train_sources[0]
+    assert len(src) == 28 and src.stats["bad_by_reason"] == {"bad_weight": 2}
+    kept = [r["weight"] for i, r in enumerate(records) if i not in (7, 9)]
+    assert [ex.weight for ex in src.examples()] == [float(w) for w in kept]

@@ -234,3 +234,43 @@ def test_a_gem_run_logs_each_term_and_evaluates_plain_cross_entropy(tiny_config,
     logged = [r for r in rows if "train/loss" in r]
     assert logged and all({"train/loss/ce", "train/loss/gem", "train/loss/z"} <= set(r) for r in logged)
     assert "eval/loss" in summary and "eval/loss/gem" not in summary
+
+
+def test_prompt_weight_and_example_weights_set_each_tokens_weight():
+    from jsft.train.losses import cross_entropy_sums, token_weights  # noqa: PLC0415
+
+    examples = _examples(4, seed=7)
+    weighted = [
+        packing.Example(ex.ids, ex.mask, 0, w) for ex, w in zip(examples, [1.0, 0.0, 2.0, 0.5], strict=True)
+    ]
+    batch = {k: jnp.asarray(v) for k, v in packing.pack(weighted, 40).items()}
+    seg, mask = np.asarray(batch["segment_ids"]), np.asarray(batch["loss_mask"])
+    w = np.asarray(token_weights(batch["loss_mask"], batch["segment_ids"], "token", 0.25, batch["weight"]))
+    expect = (mask + 0.25 * ((seg > 0) & (mask == 0))) * np.asarray(batch["weight"])
+    np.testing.assert_array_equal(w, expect)
+    assert np.all(w[seg == 0] == 0)
+    # The loss is the weighted mean: an example of weight 0 changes nothing, weight 2 counts twice.
+    nll = jnp.asarray(np.random.default_rng(0).random(mask.shape), jnp.float32)
+    sums = cross_entropy_sums(nll, batch)
+    manual = np.sum(np.asarray(nll) * mask * np.asarray(batch["weight"])) / np.sum(
+        mask * np.asarray(batch["weight"])
+    )
+    np.testing.assert_allclose(sums["loss_sum"] / sums["weight_sum"], manual, rtol=1e-6)
+    assert float(sums["target_tokens"]) == mask.sum()  # counts stay unweighted
+
+
+def test_weighted_examples_and_prompt_weight_are_the_same_packed_or_unpacked(model):
+    examples = [
+        packing.Example(ex.ids, ex.mask, 0, w)
+        for ex, w in zip(_examples(6), [1, 0.5, 2, 0, 1, 3], strict=True)
+    ]
+    packed, padded = packing.pack(examples, 32), _padded(examples, 32)
+    schedule = optax.constant_schedule(0.1)
+    tx = optax.sgd(schedule)
+    objective = Objective(prompt_weight=0.3)
+    out = []
+    for batch in (packed, padded):
+        step = jax.jit(make_train_step(model, tx, schedule, objective=objective))
+        out.append(step(TrainState.create(model.init(jax.random.key(0)), tx, jax.random.key(1)), batch)[1])
+    np.testing.assert_allclose(out[0]["loss"], out[1]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(out[0]["grad_norm"], out[1]["grad_norm"], rtol=1e-5)

@@ -185,8 +185,8 @@ class _PoisonedModel:
     def __init__(self, model):
         self.model, self.config = model, model.config
 
-    def features(self, params, tokens, positions=None, segment_ids=None):
-        x, head = self.model.features(params, tokens, positions, segment_ids)
+    def features(self, params, tokens, positions=None, segment_ids=None, rng=None):
+        x, head = self.model.features(params, tokens, positions, segment_ids, rng)
         return x * jnp.where(tokens[0, 0] == 0, jnp.nan, 1.0), head
 
 
