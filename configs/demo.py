@@ -105,6 +105,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # cudnn: jsft/models/attention.py
     config.model.attention = "auto"
     config.model.attention_chunk = 128
+    config.model.dropout_embed = 0.0  # training only; 0: off
+    config.model.dropout_residual = 0.0  # on each sublayer's output before the residual add
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices

@@ -146,6 +146,7 @@ class Run:
         model or the platform cannot use is refused here, not at the first step."""
         cfg = self.config.model
         numerics = ("param_dtype", "compute_dtype", "remat", "attention", "attention_chunk")
+        numerics += tuple(k for k in ("dropout_embed", "dropout_residual") if k in cfg)
         try:
             if cfg.hf_path:
                 arch = hf.config_from_hf(hf.read_config(cfg.hf_path), **{k: cfg[k] for k in numerics})

@@ -84,6 +84,11 @@ class LlamaConfig:
     # NEFTune (Jain et al., arXiv 2310.05914): training only (when the forward gets an rng), uniform
     # noise of scale alpha / sqrt(L * d_model) on the input embeddings, L the example's own length.
     neftune_alpha: float = 0.0
+    # Dropout, training only (when the forward gets an rng): on the embeddings, and on each sublayer's
+    # output before it joins the residual stream (GPT-2's resid_pdrop). Attention-probability dropout
+    # is not offered: the fused kernels (flash, splash, cuDNN through XLA) do not expose it.
+    dropout_embed: float = 0.0
+    dropout_residual: float = 0.0
 
     def __post_init__(self):
         if self.attention not in attention.IMPLEMENTATIONS:
@@ -106,6 +111,9 @@ class LlamaConfig:
             raise ValueError(
                 f"layer_windows has {len(self.layer_windows)} entries for {self.n_layers} layers"
             )
+        for name in ("dropout_embed", "dropout_residual", "lora_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"config.model.{name}={getattr(self, name)} must be in [0, 1)")
         if self.quant not in ("none", *quant.FORMATS):
             raise ValueError(f"quant={self.quant!r} is not one of {('none', *quant.FORMATS)}")
         if self.lora_targets and self.lora_rank < 1:
@@ -234,6 +242,14 @@ def apply_rope(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax
     return out.astype(x_btnh.dtype)
 
 
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout (kept values scaled by 1 / (1 - rate)); the identity without an rng or rate."""
+    if rng is None or not rate:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
 def _linear_maker(module: nnx.Module, rngs: nnx.Rngs, group: str, cfg: LlamaConfig):
     """name, init, shape, axes -> the projection `name` on `module` (quantized, with adapters: lora.py)."""
 
@@ -356,15 +372,23 @@ class Block(nnx.Module):
             MLP(cfg, rngs),
         )
         self.post_norms = cfg.post_norms
+        self.dropout_residual = cfg.dropout_residual
         if cfg.post_norms:  # Gemma 2's "sandwich": the sublayer's output is normalised too
             self.post_attn_norm, self.post_mlp_norm = norm(), norm()
 
     def __call__(self, x_btd, cos, sin, mask, kv_cache=None, rng=None):
         attn_rng, mlp_rng = (None, None) if rng is None else jax.random.split(rng)
+        rate = self.dropout_residual
+        drop = (
+            (lambda x, i: x)
+            if rng is None or not rate
+            else (lambda x, i: dropout(x, rate, jax.random.fold_in(rng, i)))
+        )
         attn_btd, kv = self.attn(self.attn_norm(x_btd), cos, sin, mask, kv_cache, attn_rng)
-        x_btd = x_btd + (self.post_attn_norm(attn_btd) if self.post_norms else attn_btd)
+        attn_btd = drop(self.post_attn_norm(attn_btd) if self.post_norms else attn_btd, 2)
+        x_btd = x_btd + attn_btd
         mlp_btd = self.mlp(self.mlp_norm(x_btd), mlp_rng)
-        return x_btd + (self.post_mlp_norm(mlp_btd) if self.post_norms else mlp_btd), kv
+        return x_btd + drop(self.post_mlp_norm(mlp_btd) if self.post_norms else mlp_btd, 3), kv
 
 
 class Llama(nnx.Module):
@@ -421,6 +445,8 @@ class Llama(nnx.Module):
         x_btd = self._embed(tokens_bt)
         if rng is not None and cfg.neftune_alpha > 0:
             x_btd = self._neftune(x_btd, segment_ids_bt, jax.random.fold_in(rng, cfg.n_layers))
+        if rng is not None and cfg.dropout_embed > 0:
+            x_btd = dropout(x_btd, cfg.dropout_embed, jax.random.fold_in(rng, cfg.n_layers + 1))
         cos, sin = rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         start_bt = attention.Mask.from_segments(segment_ids_bt).start_bt
         windowed = bool(cfg.layer_windows or cfg.sliding_window)

@@ -124,7 +124,7 @@ def project(
         return y
     xs, _, ys, ins, outs = split_spec(spec)
     rows = "".join(c for c in xs if c not in ins)
-    if rng is not None and cfg.lora_dropout > 0:
+    if rng is not None and cfg.lora_dropout > 0:  # inverted dropout on the adapters' input
         keep = jax.random.bernoulli(rng, 1.0 - cfg.lora_dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0).astype(dt)
     a = getattr(module, name + "_lora_a")[...].astype(dt)

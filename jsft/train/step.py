@@ -130,7 +130,10 @@ def make_train_step(
     frozen layers get zero gradients and keep their values (no update, no weight decay); their
     optimizer state still exists (the layers are one stacked array) and stays zero."""
 
-    uses_rng = model.config.lora_dropout > 0 or model.config.neftune_alpha > 0
+    cfg = model.config
+    uses_rng = any(
+        x > 0 for x in (cfg.lora_dropout, cfg.neftune_alpha, cfg.dropout_embed, cfg.dropout_residual)
+    )
 
     def loss_sums(train_params, frozen_params, micro, rng=None):
         params = trainable.merge(train_params, frozen_params)

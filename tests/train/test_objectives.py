@@ -214,6 +214,7 @@ def test_neftune_noise_is_training_only_and_scaled_by_each_examples_length():
         (["--config.loss.objective=dpo"], "config.loss.objective='dpo' is not one of"),
         (["--config.loss.neftune_alpha=-1"], "config.loss.neftune_alpha=-1.0 must be >= 0"),
         (["--config.loss.label_smoothing=1.0"], "config.loss.label_smoothing=1.0 must be in [0, 1)"),
+        (["--config.model.dropout_residual=1.5"], "config.model.dropout_residual=1.5 must be in [0, 1)"),
     ],
 )
 def test_bad_objective_settings_are_one_line(tiny_data_dir, tmp_path, overrides, message):
@@ -274,3 +275,26 @@ def test_weighted_examples_and_prompt_weight_are_the_same_packed_or_unpacked(mod
         out.append(step(TrainState.create(model.init(jax.random.key(0)), tx, jax.random.key(1)), batch)[1])
     np.testing.assert_allclose(out[0]["loss"], out[1]["loss"], rtol=1e-5)
     np.testing.assert_allclose(out[0]["grad_norm"], out[1]["grad_norm"], rtol=1e-5)
+
+
+def test_dropout_is_training_only_deterministic_and_scaled():
+    import dataclasses  # noqa: PLC0415
+
+    from jsft.models.llama import dropout  # noqa: PLC0415
+
+    x = jnp.ones((4, 1000))
+    y = dropout(x, 0.25, jax.random.key(0))
+    kept = np.asarray(y) != 0
+    assert abs(kept.mean() - 0.75) < 0.02 and np.allclose(np.asarray(y)[kept], 1 / 0.75)
+    assert dropout(x, 0.25, None) is x
+    base = ModelDef.create(LlamaConfig.tiny(vocab_size=VOCAB))
+    dropped = ModelDef.create(dataclasses.replace(base.config, dropout_embed=0.1, dropout_residual=0.1))
+    params = base.init(jax.random.key(0))
+    tokens = jnp.arange(24).reshape(2, 12) % VOCAB
+    np.testing.assert_array_equal(dropped.apply(params, tokens), base.apply(params, tokens))  # eval: off
+    a, b = (
+        dropped.apply(params, tokens, rng=jax.random.key(1)),
+        dropped.apply(params, tokens, rng=jax.random.key(1)),
+    )
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, base.apply(params, tokens))
