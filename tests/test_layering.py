@@ -27,6 +27,8 @@ LAYERS = {
     "jsft.main": 8,  # the command lines
     "jsft.bench": 8,
     "jsft.bench_train": 8,
+    "jsft.bench_peft": 8,
+    "jsft.study": 8,  # research studies built from whole runs
 }
 
 
