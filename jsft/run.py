@@ -7,7 +7,9 @@
 
 train, eval, generate, export, inspect, plan and bench are short functions over these pieces. The
 run is also where weights come from: fresh, from a Hugging Face checkpoint (`model.hf_path`), or from
-a checkpoint of the workdir; the model registry only builds modules.
+a checkpoint of the workdir; the model registry only builds modules. With LoRA/QLoRA that includes
+the base (loaded, quantized while loading, identified by a content hash) under its adapters, which is
+why this one object runs a little over 400 lines: every mode needs the same answer to "which weights".
 """
 
 from __future__ import annotations

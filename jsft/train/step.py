@@ -111,6 +111,39 @@ def objective_sums(
     return sums
 
 
+def _updater(
+    tx: optax.GradientTransformation, grads: dict, layers_train: tuple[bool, ...] | None
+) -> Callable:
+    """(params, opt_state) -> the optimizer's update of them; frozen layers' slices keep their values."""
+
+    def update(params, opt_state):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        new = optax.apply_updates(params, updates)
+        if layers_train is not None and "layers" in new:
+            new["layers"] = jax.tree.map(
+                lambda n, o: jnp.where(_per_layer(layers_train, n) > 0, n, o), new["layers"], params["layers"]
+            )
+        return new, opt_state
+
+    return update
+
+
+def _step_metrics(
+    sums: dict, denom: jax.Array, lr: jax.Array, grad_norm: jax.Array, finite: jax.Array
+) -> dict:
+    """The step's metrics: loss, lr, gradient norm, counts, per-source sums and the objective's terms."""
+    metrics = {
+        "loss": sums["loss_sum"] / denom,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "target_tokens": sums["target_tokens"],
+        "nonfinite": ~finite,
+    }
+    metrics.update({k: v for k, v in sums.items() if k.endswith("_by_source")})
+    metrics.update({f"loss/{k[len('term_') :]}": v / denom for k, v in sums.items() if k.startswith("term_")})
+    return metrics
+
+
 def make_train_step(
     model: ModelDef,
     tx: optax.GradientTransformation,
@@ -174,31 +207,11 @@ def make_train_step(
         # A NaN/inf loss or gradient is never applied: the step counts, the state stays as it was.
         finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
 
-        def update(params, opt_state):
-            updates, opt_state = tx.update(grads, opt_state, params)
-            new = optax.apply_updates(params, updates)
-            if layers_train is not None and "layers" in new:
-                new["layers"] = jax.tree.map(
-                    lambda n, o: jnp.where(_per_layer(layers_train, n) > 0, n, o),
-                    new["layers"],
-                    params["layers"],
-                )
-            return new, opt_state
-
+        update = _updater(tx, grads, layers_train)
         train_params, opt_state = apply_if_finite(finite, update, train_params, state.opt_state)
         params = trainable.merge(train_params, frozen_params)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        metrics = {
-            "loss": sums["loss_sum"] / denom,
-            "lr": schedule(state.step),
-            "grad_norm": grad_norm,
-            "target_tokens": sums["target_tokens"],
-            "nonfinite": ~finite,
-        }
-        metrics.update({k: v for k, v in sums.items() if k.endswith("_by_source")})
-        metrics.update(
-            {f"loss/{k[len('term_') :]}": v / denom for k, v in sums.items() if k.startswith("term_")}
-        )
+        metrics = _step_metrics(sums, denom, schedule(state.step), grad_norm, finite)
         return new_state, metrics
 
     return train_step
