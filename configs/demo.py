@@ -154,6 +154,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss.gem_h = "linear"
     config.loss.neftune_alpha = 0.0
     config.loss.prompt_weight = 0.0  # > 0: also train prompt/template tokens with this weight
+    # Q-SFT (objective='qsft'; records carry `reward` in [0, 1]): discount between assistant turns and
+    # the target copy's Polyak rate. The behaviour policy is the starting weights (an SFT model).
+    config.loss.qsft_gamma = 1.0
+    config.loss.qsft_polyak = 0.005
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 600

@@ -141,6 +141,12 @@ def _check_objective(config: ml_collections.ConfigDict) -> None:
         Objective.from_config(config.loss)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    if config.loss.get("objective") == "qsft" and config.get("peft") and config.peft.method != "none":
+        raise ConfigError(
+            f"config.loss.objective='qsft' with config.peft.method={config.peft.method!r}: Q-SFT keeps whole "
+            "copies of the parameters (target and behaviour), not yet of a LoRA model's adapters; use "
+            "full fine-tuning"
+        )
     if config.loss.get("neftune_alpha", 0.0) < 0:
         raise ConfigError(f"config.loss.neftune_alpha={config.loss.neftune_alpha} must be >= 0")
 

@@ -117,8 +117,12 @@ class Run:
     def data(
         self, eval_prompt_limit: int | None = None, data_cfg: ml_collections.ConfigDict | None = None
     ) -> Data:
-        """The configured data for this process (tokenized, cached in the workdir)."""
+        """The configured data for this process (tokenized, cached in the workdir); Q-SFT reads the
+        records' rewards too."""
         limit = self.config.eval.exact_match_examples if eval_prompt_limit is None else eval_prompt_limit
+        if self.config.loss.get("objective") == "qsft":
+            data_cfg = ml_collections.ConfigDict((data_cfg or self.config.data).to_dict())
+            data_cfg.rewards = True
         return build_data(
             data_cfg or self.config.data,
             self.config.seed,
@@ -263,7 +267,7 @@ class Run:
         """(abstract TrainState with shardings, TrainState of shardings, dims replicated for
         divisibility): nothing is allocated."""
         abstract, shardings, dropped = state_shardings(
-            model, tx, self.mesh, self.rules, self.trainable_mask(model)
+            model, tx, self.mesh, self.rules, self.trainable_mask(model), self.objective().state_copies
         )
         return _with_shardings(abstract, shardings), shardings, dropped
 
@@ -289,13 +293,16 @@ class Run:
         self.layers_train(model)  # a bad layer range is refused before anything is built
         if params is None and model.config.is_peft:
             params = self.peft_params(model, self.base_params(model)[0], state_sharding.params)
+        copies = self.objective().state_copies
         if params is None and not self.config.model.hf_path:
-            return jax.jit(init_fn(model, tx, mask), out_shardings=state_sharding)(key)
+            return jax.jit(init_fn(model, tx, mask, copies), out_shardings=state_sharding)(key)
         if params is None:
             params = hf.load_params(self.config.model.hf_path, model.config, state_sharding.params)
         _, train_rng = jax.random.split(key)
         create = jax.jit(
-            lambda p, rng: TrainState.create(p, tx, rng, mask), out_shardings=state_sharding, donate_argnums=0
+            lambda p, rng: TrainState.create(p, tx, rng, mask, copies),
+            out_shardings=state_sharding,
+            donate_argnums=0,
         )
         return create(params, train_rng)
 

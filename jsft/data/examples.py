@@ -36,6 +36,7 @@ class TokenizedSource:
     stats: dict
     bad_codes: list[str] = dataclasses.field(default_factory=list)  # the short reason code of each bad
     weights: np.ndarray | None = None  # each table row's `weight` (None: all 1)
+    rewards: np.ndarray | None = None  # Q-SFT: per token, aligned with `ids` (None: no rewards)
 
     def __len__(self) -> int:
         return len(self.kept)
@@ -44,7 +45,8 @@ class TokenizedSource:
         r = self.kept[i]
         sl = slice(self.offsets[r], self.offsets[r + 1])
         weight = 1.0 if self.weights is None else float(self.weights[r])
-        return packing.Example(self.ids[sl], self.mask[sl].astype(np.bool_), self.index, weight)
+        reward = None if self.rewards is None else self.rewards[sl]
+        return packing.Example(self.ids[sl], self.mask[sl].astype(np.bool_), self.index, weight, reward)
 
     def examples(self) -> list[packing.Example]:
         return [self.example(i) for i in range(len(self))]
@@ -76,6 +78,10 @@ def collect(name: str, index: int, tokenized: datasets.Dataset) -> TokenizedSour
     }
     bad_codes = [codes[i] for i in np.flatnonzero(is_bad)]
     weights = tbl.column("weight").to_numpy(zero_copy_only=False)
+    reward_col = tbl.column("reward").combine_chunks()
+    rewards = None
+    if len(reward_col.values) == len(ids) and len(ids):  # every kept row has its per-token rewards
+        rewards = reward_col.values.to_numpy(zero_copy_only=False)
     return TokenizedSource(
         name,
         index,
@@ -88,6 +94,7 @@ def collect(name: str, index: int, tokenized: datasets.Dataset) -> TokenizedSour
         stats,
         bad_codes,
         None if np.all(weights == 1) else weights,
+        rewards,
     )
 
 

@@ -22,6 +22,8 @@ and a detail for the listing that names its file and line:
   template                   the chat template could not render it             (templates.py)
   bad_token_id, bad_labels   a pre-tokenized record's ids or labels do not fit
   bad_weight                 the optional `weight` field is not a finite number >= 0
+  missing_reward, bad_reward Q-SFT's rewards: none in the record, or one that is not a number in
+                             [0, 1] or sits on a non-assistant turn
 
 Any format may carry `weight` (a number >= 0, default 1): the example's weight in the loss
 (jsft/train/losses.py: the loss is the weighted mean over trained tokens).
@@ -264,6 +266,47 @@ def record_weight(record: Mapping[str, Any], fields: Mapping[str, str]) -> float
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
         raise BadRecord(f"field {key!r} must be a finite number >= 0, got {value!r}", code="bad_weight")
     return float(value)
+
+
+def _reward_value(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BadRecord(f"{where} must be a number in [0, 1], got {value!r}", code="bad_reward")
+    if not 0.0 <= value <= 1.0:
+        raise BadRecord(
+            f"{where}={value!r} is outside [0, 1] (Q-SFT's targets are probabilities)", code="bad_reward"
+        )
+    return float(value)
+
+
+def record_rewards(record: Mapping[str, Any], fmt: str, fields: Mapping[str, str]) -> list[float]:
+    """Q-SFT: the reward of each assistant turn, in order. Chat records put `reward` on assistant
+    messages (a turn without one gets 0; a record-level `reward` is the last turn's); other formats
+    have one record-level `reward`. A record with no reward at all is a bad record."""
+    key = fields.get("reward", "reward")
+    top = record.get(key) if isinstance(record, Mapping) else None
+    if fmt != "chat":
+        if top is None:
+            raise BadRecord(f"missing field {key!r} (Q-SFT needs a reward per record)", code="missing_reward")
+        return [_reward_value(top, f"field {key!r}")]
+    conv = _chat(record, fields)
+    raw = record[fields.get("messages", "messages")]
+    rewards, found = [], top is not None
+    for i, (m, msg) in enumerate(zip(raw, conv.messages, strict=True)):
+        if key in m:
+            if msg.role != "assistant":
+                raise BadRecord(
+                    f"message {i} ({msg.role}) has a reward; rewards go on assistant turns", code="bad_reward"
+                )
+            found = True
+        if msg.role == "assistant":
+            rewards.append(_reward_value(m[key], f"message {i} {key!r}") if key in m else 0.0)
+    if not found:
+        raise BadRecord(
+            f"no {key!r} on any assistant message or on the record (Q-SFT)", code="missing_reward"
+        )
+    if top is not None:
+        rewards[-1] = _reward_value(top, f"field {key!r}")
+    return rewards
 
 
 def check_record(record: Mapping[str, Any], fmt: str, fields: Mapping[str, str]) -> None:

@@ -8,6 +8,8 @@ A row is five int32 arrays of length `seq_len`:
   positions   0, 1, ... restarting for every example (RoPE sees each example as if alone)
   source_ids  1 + the index of the example's data source; 0 for padding (per-source losses)
   weight      (float32) the example's weight in the loss (its record's `weight`, default 1); 0 padding
+  reward      (float32) Q-SFT: the reward for predicting `targets` there (a turn's reward on its last
+              token), 0 elsewhere and without rewards
 
 Over-long examples (more than seq_len + 1 tokens) follow a policy:
   truncate         cut the end, keeping the prompt and the start of the response
@@ -23,7 +25,8 @@ import dataclasses
 
 import numpy as np
 
-ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "source_ids", "weight")
+ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "source_ids", "weight", "reward")
+FLOAT_KEYS = ("weight", "reward")
 OVERLONG_POLICIES = ("truncate", "truncate_prompt", "drop")
 PACKING_MODES = ("best_fit", "pad")
 
@@ -34,6 +37,7 @@ class Example:
     mask: np.ndarray  # bool [n], True where ids[i] is trained
     source: int = 0
     weight: float = 1.0
+    reward: np.ndarray | None = None  # float32 [n], aligned with ids (Q-SFT)
 
 
 def fit_ids(
@@ -91,7 +95,7 @@ def pack(examples: list[Example], seq_len: int, mode: str = "best_fit") -> dict[
         bins = [[i] for i in range(len(examples))]
     else:
         raise ValueError(f"config.data.packing={mode!r} is not one of {PACKING_MODES}")
-    rows = {k: np.zeros((len(bins), seq_len), np.float32 if k == "weight" else np.int32) for k in ROW_KEYS}
+    rows = {k: np.zeros((len(bins), seq_len), np.float32 if k in FLOAT_KEYS else np.int32) for k in ROW_KEYS}
     for r, members in enumerate(bins):
         start = 0
         for seg, i in enumerate(members, start=1):
@@ -105,6 +109,8 @@ def pack(examples: list[Example], seq_len: int, mode: str = "best_fit") -> dict[
             rows["positions"][r, sl] = np.arange(n)
             rows["source_ids"][r, sl] = examples[i].source + 1
             rows["weight"][r, sl] = examples[i].weight
+            if examples[i].reward is not None:
+                rows["reward"][r, sl] = examples[i].reward[1:]
             start += n
     return rows
 

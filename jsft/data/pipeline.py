@@ -142,13 +142,16 @@ def _tokenize_sources(
             data_cfg.train_on,
             data_cfg.seq_len,
             data_cfg.overlong,
+            bool(data_cfg.get("rewards", False)),
         )
         train = tokenized(i, src, src.train, src.spec.path, spec)
         if not len(train):
             raise examples.no_examples_error(train, src.spec.path, data_cfg.seq_len, data_cfg.overlong)
         train_srcs.append(train)
-        if src.val is not None:
-            val_srcs.append(tokenized(i, src, src.val, src.val_path, spec))
+        if src.val is not None:  # evaluation is plain cross-entropy: no rewards needed there
+            val_srcs.append(
+                tokenized(i, src, src.val, src.val_path, dataclasses.replace(spec, rewards=False))
+            )
     return train_srcs, val_srcs
 
 

@@ -29,9 +29,10 @@ TOKENIZED_FEATURES = datasets.Features(
         "dropped": datasets.Value("bool"),
         "full_length": datasets.Value("int32"),  # tokens before the overlong policy
         "weight": datasets.Value("float32"),  # the record's `weight` field (1 when absent)
+        "reward": datasets.Sequence(datasets.Value("float32")),  # Q-SFT: per token ([] without)
     }
 )
-TOKENIZED_VERSION = "3"  # bump when TOKENIZED_FEATURES or their meaning change: old caches are stale
+TOKENIZED_VERSION = "4"  # bump when TOKENIZED_FEATURES or their meaning change: old caches are stale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,7 @@ class TokenizeSpec:
     train_on: str
     seq_len: int
     overlong: str
+    rewards: bool = False  # Q-SFT: read each assistant turn's reward and place it on the turn's end
 
     def cache_key(self, data_fingerprint: str) -> str:
         parts = [
@@ -57,6 +59,7 @@ class TokenizeSpec:
             self.train_on,
             str(self.seq_len),
             self.overlong,
+            str(self.rewards),
         ]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
@@ -65,10 +68,12 @@ def _tokenize_batch(batch: dict, indices: list[int], *, spec: TokenizeSpec, path
     out = {k: [] for k in TOKENIZED_FEATURES}
     for j, index in enumerate(indices):
         where, record, bad = sources.read_row({k: v[j] for k, v in batch.items()}, index, path)
-        ids, mask, truncated, full_length, weight = [], [], False, 0, 1.0
+        ids, mask, truncated, full_length, weight, rewards = [], [], False, 0, 1.0, None
         if bad is None:
             try:
                 weight = formats.record_weight(record, spec.fields)
+                if spec.rewards:
+                    rewards = formats.record_rewards(record, spec.fmt, spec.fields)
                 if spec.fmt in formats.TOKEN_FORMATS:  # ids as they are: no template, no tokenizer
                     ids, mask = formats.token_ids(record, spec.fmt, spec.fields, spec.tokenizer.vocab_size)
                 else:
@@ -87,6 +92,21 @@ def _tokenize_batch(batch: dict, indices: list[int], *, spec: TokenizeSpec, path
         out["dropped"].append(bad is None and not ids)
         out["full_length"].append(full_length)
         out["weight"].append(weight)
+        out["reward"].append(
+            place_rewards(mask, rewards, spec.train_on) if rewards is not None and ids else []
+        )
+    return out
+
+
+def place_rewards(mask: list[bool], rewards: list[float], train_on: str) -> list[float]:
+    """Per token: each assistant turn's reward on the last trained token of its run of trained tokens
+    (its end-of-turn token), 0 elsewhere. With train_on=last_assistant the one run is the last turn;
+    a turn cut off by truncation keeps its reward on its last kept token."""
+    ends = [i for i, m in enumerate(mask) if m and (i + 1 == len(mask) or not mask[i + 1])]
+    turns = rewards[-len(ends) :] if train_on == "last_assistant" else rewards[: len(ends)]
+    out = [0.0] * len(mask)
+    for i, r in zip(ends, turns, strict=False):
+        out[i] = r
     return out
 
 

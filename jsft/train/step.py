@@ -10,7 +10,7 @@ import optax
 
 from jsft.models.registry import ModelDef
 from jsft.parallel.sharding import constrain
-from jsft.train import trainable
+from jsft.train import qsft, trainable
 from jsft.train.chunked_ce import chunked_nll
 from jsft.train.losses import cross_entropy_sums, token_nll, token_weights
 from jsft.train.nonfinite import apply_if_finite
@@ -82,7 +82,7 @@ def batch_terms(
         x_btd, head_dv = model.features(*args)
         softcap = model.config.final_softcap
         terms = chunked_terms(x_btd, head_dv, batch["targets"], softcap, chunk, objective.terms)
-    return objective.combine(terms)
+    return objective.combine(terms, batch.get("qsft_target"), model.config.vocab_size)
 
 
 def objective_sums(
@@ -168,6 +168,17 @@ def make_train_step(
         x > 0 for x in (cfg.lora_dropout, cfg.neftune_alpha, cfg.dropout_embed, cfg.dropout_residual)
     )
 
+    def qsft_targets(aux: dict, mb: dict) -> jax.Array:
+        """Q-SFT's Bellman targets for one micro-batch, from the target and behaviour copies."""
+        args = (mb["inputs"], mb["positions"], mb["segment_ids"])
+        x_t, head_t = model.features(aux["target"], *args)
+        x_b, head_b = model.features(aux["behavior"], *args)
+        ratio = qsft.max_ratio(x_t, head_t, x_b, head_b, cfg.final_softcap, loss_chunk)
+        targets = qsft.bellman_targets(
+            ratio, mb["reward"], mb["loss_mask"], mb["segment_ids"], objective.qsft_gamma
+        )
+        return jax.lax.stop_gradient(targets)
+
     def loss_sums(train_params, frozen_params, micro, rng=None):
         params = trainable.merge(train_params, frozen_params)
         sums = objective_sums(
@@ -185,6 +196,8 @@ def make_train_step(
         def accumulate(carry, xs):
             mb, index = xs
             mb = jax.tree.map(lambda x: constrain(x, ("batch", "seq")), mb)
+            if objective is not None and objective.name == "qsft":
+                mb = dict(mb, qsft_target=qsft_targets(state.aux, mb))
             rng = None if step_rng is None else jax.random.fold_in(step_rng, index)
             (_, sums), grads = jax.value_and_grad(loss_sums, has_aux=True)(
                 train_params, frozen_params, mb, rng
@@ -193,6 +206,8 @@ def make_train_step(
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), train_params)
         first = jax.tree.map(lambda x: x[0], micro)
+        if objective is not None and objective.name == "qsft":
+            first = dict(first, qsft_target=jnp.zeros(first["loss_mask"].shape, jnp.float32))
         sums_shape = jax.eval_shape(loss_sums, train_params, frozen_params, first)[1]
         zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), sums_shape)
         (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), (micro, jnp.arange(grad_accum_steps)))
@@ -211,6 +226,9 @@ def make_train_step(
         train_params, opt_state = apply_if_finite(finite, update, train_params, state.opt_state)
         params = trainable.merge(train_params, frozen_params)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        if objective is not None and objective.name == "qsft":  # the target follows the parameters
+            aux = dict(state.aux, target=qsft.polyak(state.aux["target"], params, objective.qsft_polyak))
+            new_state = new_state.replace(aux=aux)
         metrics = _step_metrics(sums, denom, schedule(state.step), grad_norm, finite)
         return new_state, metrics
 

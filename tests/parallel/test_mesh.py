@@ -186,3 +186,21 @@ def test_objectives_on_a_mesh_train_to_their_single_device_losses(tiny_data_dir,
     one, mesh = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
     assert sorted(one) == sorted(mesh) == list(range(1, 7))
     np.testing.assert_allclose([mesh[s] for s in one], list(one.values()), rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_qsft_on_a_mesh_trains_to_its_single_device_losses(tmp_path):
+    # Bellman targets from the target and behaviour copies (sharded like the parameters), Polyak update.
+    from tests.conftest import make_records, write_jsonl  # noqa: PLC0415
+
+    data = tmp_path / "data"
+    data.mkdir()
+    records = [dict(r, reward=float(i % 2)) for i, r in enumerate(make_records(400, 0))]
+    write_jsonl(data / "train.jsonl", records)
+    write_jsonl(data / "val.jsonl", make_records(24, 1))
+    extra = ["--config.loss.objective=qsft", "--config.loss.qsft_gamma=0.9", "--config.loss.qsft_polyak=0.1"]
+    _train(data, tmp_path / "one", 1, "--config.mesh.shape=(1,1,1)", *extra)
+    _train(data, tmp_path / "mesh", 8, "--config.mesh.shape=(2,2,2)", *extra)
+    one, mesh = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
+    assert sorted(one) == sorted(mesh) == list(range(1, 7))
+    np.testing.assert_allclose([mesh[s] for s in one], list(one.values()), rtol=2e-5)
