@@ -111,6 +111,16 @@ def objective_sums(
     return sums
 
 
+def qsft_targets(model: ModelDef, aux: dict, mb: dict, gamma: float, chunk: int) -> jax.Array:
+    """Q-SFT's Bellman targets for one micro-batch, from the target and behaviour copies."""
+    args = (mb["inputs"], mb["positions"], mb["segment_ids"])
+    x_t, head_t = model.features(aux["target"], *args)
+    x_b, head_b = model.features(aux["behavior"], *args)
+    ratio = qsft.max_ratio(x_t, head_t, x_b, head_b, model.config.final_softcap, chunk)
+    targets = qsft.bellman_targets(ratio, mb["reward"], mb["loss_mask"], mb["segment_ids"], gamma)
+    return jax.lax.stop_gradient(targets)
+
+
 def _updater(
     tx: optax.GradientTransformation, grads: dict, layers_train: tuple[bool, ...] | None
 ) -> Callable:
@@ -168,17 +178,6 @@ def make_train_step(
         x > 0 for x in (cfg.lora_dropout, cfg.neftune_alpha, cfg.dropout_embed, cfg.dropout_residual)
     )
 
-    def qsft_targets(aux: dict, mb: dict) -> jax.Array:
-        """Q-SFT's Bellman targets for one micro-batch, from the target and behaviour copies."""
-        args = (mb["inputs"], mb["positions"], mb["segment_ids"])
-        x_t, head_t = model.features(aux["target"], *args)
-        x_b, head_b = model.features(aux["behavior"], *args)
-        ratio = qsft.max_ratio(x_t, head_t, x_b, head_b, cfg.final_softcap, loss_chunk)
-        targets = qsft.bellman_targets(
-            ratio, mb["reward"], mb["loss_mask"], mb["segment_ids"], objective.qsft_gamma
-        )
-        return jax.lax.stop_gradient(targets)
-
     def loss_sums(train_params, frozen_params, micro, rng=None):
         params = trainable.merge(train_params, frozen_params)
         sums = objective_sums(
@@ -197,7 +196,9 @@ def make_train_step(
             mb, index = xs
             mb = jax.tree.map(lambda x: constrain(x, ("batch", "seq")), mb)
             if objective is not None and objective.name == "qsft":
-                mb = dict(mb, qsft_target=qsft_targets(state.aux, mb))
+                mb = dict(
+                    mb, qsft_target=qsft_targets(model, state.aux, mb, objective.qsft_gamma, loss_chunk)
+                )
             rng = None if step_rng is None else jax.random.fold_in(step_rng, index)
             (_, sums), grads = jax.value_and_grad(loss_sums, has_aux=True)(
                 train_params, frozen_params, mb, rng
