@@ -2,6 +2,7 @@
 
     python -m jsft.study gem --config configs/gem_study.py --workdir W --config.model.hf_path=BASE
     python -m jsft.study neftune --config configs/demo.py --workdir W
+    python -m jsft.study qsft --config configs/qsft_study.py --workdir W --config.model.hf_path=BASE
 
 `gem` trains the config with cross-entropy and with GEM (`loss.objective`), then samples
 `config.study.samples` answers per prompt of `config.study.prompts` (records with `prompt` and the list
@@ -9,7 +10,10 @@ of correct `answers`) at `config.study.temperature` and reports: validity (share
 correct answer), diversity (distinct correct answers per prompt among the samples), the entropy of
 the first answer token's distribution, and the final train / validation losses and their gap.
 `neftune` trains with and without NEFTune noise (`loss.neftune_alpha` 0 and 5) and reports the final
-evaluation metrics. Every run keeps its workdir (W/<variant>), so a finished variant is not retrained.
+evaluation metrics. `qsft` trains plain SFT on rewarded data, exports it, trains Q-SFT from that
+export (its behaviour policy), trains SFT on the reward-1 records only, and repeats SFT and Q-SFT on
+the multi-turn data; it reports validation exact match. Every run keeps its workdir (W/<variant>), so a
+finished variant is not retrained.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 STUDIES = {
+    "qsft": {},  # a chain of runs: qsft_variants
     "gem": {
         "ce": {"loss.objective": "ce"},
         "gem": {},  # the config's GEM settings
@@ -42,9 +47,51 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _variant(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(config.to_dict())
     for key, value in overrides.items():
-        section, field = key.split(".")
-        config[section][field] = value
+        *parents, field = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[field] = value
     return config
+
+
+def qsft_variants(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, dict, str]]:
+    """(name, overrides, the run whose export it starts from or "") in training order."""
+    data = os.path.dirname(config.data.sources.qsft.path)
+    multi = {
+        "data.sources.qsft.path": os.path.join(data, "multiturn.jsonl"),
+        "data.sources.qsft.val_path": os.path.join(data, "val_chat.jsonl"),
+    }
+    return [
+        ("sft", {"loss.objective": "ce"}, ""),
+        ("qsft", {}, "sft"),
+        (
+            "filtered_sft",
+            {"loss.objective": "ce", "data.sources.qsft.path": os.path.join(data, "train_filtered.jsonl")},
+            "",
+        ),
+        ("multiturn_sft", {"loss.objective": "ce", **multi}, ""),
+        ("multiturn_qsft", dict(multi), "multiturn_sft"),
+    ]
+
+
+def qsft_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
+    from jsft.interop.export import run_export  # noqa: PLC0415
+
+    rows = {}
+    for name, overrides, start in qsft_variants(config, workdir):
+        if start:  # Q-SFT starts from the SFT run: its weights are the behaviour policy
+            overrides = dict(overrides, **{"model.hf_path": os.path.join(workdir, start, "hf")})
+        variant = _variant(config, overrides)
+        final = train_variant(variant, os.path.join(workdir, name))
+        rows[name] = {k: final[k] for k in ("eval/exact_match", "eval/loss") if k in final}
+        if name in ("sft", "multiturn_sft") and not os.path.exists(
+            os.path.join(workdir, name, "hf", "config.json")
+        ):
+            run_export(
+                variant, os.path.join(workdir, name), os.path.join(workdir, name, "hf"), dtype="float32"
+            )
+    return rows
 
 
 def train_variant(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -108,6 +155,8 @@ def main(argv: list[str]) -> None:
     rows = {}
     try:
         config_lib.validate(base)
+        if argv[1] == "qsft":
+            rows = qsft_study(base, _WORKDIR.value)
         for name, overrides in STUDIES[argv[1]].items():
             config = _variant(base, overrides)
             workdir = os.path.join(_WORKDIR.value, name)

@@ -125,6 +125,8 @@ def _shrink(config, data_dir, hf_dir) -> list[str]:
         over.append(f"--config.data.tokenizer={hf_dir}")
     else:
         over += ["--config.data.vocab_size=300", "--config.model.d_model=32", "--config.model.mlp_dim=64"]
+    if config.loss.get("objective") == "qsft":
+        return over  # its own (small) data carries the rewards Q-SFT needs
     for name, src in config.data.sources.items():
         over.append(f"--config.data.sources.{name}.path={os.path.join(data_dir, 'train.jsonl')}")
         if src.val_path:
