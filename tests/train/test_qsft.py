@@ -143,3 +143,50 @@ def test_a_qsft_run_trains_and_resumes_bitwise_with_its_target_and_behaviour_cop
     meta = run.checkpointer().read_meta(8)
     assert any(k.startswith(".aux['behavior']") for k in meta["checksums"])
     assert any(k.startswith(".aux['target']") for k in meta["checksums"])
+
+
+def test_qsft_steps_are_the_same_packed_unpacked_and_accumulated():
+    import optax  # noqa: PLC0415
+
+    from jsft.data import packing  # noqa: PLC0415
+    from jsft.models.llama import LlamaConfig  # noqa: PLC0415
+    from jsft.models.registry import ModelDef  # noqa: PLC0415
+    from jsft.train.objectives import Objective  # noqa: PLC0415
+    from jsft.train.state import TrainState  # noqa: PLC0415
+    from jsft.train.step import make_train_step  # noqa: PLC0415
+    from tests.train.test_step import VOCAB, _examples, _padded  # noqa: PLC0415
+
+    jax.config.update("jax_default_matmul_precision", "float32")
+    model = ModelDef.create(LlamaConfig.tiny(vocab_size=VOCAB))
+    rng = np.random.default_rng(0)
+    examples = []
+    for ex in _examples(8, seed=3):  # a reward on the last trained token of each example
+        reward = np.zeros(len(ex.ids), np.float32)
+        reward[np.flatnonzero(ex.mask)[-1]] = rng.choice([0.0, 1.0])
+        examples.append(packing.Example(ex.ids, ex.mask, 0, 1.0, reward))
+    objective = Objective("qsft", qsft_gamma=0.9, qsft_polyak=0.1)
+    schedule = optax.constant_schedule(0.1)
+    tx = optax.sgd(schedule)
+    params = model.init(jax.random.key(0))
+    # A target copy that differs from the parameters, so the backups are not all 1.
+    target = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(5), x.shape), params)
+
+    def run(batch, accum):
+        state = TrainState.create(params, tx, jax.random.key(1), copies=objective.state_copies)
+        state = state.replace(aux=dict(state.aux, target=target))
+        step = jax.jit(make_train_step(model, tx, schedule, accum, objective=objective))
+        return step(state, batch)
+
+    packed, padded = packing.pack(examples, 32), _padded(examples, 16)
+    (s1, m1), (s2, m2), (s4, m4) = run(packed, 1), run(padded, 1), run(padded, 4)
+    for m in (m2, m4):
+        np.testing.assert_allclose(m["loss"], m1["loss"], rtol=1e-5)
+        np.testing.assert_allclose(m["loss/qsft_target"], m1["loss/qsft_target"], rtol=1e-5)
+    assert 0.0 < float(m1["loss/qsft_target"]) < 1.0
+    for s in (s2, s4):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s1.params, s.params)
+    # The target moved toward the new parameters by the Polyak rate.
+    expect = jax.tree.map(lambda t, p: 0.9 * t + 0.1 * p, target, s4.params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s4.aux["target"], expect
+    )
