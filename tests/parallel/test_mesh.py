@@ -204,3 +204,20 @@ def test_qsft_on_a_mesh_trains_to_its_single_device_losses(tmp_path):
     one, mesh = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
     assert sorted(one) == sorted(mesh) == list(range(1, 7))
     np.testing.assert_allclose([mesh[s] for s in one], list(one.values()), rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_smoothing_prompt_weight_and_dropout_on_a_mesh_train_to_their_single_device_losses(
+    tiny_data_dir, tmp_path
+):
+    extra = [
+        "--config.loss.label_smoothing=0.1",
+        "--config.loss.prompt_weight=0.2",
+        "--config.model.dropout_embed=0.1",
+        "--config.model.dropout_residual=0.1",
+    ]
+    _train(tiny_data_dir, tmp_path / "one", 1, "--config.mesh.shape=(1,1,1)", *extra)
+    _train(tiny_data_dir, tmp_path / "mesh", 8, "--config.mesh.shape=(2,2,2)", *extra)
+    one, mesh = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
+    assert sorted(one) == sorted(mesh) == list(range(1, 7))
+    np.testing.assert_allclose([mesh[s] for s in one], list(one.values()), rtol=2e-5)

@@ -298,3 +298,20 @@ def test_dropout_is_training_only_deterministic_and_scaled():
     )
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, base.apply(params, tokens))
+
+
+def test_weighted_examples_and_prompt_weight_accumulate_like_one_big_batch(model):
+    weights = [1, 0.5, 2, 0, 1, 3, 0.25, 1]
+    examples = [
+        packing.Example(ex.ids, ex.mask, 0, w) for ex, w in zip(_examples(8, seed=5), weights, strict=True)
+    ]
+    batch = _padded(examples, 16)
+    schedule = optax.constant_schedule(0.1)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(schedule))
+    results = []
+    for accum in (1, 4):
+        step = jax.jit(make_train_step(model, tx, schedule, accum, objective=Objective(prompt_weight=0.3)))
+        results.append(step(TrainState.create(model.init(jax.random.key(0)), tx, jax.random.key(1)), batch))
+    (s1, m1), (s4, m4) = results
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s1.params, s4.params)
