@@ -10,7 +10,7 @@ import ml_collections
 
 from jsft.errors import ConfigError
 
-MODES = ("train", "inspect", "plan", "export", "eval", "generate")
+MODES = ("train", "inspect", "plan", "export", "eval", "generate", "report")
 # A config file marks the fields a user must set with this value (e.g. `model.hf_path`).
 REQUIRED = "<required>"
 ON_NONFINITE = ("stop", "skip")

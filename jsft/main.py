@@ -2,7 +2,9 @@
 
 Modes: `train` (the default), `inspect` (read and tokenize the data, write a report), `plan` (memory
 plan for the mesh), `export` (a checkpoint as a Hugging Face model directory), `eval` (validation and
-the eval suite on a checkpoint) and `generate` (outputs for a JSONL of prompts, or interactively).
+the eval suite on a checkpoint), `generate` (outputs for a JSONL of prompts, or interactively) and
+`report` (the curves of one or several runs as a PNG: `--mode report --workdir A --workdir B`; no
+config needed).
 
 Any config field can be overridden, e.g. `--config.optim.lr=3e-4`; a misspelled field is an error.
 """
@@ -24,8 +26,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Path to a config file, e.g. configs/demo.py (optionally configs/demo.py:ARG).",
     lock_config=True,
 )
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory for checkpoints, logs and metrics (all modes but plan)."
+_WORKDIR = flags.DEFINE_multi_string(
+    "workdir",
+    None,
+    "Directory for checkpoints, logs and metrics (all modes but plan); --mode report takes several.",
+)
+_REPORT_OUT = flags.DEFINE_string(
+    "report_out", "", "--mode report: the PNG to write (default: WORKDIR/report.png, or report_compare.png)."
 )
 _MODE = flags.DEFINE_enum("mode", "train", list(config_lib.MODES), "What to do.")
 _COORDINATOR = flags.DEFINE_string(
@@ -49,7 +56,7 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "--mode generate: 0 is gre
 _TOP_K = flags.DEFINE_integer("top_k", 0, "--mode generate: top-k sampling (0: off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "--mode generate: nucleus sampling (1: off).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0, "--mode generate: 0 takes config.eval.max_new_tokens.")
-flags.mark_flags_as_required(["config"])
+# --config is required by every mode but report (checked in main, one line).
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -105,14 +112,20 @@ def main(argv: list[str]) -> None:
 
         datasets.disable_progress_bars()  # one line per source is printed instead
         datasets.logging.set_verbosity_error()
+    workdirs = _WORKDIR.value or []
+    if _MODE.value == "report":
+        return _report(workdirs)
     config = _load_config()
     try:
         config_lib.validate(config, _MODE.value)
         if _MODE.value == "plan":
             return _plan(config)
-        if not _WORKDIR.value:
-            raise config_lib.ConfigError(f"--workdir is required for --mode={_MODE.value}")
-        workdir = check_workdir(_WORKDIR.value)
+        if len(workdirs) != 1:
+            raise config_lib.ConfigError(
+                f"--mode={_MODE.value} takes one --workdir (given {len(workdirs)}); "
+                "only --mode report takes several"
+            )
+        workdir = check_workdir(workdirs[0])
         if config.model.hf_path:  # cheap (config.json and a file listing): before any data is read
             from jsft.interop import hf  # noqa: PLC0415
 
@@ -157,6 +170,12 @@ def _check_vocabulary(config) -> None:
 
 def _load_config():
     """The parsed config; a missing config file or one whose get_config raises is one line."""
+    if _CONFIG.value is None:
+        _fail(
+            config_lib.ConfigError(
+                f"--config is required for --mode={_MODE.value} (e.g. --config=configs/demo.py)"
+            )
+        )
     try:
         config = _CONFIG.value
         config.to_dict()  # a config that failed to load raises only when it is first used
@@ -210,6 +229,20 @@ def _run_mode(config, workdir: str) -> None:
 
         run = Run.create(config, workdir)
         inspect.run_inspect(config, run.workdir, run.data(0, inspect.inspect_config(config.data)))
+
+
+def _report(workdirs: list[str]) -> None:
+    """--mode report: the runs' curves overlaid in one PNG."""
+    from jsft.train import report  # noqa: PLC0415
+
+    if not workdirs:
+        _fail(config_lib.ConfigError("--mode report needs at least one --workdir"))
+    default = "report.png" if len(workdirs) == 1 else "report_compare.png"
+    out = _REPORT_OUT.value or os.path.join(workdirs[0], default)
+    try:
+        print(f"wrote {report.write_report(workdirs, out)}")
+    except (FileNotFoundError, ValueError) as e:
+        _fail(e)
 
 
 def _plan(config) -> None:

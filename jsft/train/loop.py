@@ -36,7 +36,7 @@ from jsft.evals.suite import Evaluation, Interrupted
 from jsft.models.registry import ModelDef
 from jsft.parallel import multihost, sharding
 from jsft.run import Run
-from jsft.train import trainable
+from jsft.train import report, trainable
 from jsft.train.checkpoint import BestCheckpoint, Checkpointer
 from jsft.train.nonfinite import NonFiniteGuard
 from jsft.train.preemption import StopRequest
@@ -369,6 +369,7 @@ def evaluate(t: Trainer, step: int, state: TrainState, data_state: dict) -> bool
                 _write_samples(task_dir, step, task_samples)
     t.summary.update(metrics)
     _print(is_main, f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    _write_report(t)
     best = t.best
     if best is None:
         return False
@@ -395,6 +396,16 @@ def save(t: Trainer, step: int, state: TrainState, data_state: dict, pending: li
     flags = jax.device_get([m["nonfinite"] for _, m in pending])
     t.guard.check([s for s, _ in pending], [bool(f) for f in flags])
     t.ckpt.save(step, t.saved(state), _global_data_state(data_state), t.meta())
+
+
+def _write_report(t: Trainer) -> None:
+    """WORKDIR/report.png from metrics.jsonl; a plotting failure is a warning, never a lost run."""
+    if not t.run.is_main or t.writer is None:
+        return
+    try:
+        report.write_report([t.run.workdir], os.path.join(t.run.workdir, "report.png"))
+    except Exception as e:  # noqa: BLE001 - the report is a convenience
+        logging.warning("Could not write report.png: %s", e)
 
 
 def _global_data_state(data_state: dict) -> dict:
@@ -441,6 +452,9 @@ def _train_metrics(
 def finish(t: Trainer, step: int, start_time: float) -> dict:
     """Wait for the last save and print the summary (final metrics, best checkpoint, where)."""
     t.ckpt.wait()
+    if t.best is not None:  # best.json is written by the best checkpoint: after the last evaluation
+        t.best.checkpointer.wait()
+    _write_report(t)
     summary = t.summary
     if t.best is not None and t.best.record["step"] is not None:
         summary.update(best_step=t.best.record["step"], best_value=t.best.record["value"])

@@ -235,6 +235,7 @@ def test_a_gem_run_logs_each_term_and_evaluates_plain_cross_entropy(tiny_config,
     logged = [r for r in rows if "train/loss" in r]
     assert logged and all({"train/loss/ce", "train/loss/gem", "train/loss/z"} <= set(r) for r in logged)
     assert "eval/loss" in summary and "eval/loss/gem" not in summary
+    assert (tmp_path / "report.png").stat().st_size > 1000  # the run's curves, written at the end
 
 
 def test_prompt_weight_and_example_weights_set_each_tokens_weight():

@@ -1,0 +1,94 @@
+"""Run reports: one PNG of a run's curves from its metrics.jsonl, or several runs overlaid.
+
+    python -m jsft.main --mode report --workdir A [--workdir B ...] [--report_out FILE]
+
+Panels: train loss, learning rate, gradient norm, tokens/s, eval loss and every other eval metric
+(perplexity aside), each over steps; the best checkpoint's step (checkpoints_best/best.json) is a
+dashed line in the run's colour. Training writes WORKDIR/report.png after every evaluation and at the
+end (matplotlib's Agg backend: no display needed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+TRAIN_PANELS = ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s")
+
+
+def read_metrics(workdir: str) -> dict[str, list[tuple[int, float]]]:
+    """{metric: [(step, value), ...]} of a workdir's metrics.jsonl (non-finite values left out)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--workdir={workdir}: no metrics.jsonl (has a run written there?)")
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            for key, value in row.items():
+                if key != "step" and isinstance(value, int | float) and math.isfinite(value):
+                    series.setdefault(key, []).append((int(row["step"]), float(value)))
+    return series
+
+
+def best_step(workdir: str) -> int | None:
+    path = os.path.join(workdir, "checkpoints_best", "best.json")
+    try:
+        with open(path) as f:
+            return json.load(f).get("step")
+    except (OSError, ValueError):
+        return None
+
+
+def panels(runs: list[dict[str, list]]) -> list[str]:
+    """The metrics to draw: the train panels, then eval loss and every other eval metric, in order."""
+    keys = set().union(*(r.keys() for r in runs))
+    evals = sorted(
+        k for k in keys if k.startswith("eval/") and not k.endswith("perplexity") and k != "eval/loss"
+    )
+    wanted = [*TRAIN_PANELS, "eval/loss", *evals]
+    return [k for k in wanted if k in keys]
+
+
+def write_report(workdirs: list[str], out_path: str) -> str:
+    """Draw the runs of `workdirs` (overlaid) into `out_path`; returns the path."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    runs = [read_metrics(w) for w in workdirs]
+    names = panels(runs)
+    cols = 3
+    rows = max(1, math.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        for i, (workdir, run) in enumerate(zip(workdirs, runs, strict=True)):
+            color = f"C{i % 10}"
+            if name in run:
+                steps, values = zip(*run[name], strict=True)
+                ax.plot(
+                    steps,
+                    values,
+                    color=color,
+                    marker="." if len(steps) < 30 else None,
+                    label=os.path.basename(os.path.normpath(workdir)),
+                )
+            best = best_step(workdir)
+            if best is not None and name.startswith("eval/"):
+                ax.axvline(best, color=color, linestyle="--", linewidth=0.8)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        if name in ("train/loss", "eval/loss"):
+            ax.set_yscale("log")
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = f"{out_path}.tmp.png"
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+    return out_path
