@@ -29,6 +29,9 @@ LAYERS = {
     "jsft.bench_train": 8,
     "jsft.bench_peft": 8,
     "jsft.study": 8,  # research studies built from whole runs
+    "jsft.sweep": 8,  # sweeps of whole runs on an Optuna study
+    "jsft.sweep_report": 8,
+    "jsft.sweep_lib": 8,
 }
 
 

@@ -1,0 +1,123 @@
+"""Sweeps: two workers share the store and run each trial once; kill -9 mid-sweep and the rerun
+finishes without redoing finished trials (the interrupted one resumes) with the same results; bad sweep
+files and stores are one line before any trial."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SWEEP = """
+import ml_collections
+
+def get_sweep():
+    s = ml_collections.ConfigDict()
+    s.config = "{config}"
+    s.overrides = {{"train": {{"steps": 6, "eval_every_steps": 3, "checkpoint_every_steps": 3}}}}
+    s.space = {space}
+    s.sampler = "grid"
+    s.objective = "{objective}"
+    return s
+"""
+SPACE = '{"optim": {"lr": ("grid", [0.001, 0.003])}, "seed": ("grid", [0, 1])}'
+
+
+def _sweep_file(tmp_path, data_dir, space=SPACE, objective="eval/loss", name="sweep.py"):
+    config = f"{os.path.join(REPO, 'tests', 'tiny_config.py')}:{data_dir}"
+    path = tmp_path / name
+    path.write_text(SWEEP.format(config=config, space=space, objective=objective))
+    return str(path)
+
+
+def _sweep(sweep_file, root, *extra, **kw):
+    cmd = [sys.executable, "-m", "jsft.sweep", f"--sweep={sweep_file}", f"--dir={root}", *extra]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, **kw)
+
+
+def _trials(root):
+    import optuna  # noqa: PLC0415
+
+    backend = optuna.storages.journal.JournalFileBackend(os.path.join(root, "study.journal"))
+    study = optuna.load_study(study_name="sweep", storage=optuna.storages.journal.JournalStorage(backend))
+    return study.get_trials()
+
+
+def _starts(root):
+    out = {}
+    for d in sorted(os.listdir(os.path.join(root, "trials"))):
+        with open(os.path.join(root, "trials", d, "trial.log")) as f:
+            out[d] = sum(line.startswith("start") for line in f)
+    return out
+
+
+@pytest.mark.slow
+def test_two_workers_then_a_kill_9_and_a_rerun_give_the_same_table(tiny_data_dir, tmp_path):
+    sweep_file = _sweep_file(tmp_path, tiny_data_dir)
+    shared = tmp_path / "shared"
+    r = _sweep(sweep_file, shared, "--workers=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    trials = _trials(shared)
+    assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)
+    assert set(_starts(shared).values()) == {1}  # no trial ran twice
+    assert (shared / "report.md").exists() and (shared / "curves.png").exists()
+    # The same command again: everything is finished, nothing reruns.
+    assert _sweep(sweep_file, shared, "--workers=2").returncode == 0
+    assert set(_starts(shared).values()) == {1}
+
+    # One worker, killed with -9 (the whole process group) while its second trial runs.
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "jsft.sweep", f"--sweep={sweep_file}", f"--dir={killed}"]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        time.sleep(1.0)
+        done = (killed / "study.journal").exists() and sum(
+            t.state.name == "COMPLETE" for t in _trials(killed)
+        )
+        second = killed / "trials"
+        if done and second.exists() and len(os.listdir(second)) >= 2:
+            ckpt = [os.path.join(second, d, "checkpoints") for d in sorted(os.listdir(second))][1]
+            if os.path.exists(ckpt) and any(s.isdigit() for s in os.listdir(ckpt)):
+                break  # the second trial has a checkpoint: kill it mid-run
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _starts(killed)
+    r = _sweep(sweep_file, killed)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = _starts(killed)
+    assert len(after) == 4 and all(t.state.name == "COMPLETE" for t in _trials(killed))
+    first = sorted(before)[0]
+    assert after[first] == 1  # finished before the kill: not redone
+    assert after[sorted(before)[1]] == 2  # interrupted: taken over once, resumed from its checkpoint
+    values = lambda root: {tuple(sorted(t.params.items())): t.value for t in _trials(root)}  # noqa: E731
+    assert values(killed) == values(shared)  # the same table, bitwise
+
+
+@pytest.mark.parametrize(
+    "space,objective,extra,message",
+    [
+        (
+            '{"optim": {"lrr": ("grid", [0.1])}}',
+            "eval/loss",
+            [],
+            "sweep.space: 'optim.lrr' is not a field of",
+        ),
+        ("{}", "eval/loss", [], "sweep.space is empty"),
+        (SPACE, "eval/accuracy", [], "sweep.objective='eval/accuracy' is not a metric the runs log"),
+        (SPACE, "eval/loss", ["--storage=nosuchdb://x"], "--storage=nosuchdb://x: cannot open it"),
+    ],
+)
+def test_a_bad_sweep_is_one_line_before_any_trial(tiny_data_dir, tmp_path, space, objective, extra, message):
+    sweep_file = _sweep_file(tmp_path, tiny_data_dir, space=space, objective=objective)
+    r = _sweep(sweep_file, tmp_path / "dir", *extra)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("jsft: error: ") and message in last, last
+    assert not (tmp_path / "dir" / "trials").exists()
