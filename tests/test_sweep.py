@@ -121,3 +121,50 @@ def test_a_bad_sweep_is_one_line_before_any_trial(tiny_data_dir, tmp_path, space
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("jsft: error: ") and message in last, last
     assert not (tmp_path / "dir" / "trials").exists()
+
+
+def test_the_cluster_launchers_dry_run_print_what_they_would_submit(tmp_path):
+    env = dict(os.environ, SWEEP="configs/sweeps/demo_lr.py", DIR=str(tmp_path), WORKERS="3")
+    r = subprocess.run(
+        ["bash", "launch/slurm_sweep.sbatch", "--dry-run", "--gpus-per-node=8"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (
+        "+ sbatch --array=0-2 --export=ALL --gpus-per-node=8" in r.stdout and "slurm_sweep.sbatch" in r.stdout
+    )
+    env["SLURM_ARRAY_TASK_ID"] = "1"
+    r = subprocess.run(
+        ["bash", "launch/slurm_sweep.sbatch", "--dry-run"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0 and "-m jsft.sweep --sweep configs/sweeps/demo_lr.py" in r.stdout, r.stderr
+    assert "--workers 1" in r.stdout
+    env = dict(os.environ, SLICES="a b", ZONE="z", PROJECT="p", STORAGE="sqlite:///x.db", DIR=str(tmp_path))
+    r = subprocess.run(
+        ["bash", "launch/tpu_sweep.sh", "--dry-run", "--sweep", "configs/sweeps/demo_lr.py"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("python\\ -m\\ jsft.sweep") + r.stdout.count("python -m jsft.sweep") == 2
+    missing = subprocess.run(
+        ["bash", "launch/tpu_sweep.sh", "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": os.environ["PATH"]},
+    )
+    assert missing.returncode == 2 and "set SLICES ZONE PROJECT STORAGE DIR" in missing.stderr
