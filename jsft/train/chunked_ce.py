@@ -14,6 +14,7 @@ Logits are computed with float32 accumulation whatever the compute dtype.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -75,29 +76,51 @@ def _forward(x_btd, head_dv, targets_bt, softcap, chunk):
 
 
 def _bwd(softcap, chunk, residuals, g_bt):
-    """Vocabulary blocks outside, sequence chunks inside: each block's [D, vocab_block] gradient is
+    x_btd, head_dv, targets_bt, lse = residuals
+    ts, gs = _chunks(targets_bt, chunk), _chunks(g_bt.astype(jnp.float32), chunk)
+
+    def logits_grad(i, logits, columns):
+        hit = columns == ts[i][..., None]
+        return (jnp.exp(logits - lse[i][..., None]) - hit) * gs[i][..., None]
+
+    return (*block_backward(x_btd, head_dv, softcap, chunk, VOCAB_BLOCK, logits_grad), None)
+
+
+def block_backward(
+    x_btd: jax.Array,
+    head_dv: jax.Array,
+    softcap: float,
+    chunk: int,
+    vocab_block: int,
+    logits_grad: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+) -> tuple[jax.Array, jax.Array]:
+    """(dx, dhead) of a loss over logits = softcap(x @ head), given `logits_grad(i, logits, columns)`:
+    d loss / d logits (before the soft-cap) of sequence chunk i for the block of head columns
+    `columns` ([B, C, block] float32). Used by the cross-entropy here and by every term of
+    jsft/train/token_terms.py.
+
+    Vocabulary blocks outside, sequence chunks inside: each block's [D, vocab_block] gradient is
     summed over every token in float32 and written once into the head's gradient (in the head's
     dtype, one rounding, as the unfused loss's matmul does); dx accumulates in place. No [D, V]
     float32 array and no per-chunk [D, V] partial sum ever exists."""
-    x_btd, head_dv, targets_bt, lse = residuals
     vocab = head_dv.shape[1]
-    block = min(VOCAB_BLOCK, vocab)
-    xs, ts, gs = _chunks(x_btd, chunk), _chunks(targets_bt, chunk), _chunks(g_bt.astype(jnp.float32), chunk)
+    block = min(vocab_block, vocab)
+    xs = _chunks(x_btd, chunk)
 
-    def vocab_block(v, carry):
+    def vocab_block_step(v, carry):
         dx, dhead_dv = carry
         # The last block may overlap the one before it (V need not be a multiple of the block): its
         # columns already counted are left out of dx; their head gradient is recomputed identically.
         v0 = jnp.minimum(v * block, vocab - block)
         head_vb = jax.lax.dynamic_slice_in_dim(head_dv, v0, block, axis=1)
-        new_column = v0 + jnp.arange(block) >= v * block
+        columns = v0 + jnp.arange(block)
+        new_column = columns >= v * block
 
         def token_chunk(i, inner):
             dx, dhead_db = inner
             x_bcd = xs[i]
             logits, squashed = _logits(x_bcd, head_vb, softcap)
-            hit = v0 + jnp.arange(block) == ts[i][..., None]
-            d_bcv = (jnp.exp(logits - lse[i][..., None]) - hit) * gs[i][..., None]
+            d_bcv = logits_grad(i, logits, columns)
             if softcap:
                 d_bcv = d_bcv * (1.0 - squashed * squashed)
             d_bcv = d_bcv.astype(x_bcd.dtype)
@@ -114,8 +137,8 @@ def _bwd(softcap, chunk, residuals, g_bt):
     # The head's gradient keeps the head's own sharding (FSDP: split over devices): each block is
     # reduce-scattered as it is written, so no device ever holds the whole [D, V] gradient.
     init = (jnp.zeros(xs.shape, jnp.float32), constrain(jnp.zeros(head_dv.shape, head_dv.dtype), HEAD_AXES))
-    dx, dhead_dv = jax.lax.fori_loop(0, -(-vocab // block), vocab_block, init)
-    return _unchunk(dx, x_btd.shape[1]).astype(x_btd.dtype), dhead_dv, None
+    dx, dhead_dv = jax.lax.fori_loop(0, -(-vocab // block), vocab_block_step, init)
+    return _unchunk(dx, x_btd.shape[1]).astype(x_btd.dtype), dhead_dv
 
 
 chunked_nll.defvjp(_forward, _bwd)

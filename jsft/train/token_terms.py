@@ -22,8 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jsft.parallel.sharding import constrain
-from jsft.train.chunked_ce import HEAD_AXES, VOCAB_BLOCK, _chunks, _logits, _target_logit, _unchunk
+from jsft.train.chunked_ce import VOCAB_BLOCK, _chunks, _logits, _target_logit, _unchunk, block_backward
 
 GEM_H = ("linear", "log_sigmoid")
 _SIGMOID_SCALE = 0.01  # the reference implementation's slope in h = log_sigmoid
@@ -121,45 +120,20 @@ def _block_grad(logits, hit, res_i, g_i, terms: Terms, vocab: int):
 
 
 def _bwd(softcap, chunk, terms, residuals, g):
-    """As chunked_ce's backward (vocabulary blocks outside, sequence chunks inside), with the
-    gradient of every requested term summed into one [B, C, block] array per block."""
-    x_btd, head_dv, targets_bt, res = residuals
+    """chunked_ce's backward over vocabulary blocks, with the gradient of every requested term
+    summed into one [B, C, block] array per block."""
+    x_btd, head_dv, targets_bt, res = residuals  # res: already chunked, [N, B, C] each
     vocab = head_dv.shape[1]
-    block = min(VOCAB_BLOCK, vocab)
-    xs, ts = _chunks(x_btd, chunk), _chunks(targets_bt, chunk)
-    rs = {k: v for k, v in res.items()}  # already chunked: [N, B, C]
+    ts = _chunks(targets_bt, chunk)
     gs = {k: _chunks(g[k].astype(jnp.float32), chunk) for k in terms.names()}
 
-    def vocab_block(v, carry):
-        dx, dhead_dv = carry
-        v0 = jnp.minimum(v * block, vocab - block)
-        head_vb = jax.lax.dynamic_slice_in_dim(head_dv, v0, block, axis=1)
-        new_column = v0 + jnp.arange(block) >= v * block
+    def logits_grad(i, logits, columns):
+        hit = (columns == ts[i][..., None]).astype(jnp.float32)
+        res_i = {k: r[i] for k, r in res.items()}
+        g_i = {k: gk[i] for k, gk in gs.items()}
+        return _block_grad(logits, hit, res_i, g_i, terms, vocab)
 
-        def token_chunk(i, inner):
-            dx, dhead_db = inner
-            x_bcd = xs[i]
-            logits, squashed = _logits(x_bcd, head_vb, softcap)
-            hit = (v0 + jnp.arange(block) == ts[i][..., None]).astype(jnp.float32)
-            res_i = {k: r[i] for k, r in rs.items()}
-            g_i = {k: gk[i] for k, gk in gs.items()}
-            d_bcv = _block_grad(logits, hit, res_i, g_i, terms, vocab)
-            if softcap:
-                d_bcv = d_bcv * (1.0 - squashed * squashed)
-            d_bcv = d_bcv.astype(x_bcd.dtype)
-            dhead_db = dhead_db + jnp.einsum("BCD,BCV->DV", x_bcd, d_bcv, preferred_element_type=jnp.float32)
-            d_new = jnp.where(new_column, d_bcv, jnp.zeros((), d_bcv.dtype))
-            dx_bcd = jnp.einsum("BCV,DV->BCD", d_new, head_vb, preferred_element_type=jnp.float32)
-            return dx.at[i].add(dx_bcd), dhead_db
-
-        zeros = jnp.zeros((head_dv.shape[0], block), jnp.float32)
-        dx, dhead_db = jax.lax.fori_loop(0, xs.shape[0], token_chunk, (dx, zeros))
-        dhead_dv = jax.lax.dynamic_update_slice_in_dim(dhead_dv, dhead_db.astype(head_dv.dtype), v0, axis=1)
-        return dx, constrain(dhead_dv, HEAD_AXES)
-
-    init = (jnp.zeros(xs.shape, jnp.float32), constrain(jnp.zeros(head_dv.shape, head_dv.dtype), HEAD_AXES))
-    dx, dhead_dv = jax.lax.fori_loop(0, -(-vocab // block), vocab_block, init)
-    return _unchunk(dx, x_btd.shape[1]).astype(x_btd.dtype), dhead_dv, None
+    return (*block_backward(x_btd, head_dv, softcap, chunk, VOCAB_BLOCK, logits_grad), None)
 
 
 chunked_terms.defvjp(_forward, _bwd)
