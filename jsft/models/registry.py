@@ -25,6 +25,8 @@ class ModelDef:
     config: LlamaConfig
     graphdef: Any
     treedef: Any  # of the nnx.State, whose leaves come in the same order as the pure dict's
+    # abstract_params() traced once: every mode, mask and layout asks for it (a LoRA run at each save)
+    _abstract: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
     def create(cls, config: LlamaConfig) -> ModelDef:
@@ -48,7 +50,10 @@ class ModelDef:
         return lora.attach(base_params, rng, self.config)
 
     def abstract_params(self) -> Params:
-        return jax.eval_shape(self.init, jax.random.key(0))
+        """Shapes and dtypes of the parameters (traced once per ModelDef; a fresh dict each call)."""
+        if "params" not in self._abstract:
+            self._abstract["params"] = jax.eval_shape(self.init, jax.random.key(0))
+        return jax.tree.map(lambda x: x, self._abstract["params"])
 
     def logical_axes(self) -> Params:
         """The pytree of logical axis-name tuples, one per parameter (same structure as params)."""
