@@ -58,6 +58,15 @@ def _losses(workdir):
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
+def _one_device_equals_the_mesh(data_dir, tmp_path, *overrides):
+    """The same run on one device and on a (2,2,2) mesh of 8: the same losses at steps 1-6."""
+    _train(data_dir, tmp_path / "one", 1, "--config.mesh.shape=(1,1,1)", *overrides)
+    _train(data_dir, tmp_path / "mesh", 8, "--config.mesh.shape=(2,2,2)", *overrides)
+    one, mesh = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
+    assert sorted(one) == sorted(mesh) == list(range(1, 7))
+    np.testing.assert_allclose([mesh[s] for s in one], list(one.values()), rtol=2e-5)
+
+
 @pytest.fixture(scope="module")
 def baseline(tiny_data_dir, tmp_path_factory):
     wd = tmp_path_factory.mktemp("baseline")
@@ -152,11 +161,7 @@ def test_a_checkpoint_restores_onto_another_mesh_and_one_device(tiny_data_dir, t
 def test_a_frozen_subset_on_a_mesh_trains_to_its_single_device_losses(tiny_data_dir, tmp_path):
     # Optimizer state exists for the trainable parameters only and takes their shardings.
     frozen = r"--config.train.frozen=embed|lm_head|layers\.attn\."
-    _train(tiny_data_dir, tmp_path / "one", 1, "--config.mesh.shape=(1,1,1)", frozen)
-    _train(tiny_data_dir, tmp_path / "mesh", 8, "--config.mesh.shape=(2,2,2)", frozen)
-    one, mesh = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
-    assert sorted(one) == sorted(mesh) == list(range(1, 7))
-    np.testing.assert_allclose([mesh[s] for s in one], list(one.values()), rtol=2e-5)
+    _one_device_equals_the_mesh(tiny_data_dir, tmp_path, frozen)
 
 
 @pytest.mark.slow
@@ -165,11 +170,7 @@ def test_lora_on_a_mesh_trains_to_its_single_device_losses(tiny_data_dir, tmp_pa
     # Adapters (rank 4 on every projection) shard like their weights' input/output axes; the QLoRA
     # base's codes and scales keep the weights' logical axes.
     peft = [f"--config.peft.method={method}", "--config.peft.rank=4", "--config.peft.quant_block=8"]
-    _train(tiny_data_dir, tmp_path / "one", 1, "--config.mesh.shape=(1,1,1)", *peft)
-    _train(tiny_data_dir, tmp_path / "mesh", 8, "--config.mesh.shape=(2,2,2)", *peft)
-    one, mesh = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
-    assert sorted(one) == sorted(mesh) == list(range(1, 7))
-    np.testing.assert_allclose([mesh[s] for s in one], list(one.values()), rtol=2e-5)
+    _one_device_equals_the_mesh(tiny_data_dir, tmp_path, *peft)
 
 
 @pytest.mark.slow
@@ -181,11 +182,7 @@ def test_objectives_on_a_mesh_train_to_their_single_device_losses(tiny_data_dir,
         "--config.loss.z_loss=0.001",
         "--config.loss.neftune_alpha=5",
     ]
-    _train(tiny_data_dir, tmp_path / "one", 1, "--config.mesh.shape=(1,1,1)", *extra)
-    _train(tiny_data_dir, tmp_path / "mesh", 8, "--config.mesh.shape=(2,2,2)", *extra)
-    one, mesh = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
-    assert sorted(one) == sorted(mesh) == list(range(1, 7))
-    np.testing.assert_allclose([mesh[s] for s in one], list(one.values()), rtol=2e-5)
+    _one_device_equals_the_mesh(tiny_data_dir, tmp_path, *extra)
 
 
 @pytest.mark.slow
@@ -199,11 +196,7 @@ def test_qsft_on_a_mesh_trains_to_its_single_device_losses(tmp_path):
     write_jsonl(data / "train.jsonl", records)
     write_jsonl(data / "val.jsonl", make_records(24, 1))
     extra = ["--config.loss.objective=qsft", "--config.loss.qsft_gamma=0.9", "--config.loss.qsft_polyak=0.1"]
-    _train(data, tmp_path / "one", 1, "--config.mesh.shape=(1,1,1)", *extra)
-    _train(data, tmp_path / "mesh", 8, "--config.mesh.shape=(2,2,2)", *extra)
-    one, mesh = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
-    assert sorted(one) == sorted(mesh) == list(range(1, 7))
-    np.testing.assert_allclose([mesh[s] for s in one], list(one.values()), rtol=2e-5)
+    _one_device_equals_the_mesh(data, tmp_path, *extra)
 
 
 @pytest.mark.slow
@@ -216,8 +209,4 @@ def test_smoothing_prompt_weight_and_dropout_on_a_mesh_train_to_their_single_dev
         "--config.model.dropout_embed=0.1",
         "--config.model.dropout_residual=0.1",
     ]
-    _train(tiny_data_dir, tmp_path / "one", 1, "--config.mesh.shape=(1,1,1)", *extra)
-    _train(tiny_data_dir, tmp_path / "mesh", 8, "--config.mesh.shape=(2,2,2)", *extra)
-    one, mesh = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
-    assert sorted(one) == sorted(mesh) == list(range(1, 7))
-    np.testing.assert_allclose([mesh[s] for s in one], list(one.values()), rtol=2e-5)
+    _one_device_equals_the_mesh(tiny_data_dir, tmp_path, *extra)
