@@ -196,6 +196,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.peft.quant_block = 64
     config.peft.adapter = ""
 
+    # Weights & Biases (pip install 'jsft[wandb]'), beside metrics.jsonl and TensorBoard; mode: disabled |
+    # offline (files under WORKDIR/wandb, `wandb sync` them later) | online. Sweeps set group and trial.
+    config.logging = ml_collections.ConfigDict()
+    config.logging.wandb = ml_collections.ConfigDict(
+        dict(mode="disabled", project="jsft", entity="", name="", group="", tags="", trial="")
+    )
+
     config.eval = ml_collections.ConfigDict()
     config.eval.at_start = True
     config.eval.batch_size = 50

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Collection
@@ -132,6 +133,20 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
     _choice(config, "data.on_changed_data", ON_CHANGED_DATA)
     _check_peft(config)
     _check_objective(config)
+    _check_wandb(config)
+
+
+def _check_wandb(config: ml_collections.ConfigDict) -> None:
+    from jsft.train.writer import WANDB_MODES  # noqa: PLC0415
+
+    if "logging" not in config or "wandb" not in config.logging:
+        return
+    _choice(config, "logging.wandb.mode", WANDB_MODES)
+    if config.logging.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            f"config.logging.wandb.mode={config.logging.wandb.mode!r} needs the wandb package: "
+            "pip install 'jsft[wandb]' (or set config.logging.wandb.mode='disabled')"
+        )
 
 
 def _check_objective(config: ml_collections.ConfigDict) -> None:

@@ -12,7 +12,10 @@ A sweep file's `get_sweep()` returns a ConfigDict:
     sampler     grid | random | tpe (seeded by `seed`)
     objective   a metric of metrics.jsonl (its last value), `direction` minimize | maximize
     trials      the budget (grid: at most the grid's size; 0: the whole grid)
-    pruner      "" | median (on the objective's intermediate evaluations)
+    pruner      "" | median: stop a trial whose objective at an evaluation is worse than the median
+                of finished trials' at that step (Optuna's MedianPruner; only after
+                `pruner_startup_trials` finished trials (5) and `pruner_warmup_steps` steps (0); the
+                objective must be an eval/ metric). With one worker the verdicts are reproducible.
 
 The study lives in `DIR/study.journal` (Optuna's journal file store, safe for several processes on one
 machine or a shared file system) or in any RDB URL given with `--storage` (PostgreSQL, MySQL, SQLite)
@@ -22,8 +25,10 @@ the order trials finish: reproducible with one worker). Each trial is an ordinar
 `python -m jsft.main ...`, in `DIR/trials/<number>-<hash of its overrides>/` (the command is printed
 and written to `command.txt`), so it reruns alone, and a killed sweep resumes: finished trials are
 kept, a trial whose worker died (its lock file is free) is taken over and resumes from its checkpoint.
-Workers coordinate only through the store and file locks (`fcntl.flock`) in DIR. `--report` (and the
-end of every sweep) writes `DIR/report.md` with the trial table and PNGs.
+Workers coordinate only through the store and file locks (`fcntl.flock`) in DIR. Where the run config
+has `logging.wandb` (turn it on with `overrides`, e.g. {"logging": {"wandb": {"mode": "offline"}}}),
+each trial's W&B run is grouped by the sweep's name and labelled with its trial ("<sweep>/<number>").
+`--report` (and the end of every sweep) writes `DIR/report.md` with the trial table and PNGs.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ def run_trial(
 
     workdir = sweep_lib.trial_dir(root, number, params)
     os.makedirs(workdir, exist_ok=True)
-    cmd = sweep_lib.command(sweep, sweep_file, workdir, params)
+    cmd = sweep_lib.command(sweep, sweep_file, workdir, params, number)
     with open(os.path.join(workdir, "command.txt"), "w") as f:
         f.write(" ".join(cmd) + "\n")
     with open(os.path.join(workdir, "trial.log"), "a") as log:
@@ -73,17 +78,14 @@ def run_trial(
     with open(os.path.join(workdir, "run.log"), "a") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         pruned = False
-        while proc.poll() is None:
+        while proc.poll() is None and not pruned:
             time.sleep(2.0)
-            if sweep.pruner and sweep.objective.startswith("eval/"):
-                for step, value in sweep_lib.last_value(workdir, sweep.objective)[1]:
-                    if step not in reported and step > 0:
-                        trial.report(value, step)
-                        reported.add(step)
-                        if trial.should_prune():
-                            proc.kill()
-                            pruned = True
+            pruned = _report(trial, sweep, workdir, reported)
+        if pruned:
+            proc.terminate()  # jsft stops at the next step on SIGTERM
         proc.wait()
+    # Evaluations the polling missed are reported too, so the verdict does not depend on timing.
+    pruned = pruned or _report(trial, sweep, workdir, reported)
     value, _ = sweep_lib.last_value(workdir, sweep.objective)
     if pruned:
         study.tell(number, state=optuna.trial.TrialState.PRUNED)
@@ -94,6 +96,19 @@ def run_trial(
         return "FAIL"
     study.tell(number, value)
     return "COMPLETE"
+
+
+def _report(trial: Any, sweep: ml_collections.ConfigDict, workdir: str, reported: set[int]) -> bool:
+    """Feed the pruner the objective's new evaluations (after step 0); True once it says prune."""
+    if not sweep.pruner or not sweep.objective.startswith("eval/"):
+        return False
+    for step, value in sweep_lib.last_value(workdir, sweep.objective)[1]:
+        if step not in reported and step > 0:
+            trial.report(value, step)
+            reported.add(step)
+            if trial.should_prune():
+                return True
+    return False
 
 
 def worker(sweep_file: str, root: str, storage_url: str) -> int:

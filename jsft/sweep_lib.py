@@ -62,7 +62,16 @@ def load_sweep(path: str) -> ml_collections.ConfigDict:
     raw = loaded.to_dict() if isinstance(loaded, ml_collections.ConfigDict) else dict(loaded)
     space = flatten(raw.pop("space", {}) or {}, leaf=lambda v: _is_spec(v) or not isinstance(v, dict))
     overrides = flatten(raw.pop("overrides", {}) or {})
-    defaults = dict(sampler="grid", seed=0, direction="minimize", trials=0, pruner="", objective="eval/loss")
+    defaults = dict(
+        sampler="grid",
+        seed=0,
+        direction="minimize",
+        trials=0,
+        pruner="",
+        pruner_startup_trials=5,
+        pruner_warmup_steps=0,
+        objective="eval/loss",
+    )
     sweep = ml_collections.ConfigDict({**defaults, **raw})
     sweep.space_items = list(space.items())  # (dotted field, spec) pairs: ConfigDict keys hold no dots
     sweep.override_items = list(overrides.items())
@@ -123,6 +132,13 @@ def check(sweep: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -
         raise SweepError(f"sweep.sampler={sweep.sampler!r} is not one of {SAMPLERS}")
     if sweep.sampler == "grid" and any(s[0] not in ("choice", "grid") for s in space.values()):
         raise SweepError("sweep.sampler='grid' needs every field of sweep.space to be a choice or grid")
+    if sweep.pruner not in ("", "median"):
+        raise SweepError(f"sweep.pruner={sweep.pruner!r} must be '' (none) or 'median'")
+    if sweep.pruner and not sweep.objective.startswith("eval/"):
+        raise SweepError(
+            f"sweep.pruner={sweep.pruner!r} prunes on intermediate evaluations: the objective "
+            f"must be an eval/ metric, not {sweep.objective!r}"
+        )
     if sweep.direction not in ("minimize", "maximize"):
         raise SweepError(f"sweep.direction={sweep.direction!r} must be minimize or maximize")
     if sweep.sampler != "grid" and sweep.trials < 1:
@@ -189,7 +205,15 @@ def trial_dir(root: str, number: int, overrides: dict) -> str:
     return os.path.join(root, "trials", f"{number:04d}-{digest}")
 
 
-def command(sweep: ml_collections.ConfigDict, sweep_file: str, workdir: str, params: dict) -> list[str]:
+def study_name(sweep_file: str) -> str:
+    return os.path.splitext(os.path.basename(sweep_file))[0]
+
+
+def command(
+    sweep: ml_collections.ConfigDict, sweep_file: str, workdir: str, params: dict, number: int | None = None
+) -> list[str]:
+    """The trial's jsft command; with `number`, and where the config has W&B settings, its W&B run is
+    grouped by sweep and labelled with the trial (config.logging.wandb.group/trial)."""
     path, arg = config_path(sweep, sweep_file)
     args = [
         sys.executable,
@@ -200,6 +224,13 @@ def command(sweep: ml_collections.ConfigDict, sweep_file: str, workdir: str, par
     ]
     for key, value in {**overrides_of(sweep), **params}.items():
         args.append(f"--config.{key}={value}")
+    try:
+        _field(base_config(sweep, sweep_file), "logging.wandb.trial")
+    except KeyError:
+        number = None
+    if number is not None:
+        name = study_name(sweep_file)
+        args += [f"--config.logging.wandb.group={name}", f"--config.logging.wandb.trial={name}/{number}"]
     return args
 
 
@@ -254,8 +285,14 @@ def open_study(sweep: ml_collections.ConfigDict, root: str, storage_url: str, sw
             f"--storage={storage_url or os.path.join(root, 'study.journal')}: cannot open it ({e})"
         ) from e
     sampler = optuna.samplers.TPESampler(seed=sweep.seed) if sweep.sampler == "tpe" else None
-    pruner = optuna.pruners.MedianPruner() if sweep.pruner == "median" else optuna.pruners.NopPruner()
-    name = os.path.splitext(os.path.basename(sweep_file))[0]
+    pruner = (
+        optuna.pruners.MedianPruner(
+            n_startup_trials=sweep.pruner_startup_trials, n_warmup_steps=sweep.pruner_warmup_steps
+        )
+        if sweep.pruner == "median"
+        else optuna.pruners.NopPruner()
+    )
+    name = study_name(sweep_file)
     with file_lock(os.path.join(root, ".sweep.lock")):
         study = optuna.create_study(
             storage=storage,

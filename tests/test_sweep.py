@@ -22,15 +22,16 @@ def get_sweep():
     s.space = {space}
     s.sampler = "grid"
     s.objective = "{objective}"
+{extra}
     return s
 """
 SPACE = '{"optim": {"lr": ("grid", [0.001, 0.003])}, "seed": ("grid", [0, 1])}'
 
 
-def _sweep_file(tmp_path, data_dir, space=SPACE, objective="eval/loss", name="sweep.py"):
+def _sweep_file(tmp_path, data_dir, space=SPACE, objective="eval/loss", name="sweep.py", extra=""):
     config = f"{os.path.join(REPO, 'tests', 'tiny_config.py')}:{data_dir}"
     path = tmp_path / name
-    path.write_text(SWEEP.format(config=config, space=space, objective=objective))
+    path.write_text(SWEEP.format(config=config, space=space, objective=objective, extra=extra))
     return str(path)
 
 
@@ -121,6 +122,36 @@ def test_a_bad_sweep_is_one_line_before_any_trial(tiny_data_dir, tmp_path, space
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("jsft: error: ") and message in last, last
     assert not (tmp_path / "dir" / "trials").exists()
+
+
+@pytest.mark.slow
+def test_the_median_pruner_stops_a_trial_worse_than_the_finished_ones(tiny_data_dir, tmp_path):
+    # lr 1e-9 does not learn: its step-3 eval loss is above the median of the two trials that finished
+    # before it (one worker: the order, and so the verdict, is fixed), so it is pruned there.
+    extra = "    s.pruner = 'median'\n    s.pruner_startup_trials = 2\n"
+    extra += "    s.overrides['logging'] = {'wandb': {'mode': 'offline'}}"
+    space = '{"optim": {"lr": ("grid", [0.003, 0.001, 1e-9])}}'
+    sweep_file = _sweep_file(tmp_path, tiny_data_dir, space=space, extra=extra)
+    root = tmp_path / "pruned"
+    r = _sweep(sweep_file, root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    states = {t.params["optim.lr"]: t.state.name for t in _trials(root)}
+    assert states == {0.003: "COMPLETE", 0.001: "COMPLETE", 1e-9: "PRUNED"}, states
+    pruned = next(t for t in _trials(root) if t.state.name == "PRUNED")
+    assert set(pruned.intermediate_values) == {3}  # stopped at its first evaluation after step 0
+    assert "PRUNED" in (root / "report.md").read_text()
+    # Every trial's W&B run (offline) is grouped by the sweep and labelled with its trial.
+    with open(os.path.join(root, "trials", sorted(os.listdir(root / "trials"))[2], "command.txt")) as f:
+        cmd = f.read()
+    assert "--config.logging.wandb.group=sweep" in cmd and "--config.logging.wandb.trial=sweep/2" in cmd
+    assert os.path.isdir(os.path.join(root, "trials", sorted(os.listdir(root / "trials"))[2], "wandb"))
+
+
+def test_a_pruner_on_a_train_metric_is_one_line(tiny_data_dir, tmp_path):
+    sweep_file = _sweep_file(tmp_path, tiny_data_dir, objective="train/loss", extra="    s.pruner = 'median'")
+    r = _sweep(sweep_file, tmp_path / "dir")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "the objective must be an eval/ metric" in r.stderr.strip().splitlines()[-1]
 
 
 def test_the_cluster_launchers_dry_run_print_what_they_would_submit(tmp_path):

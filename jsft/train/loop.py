@@ -251,10 +251,18 @@ def restore_or_initialise(t: Trainer) -> tuple[int, TrainState]:
         )
     # Metrics files open only now: every check that can fail on user input has run. Lines after the
     # checkpoint are rewritten by this run; a fresh start keeps none of an earlier one.
-    t.writer = MetricWriter(t.run.workdir, enabled=is_main)
+    t.writer = MetricWriter(t.run.workdir, enabled=is_main, wandb_settings=_wandb_settings(config))
     t.writer.truncate_after(start_step if restored is not None else -1)
     t.guard.checked_step = start_step
     return start_step, state
+
+
+def _wandb_settings(config: ml_collections.ConfigDict) -> dict | None:
+    """config.logging.wandb with the resolved config to log; None where the config has no such section."""
+    section = config.get("logging", {}).get("wandb") if "logging" in config else None
+    if section is None:
+        return None
+    return {**section.to_dict(), "config": json.loads(json.dumps(config.to_dict(), default=str))}
 
 
 def _restore_data(

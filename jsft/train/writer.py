@@ -1,7 +1,10 @@
-"""Metric sinks: `metrics.jsonl` (one JSON object per line) and TensorBoard; process 0 only.
+"""Metric sinks: `metrics.jsonl` (one JSON object per line), TensorBoard and, optionally, Weights &
+Biases; process 0 only.
 
 `metrics.jsonl` is strict JSON: a NaN or infinite value is written as `null`, and the line lists the
-keys concerned under `"nonfinite"`, so any JSON reader loads it.
+keys concerned under `"nonfinite"`, so any JSON reader loads it. It is the exact record (a resumed run
+rewrites the lines after its checkpoint); W&B is a view of it for people: its run id is kept in
+`WORKDIR/wandb_id` so a resumed run appends to the same W&B run, which ignores steps it already holds.
 """
 
 from __future__ import annotations
@@ -10,17 +13,25 @@ import json
 import math
 import numbers
 import os
+import secrets
+
+WANDB_MODES = ("disabled", "offline", "online")
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, enabled: bool):
+    def __init__(self, workdir: str, enabled: bool, wandb_settings: dict | None = None):
+        """`wandb_settings`: config.logging.wandb plus `config` (the resolved config, as a dict);
+        None or mode 'disabled': no W&B."""
         self.enabled = enabled
+        self._wandb = None
         if not enabled:
             return
         from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
 
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        if wandb_settings and wandb_settings.get("mode", "disabled") != "disabled":
+            self._wandb = _start_wandb(workdir, wandb_settings)
 
     def truncate_after(self, step: int) -> None:
         """Drop lines logged after `step`: a resumed run rewrites them, so none appear twice."""
@@ -41,11 +52,48 @@ class MetricWriter:
         self._jsonl.write(json_line(step, metrics) + "\n")
         for key, value in metrics.items():
             self._tb.add_scalar(key, value, int(step))
+        if self._wandb is not None:
+            self._wandb.log(dict(metrics), step=int(step))
 
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+                self._wandb = None
+
+
+def _start_wandb(workdir: str, settings: dict):
+    """A W&B run in WORKDIR/wandb, resumed (same id) when the workdir already has one."""
+    import wandb  # noqa: PLC0415 - an extra: pip install 'jsft[wandb]'
+
+    id_path = os.path.join(workdir, "wandb_id")
+    if os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = secrets.token_hex(6)  # W&B ids: lowercase letters and digits
+        with open(f"{id_path}.tmp", "w") as f:
+            f.write(run_id + "\n")
+        os.replace(f"{id_path}.tmp", id_path)
+    config = dict(settings.get("config") or {})
+    if settings.get("trial"):
+        config["sweep_trial"] = settings["trial"]
+    tags = [t for t in str(settings.get("tags", "")).split(",") if t]
+    return wandb.init(
+        project=settings.get("project") or "jsft",
+        entity=settings.get("entity") or None,
+        name=settings.get("name") or os.path.basename(os.path.normpath(workdir)),
+        group=settings.get("group") or None,
+        tags=tags + ([f"trial-{settings['trial']}"] if settings.get("trial") else []),
+        mode=settings["mode"],
+        dir=workdir,
+        id=run_id,
+        resume="allow",
+        config=config,
+        settings=wandb.Settings(console="off", silent=True),
+    )
 
 
 def json_line(step: int, metrics: dict[str, float]) -> str:
