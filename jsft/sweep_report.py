@@ -15,6 +15,47 @@ from jsft import sweep_lib
 from jsft.train import report
 
 
+def label(value: Any) -> str:
+    """A parameter as a table cell or tick: a file path by its name without extension."""
+    if isinstance(value, str) and os.sep in value:
+        return os.path.splitext(os.path.basename(value))[0]
+    return str(value)
+
+
+def trained_tokens(workdir: str) -> float:
+    """Target (loss) tokens the run trained on: the sum of its train/target_tokens lines."""
+    return float(sum(v for _, v in sweep_lib.last_value(workdir, "train/target_tokens")[1]))
+
+
+def summary(rows: list[dict], fields: list[str], objective: str) -> str:
+    """Per value of each swept field but `seed`: the objective's mean, standard deviation, min and max
+    over the trials with that value (over seeds, when only seeds vary besides), and tokens trained."""
+    lines = []
+    for field in (f for f in fields if f != "seed"):
+        groups: dict = collections.defaultdict(list)
+        for r in rows:
+            groups[r["params"][field]].append(r)
+        lines += [
+            f"| {field} | trials | {objective} mean | std | min | max | target tokens trained |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for value in _order(rows, field):
+            vals = np.array([r["value"] for r in groups[value]])
+            tokens = np.mean([trained_tokens(r["dir"]) for r in groups[value]])
+            lines.append(
+                f"| {label(value)} | {len(vals)} | {vals.mean():.4f} | {vals.std():.4f} | {vals.min():.4f} "
+                f"| {vals.max():.4f} | {tokens:,.0f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _order(rows: list[dict], field: str) -> list:
+    """The field's values: numbers sorted, strings (e.g. file names) in the order of the trials."""
+    values = list(dict.fromkeys(r["params"][field] for r in rows))
+    return values if any(isinstance(v, str) for v in values) else sorted(values)
+
+
 def _final(workdir: str) -> dict[str, float]:
     out = {}
     for key in ("train/loss", "eval/loss"):
@@ -33,14 +74,14 @@ def _plot_objective(rows: list[dict], field: str, objective: str, path: str) -> 
     groups: dict = collections.defaultdict(list)
     for r in rows:
         groups[r["params"][field]].append(r["value"])
-    xs = sorted(groups, key=lambda v: (isinstance(v, str), v))
+    xs = _order(rows, field)
     means = [float(np.mean(groups[x])) for x in xs]
     spread = [float(np.std(groups[x])) for x in xs]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     positions = list(range(len(xs))) if any(isinstance(x, str) for x in xs) else xs
     ax.errorbar(positions, means, yerr=spread, fmt="o-", capsize=4)
     if positions is not xs:
-        ax.set_xticks(positions, [str(x) for x in xs])
+        ax.set_xticks(positions, [label(x) for x in xs], rotation=20)
     if all(isinstance(x, float) for x in xs) and min(xs) > 0 and max(xs) / min(xs) > 20:
         ax.set_xscale("log")
     ax.set_xlabel(field)
@@ -75,7 +116,7 @@ def write(study: Any, sweep: ml_collections.ConfigDict, root: str) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         final = _final(r["dir"])
-        cells = [str(r["number"]), r["state"], *(str(r["params"].get(f)) for f in fields)]
+        cells = [str(r["number"]), r["state"], *(label(r["params"].get(f)) for f in fields)]
         cells.append("" if r["value"] is None else f"{r['value']:.4f}")
         cells += [f"{final[k]:.4f}" if k in final else "" for k in ("train/loss", "eval/loss")]
         cells += ["" if r["wall"] is None else f"{r['wall']:.0f}", os.path.relpath(r["dir"], root)]
@@ -95,6 +136,7 @@ def write(study: Any, sweep: ml_collections.ConfigDict, root: str) -> str:
         images += ["curves.png", "best.png"]
         where = os.path.relpath(best["dir"], root)
         table += f"\n\nBest: trial {best['number']} ({sweep.objective} {best['value']:.4f}), {where}"
+        table += "\n\n" + summary(done, fields, sweep.objective)
     text = (
         f"# Sweep {os.path.basename(root)}\n\n{table}\n\n" + "\n".join(f"![{i}]({i})" for i in images) + "\n"
     )

@@ -199,3 +199,37 @@ def test_the_cluster_launchers_dry_run_print_what_they_would_submit(tmp_path):
         env={"PATH": os.environ["PATH"]},
     )
     assert missing.returncode == 2 and "set SLICES ZONE PROJECT STORAGE DIR" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "name", sorted(os.listdir(os.path.join(REPO, "configs", "sweeps"))), ids=lambda n: n.removesuffix(".py")
+)
+def test_every_shipped_sweep_file_passes_its_checks(name):
+    from jsft import sweep_lib  # noqa: PLC0415
+
+    if not name.endswith(".py"):
+        return
+    path = os.path.join(REPO, "configs", "sweeps", name)
+    sweep = sweep_lib.load_sweep(path)
+    config = sweep_lib.base_config(sweep, path)
+    sweep_lib.check(sweep, config)
+    planned = sweep_lib.planned_trials(sweep)
+    assert planned and len({tuple(sorted(p.items())) for p in planned}) == len(planned)
+    for params in planned:  # every file a trial would read exists
+        assert all(os.path.exists(v) for k, v in params.items() if k.endswith(".path")), params
+
+
+def test_the_knowledge_data_regenerates_byte_for_byte(tmp_path):
+    here = os.path.join(REPO, "data", "knowledge")
+    r = subprocess.run(
+        [sys.executable, os.path.join(here, "make_knowledge_data.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    made = sorted(os.listdir(tmp_path))
+    assert made == sorted(f for f in os.listdir(here) if not f.endswith(".py"))
+    for f in made:
+        with open(tmp_path / f, "rb") as a, open(os.path.join(here, f), "rb") as b:
+            assert a.read() == b.read(), f
