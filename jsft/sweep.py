@@ -28,7 +28,15 @@ kept, a trial whose worker died (its lock file is free) is taken over and resume
 Workers coordinate only through the store and file locks (`fcntl.flock`) in DIR. Where the run config
 has `logging.wandb` (turn it on with `overrides`, e.g. {"logging": {"wandb": {"mode": "offline"}}}),
 each trial's W&B run is grouped by the sweep's name and labelled with its trial ("<sweep>/<number>").
-`--report` (and the end of every sweep) writes `DIR/report.md` with the trial table and PNGs.
+`--report` (and the end of every sweep) writes `DIR/report.md`: the trial table; per value of each
+swept field but seed, the objective's mean, spread, min, max and the tokens trained; PNGs of the
+objective vs each field (seed spread as error bars), every trial's curves and the best trial's.
+A field the config lacks, an empty space, an objective no run logs, a pruner on a train/ metric or a
+store that cannot be opened is one `jsft: error:` line before any trial starts.
+
+Beyond one machine: launch/slurm_sweep.sbatch (a SLURM job array of workers) and launch/tpu_sweep.sh
+(a worker per TPU slice, on an RDB store), both with --dry-run. Showcase: configs/sweeps/
+knowledge_injection.py (README, "Sweeps").
 """
 
 from __future__ import annotations
