@@ -259,10 +259,10 @@ def restore_or_initialise(t: Trainer) -> tuple[int, TrainState]:
 
 def _wandb_settings(config: ml_collections.ConfigDict) -> dict | None:
     """config.logging.wandb with the resolved config to log; None where the config has no such section."""
-    section = config.get("logging", {}).get("wandb") if "logging" in config else None
-    if section is None:
+    if "logging" not in config or "wandb" not in config.logging:
         return None
-    return {**section.to_dict(), "config": json.loads(json.dumps(config.to_dict(), default=str))}
+    resolved = json.loads(json.dumps(config.to_dict(), default=str))
+    return {**config.logging.wandb.to_dict(), "config": resolved}
 
 
 def _restore_data(
