@@ -16,7 +16,9 @@ documents are in every condition; how their question/answer pairs cover their fa
   eval_new.jsonl         every new fact asked in the 2 held-out phrasings (never trained on for new people)
   eval_known.jsonl       the known people in the held-out phrasings (the format check)
   tokenizer.model        one SentencePiece tokenizer for every condition (trained on docs + qa_fact3)
+  coverage.json          per held-out question: how many pairs each condition has about its fact
   stats.json             counts: facts, pairs, coverage of the token-based sets
+  by_coverage.py         (not generated) exact match by coverage, from a finished sweep's samples
 """
 
 import json
@@ -154,6 +156,16 @@ def main() -> None:
     write("docs.jsonl", docs)
     held_out = range(TRAIN_PHRASINGS, TRAIN_PHRASINGS + HELD_OUT)
     write("eval_new.jsonl", [qa(p, a, i) for p, a in facts for i in held_out])
+    pairs = {"docs_only": [0] * len(facts), "fact1": [1] * len(facts), "fact3": [3] * len(facts)}
+    pairs.update({f"token{n}": [drawn[n].count(k) for k in range(len(facts))] for n in (1, 3)})
+    coverage = {
+        qa(p, a, i)["prompt"]: {c: counts[k] for c, counts in pairs.items()}
+        for k, (p, a) in enumerate(facts)
+        for i in held_out
+    }
+    with open(os.path.join(OUT, "coverage.json"), "w") as f:
+        lines = (f"{json.dumps(k)}: {json.dumps(v, sort_keys=True)}" for k, v in sorted(coverage.items()))
+        f.write("{\n" + ",\n".join(lines) + "\n}\n")
     write("eval_known.jsonl", [qa(p, a, i) for p in known[:20] for a in QUESTIONS for i in held_out])
     stats = {
         "known_people": KNOWN,
