@@ -15,6 +15,8 @@ import numbers
 import os
 import secrets
 
+from jsft.errors import ConfigError
+
 WANDB_MODES = ("disabled", "offline", "online")
 
 
@@ -26,12 +28,12 @@ class MetricWriter:
         self._wandb = None
         if not enabled:
             return
+        if wandb_settings and wandb_settings.get("mode", "disabled") != "disabled":
+            self._wandb = _start_wandb(workdir, wandb_settings)  # first: it may fail (one line)
         from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
 
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-        if wandb_settings and wandb_settings.get("mode", "disabled") != "disabled":
-            self._wandb = _start_wandb(workdir, wandb_settings)
 
     def truncate_after(self, step: int) -> None:
         """Drop lines logged after `step`: a resumed run rewrites them, so none appear twice."""
@@ -81,7 +83,7 @@ def _start_wandb(workdir: str, settings: dict):
     if settings.get("trial"):
         config["sweep_trial"] = settings["trial"]
     tags = [t for t in str(settings.get("tags", "")).split(",") if t]
-    return wandb.init(
+    kwargs = dict(
         project=settings.get("project") or "jsft",
         entity=settings.get("entity") or None,
         name=settings.get("name") or os.path.basename(os.path.normpath(workdir)),
@@ -94,6 +96,13 @@ def _start_wandb(workdir: str, settings: dict):
         config=config,
         settings=wandb.Settings(console="off", silent=True),
     )
+    try:
+        return wandb.init(**kwargs)
+    except Exception as e:  # noqa: BLE001 - no API key, no network, a bad entity: one line, not a traceback
+        raise ConfigError(
+            f"config.logging.wandb (mode {settings['mode']!r}): W&B could not start: "
+            f"{str(e).rstrip('.')}. Use mode='offline' (and `wandb sync` later) or 'disabled'"
+        ) from e
 
 
 def json_line(step: int, metrics: dict[str, float]) -> str:

@@ -101,3 +101,14 @@ def test_bad_or_unavailable_wandb_mode_is_one_config_error(tiny_config, monkeypa
     )
     with pytest.raises(ConfigError, match=r"needs the wandb package: pip install 'jsft\[wandb\]'"):
         config_lib.validate(tiny_config)
+
+
+def test_online_without_a_key_is_one_config_error_and_opens_no_file(tmp_path, monkeypatch):
+    from jsft.train.writer import MetricWriter  # noqa: PLC0415
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc or W&B settings of this machine's user
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    with pytest.raises(ConfigError, match=r"W&B could not start: .*Use mode='offline'"):
+        MetricWriter(str(tmp_path), True, {"mode": "online", "project": "p"})
+    assert not (tmp_path / "metrics.jsonl").exists()
