@@ -9,19 +9,10 @@
 # orbax and the metric writers go through etils/tensorstore paths. --dry-run prints the commands only.
 set -euo pipefail
 
-DRY_RUN=0
-if [[ "${1:-}" == "--dry-run" ]]; then
-  DRY_RUN=1
-  shift
-fi
-missing=()
-for v in TPU_NAME ZONE PROJECT; do
-  [[ -n "${!v:-}" ]] || missing+=("$v")
-done
-if [[ ${#missing[@]} -gt 0 ]]; then
-  echo "$0: set ${missing[*]} (e.g. TPU_NAME=my-v5p ZONE=us-east5-a PROJECT=my-project)" >&2
-  exit 2
-fi
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+source "$REPO/launch/lib.sh"
+dry_run_switch "$@" && shift
+require_env "e.g. TPU_NAME=my-v5p ZONE=us-east5-a PROJECT=my-project" TPU_NAME ZONE PROJECT
 if [[ $# -eq 0 ]]; then
   echo "usage: $0 [--dry-run] --config CONFIG --workdir DIR [more jsft.main flags]" >&2
   exit 2
@@ -29,16 +20,8 @@ fi
 ACCELERATOR=${ACCELERATOR:-v5p-64}
 RUNTIME=${RUNTIME:-v2-alpha-tpuv5}
 REMOTE_DIR=${REMOTE_DIR:-jsft}
-REPO=$(cd "$(dirname "$0")/.." && pwd)
 GCLOUD=(gcloud compute tpus tpu-vm)
 WHERE=(--zone="$ZONE" --project="$PROJECT")
-
-run() {
-  printf '+'
-  printf ' %q' "$@"
-  printf '\n'
-  if [[ $DRY_RUN -eq 0 ]]; then "$@"; fi
-}
 
 if [[ "${CREATE:-0}" == "1" ]]; then
   run "${GCLOUD[@]}" create "$TPU_NAME" "${WHERE[@]}" --accelerator-type="$ACCELERATOR" --version="$RUNTIME"

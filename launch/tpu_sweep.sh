@@ -12,34 +12,17 @@
 # --dry-run prints the commands only.
 set -euo pipefail
 
-DRY_RUN=0
-if [[ "${1:-}" == "--dry-run" ]]; then
-  DRY_RUN=1
-  shift
-fi
-missing=()
-for v in SLICES ZONE PROJECT STORAGE DIR; do
-  [[ -n "${!v:-}" ]] || missing+=("$v")
-done
-if [[ ${#missing[@]} -gt 0 ]]; then
-  echo "$0: set ${missing[*]}" >&2
-  exit 2
-fi
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+source "$REPO/launch/lib.sh"
+dry_run_switch "$@" && shift
+require_env "" SLICES ZONE PROJECT STORAGE DIR
 if [[ $# -eq 0 ]]; then
   echo "usage: $0 [--dry-run] --sweep SWEEP_FILE" >&2
   exit 2
 fi
 REMOTE_DIR=${REMOTE_DIR:-jsft}
-REPO=$(cd "$(dirname "$0")/.." && pwd)
 GCLOUD=(gcloud compute tpus tpu-vm)
 WHERE=(--zone="$ZONE" --project="$PROJECT")
-
-run() {
-  printf '+'
-  printf ' %q' "$@"
-  printf '\n'
-  if [[ $DRY_RUN -eq 0 ]]; then "$@"; fi
-}
 
 ARCHIVE=/tmp/jsft_src.tar.gz
 run tar -czf "$ARCHIVE" -C "$REPO" --exclude=.venv --exclude=.git --exclude=workdirs .

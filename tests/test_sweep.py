@@ -154,51 +154,35 @@ def test_a_pruner_on_a_train_metric_is_one_line(tiny_data_dir, tmp_path):
     assert "the objective must be an eval/ metric" in r.stderr.strip().splitlines()[-1]
 
 
+def _bash(*args, **env):
+    """A launch script's --dry-run, with only `env` (and PATH) set."""
+    env = {"PATH": os.environ["PATH"], **env}
+    return subprocess.run(["bash", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
 def test_the_cluster_launchers_dry_run_print_what_they_would_submit(tmp_path):
-    env = dict(os.environ, SWEEP="configs/sweeps/demo_lr.py", DIR=str(tmp_path), WORKERS="3")
-    r = subprocess.run(
-        ["bash", "launch/slurm_sweep.sbatch", "--dry-run", "--gpus-per-node=8"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    # launch/lib.sh gives every script the same --dry-run, run() and missing-variable message.
+    sweep = dict(SWEEP="configs/sweeps/demo_lr.py", DIR=str(tmp_path), WORKERS="3")
+    r = _bash("launch/slurm_sweep.sbatch", "--dry-run", "--gpus-per-node=8", **sweep)
     assert r.returncode == 0, r.stderr
     assert (
         "+ sbatch --array=0-2 --export=ALL --gpus-per-node=8" in r.stdout and "slurm_sweep.sbatch" in r.stdout
     )
-    env["SLURM_ARRAY_TASK_ID"] = "1"
-    r = subprocess.run(
-        ["bash", "launch/slurm_sweep.sbatch", "--dry-run"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = _bash("launch/slurm_sweep.sbatch", "--dry-run", SLURM_ARRAY_TASK_ID="1", **sweep)
     assert r.returncode == 0 and "-m jsft.sweep --sweep configs/sweeps/demo_lr.py" in r.stdout, r.stderr
     assert "--workers 1" in r.stdout
-    env = dict(os.environ, SLICES="a b", ZONE="z", PROJECT="p", STORAGE="sqlite:///x.db", DIR=str(tmp_path))
-    r = subprocess.run(
-        ["bash", "launch/tpu_sweep.sh", "--dry-run", "--sweep", "configs/sweeps/demo_lr.py"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    tpu = dict(SLICES="a b", ZONE="z", PROJECT="p", STORAGE="sqlite:///x.db", DIR=str(tmp_path))
+    r = _bash("launch/tpu_sweep.sh", "--dry-run", "--sweep", "configs/sweeps/demo_lr.py", **tpu)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("python\\ -m\\ jsft.sweep") + r.stdout.count("python -m jsft.sweep") == 2
-    missing = subprocess.run(
-        ["bash", "launch/tpu_sweep.sh", "--dry-run"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": os.environ["PATH"]},
-    )
+    missing = _bash("launch/tpu_sweep.sh", "--dry-run")
     assert missing.returncode == 2 and "set SLICES ZONE PROJECT STORAGE DIR" in missing.stderr
+    pod = dict(TPU_NAME="v5p", ZONE="z", PROJECT="p")
+    r = _bash("launch/tpu_pod.sh", "--dry-run", "--config", "configs/demo.py", "--workdir", "gs://b/r", **pod)
+    assert r.returncode == 0, r.stderr
+    assert "ssh v5p --zone=z --project=p --worker=all" in r.stdout and "jsft.main\\ --config" in r.stdout
+    missing = _bash("launch/tpu_pod.sh", "--dry-run", ZONE="z")
+    assert missing.returncode == 2 and "set TPU_NAME PROJECT (e.g." in missing.stderr
 
 
 @pytest.mark.parametrize(
