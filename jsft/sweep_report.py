@@ -77,15 +77,22 @@ def _plot_objective(rows: list[dict], field: str, objective: str, path: str) -> 
     xs = _order(rows, field)
     means = [float(np.mean(groups[x])) for x in xs]
     spread = [float(np.std(groups[x])) for x in xs]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    positions = list(range(len(xs))) if any(isinstance(x, str) for x in xs) else xs
-    ax.errorbar(positions, means, yerr=spread, fmt="o-", capsize=4)
-    if positions is not xs:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    categorical = any(isinstance(x, str) for x in xs)
+    positions = list(range(len(xs))) if categorical else xs
+    # Categories get no connecting line (their order means nothing); every trial is a small dot.
+    ax.errorbar(positions, means, yerr=spread, fmt="o" if categorical else "o-", capsize=4, zorder=2)
+    for pos, x in zip(positions, xs, strict=True):
+        ax.plot([pos] * len(groups[x]), groups[x], ".", color="grey", alpha=0.6, zorder=1)
+    if categorical:
         ax.set_xticks(positions, [label(x) for x in xs], rotation=20)
     if all(isinstance(x, float) for x in xs) and min(xs) > 0 and max(xs) / min(xs) > 20:
         ax.set_xscale("log")
     ax.set_xlabel(field)
-    ax.set_ylabel(objective + (" (mean +- std over the other fields)" if len(rows) > len(xs) else ""))
+    ax.set_ylabel(objective)
+    if len(rows) > len(xs):
+        ax.set_title("mean and std over the other fields (dots: trials)", fontsize=9)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
