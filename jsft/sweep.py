@@ -92,8 +92,10 @@ def run_trial(
         if pruned:
             proc.terminate()  # jsft stops at the next step on SIGTERM
         proc.wait()
-    # Evaluations the polling missed are reported too, so the verdict does not depend on timing.
-    pruned = pruned or _report(trial, sweep, workdir, reported)
+    # Evaluations the polling missed are reported too, so the verdict does not depend on timing; a run
+    # that failed stays FAIL, and its final evaluation (the objective itself) is never a reason to prune.
+    if not pruned and proc.returncode == 0:
+        pruned = _report(trial, sweep, workdir, reported, finished=True)
     value, _ = sweep_lib.last_value(workdir, sweep.objective)
     if pruned:
         study.tell(number, state=optuna.trial.TrialState.PRUNED)
@@ -106,15 +108,19 @@ def run_trial(
     return "COMPLETE"
 
 
-def _report(trial: Any, sweep: ml_collections.ConfigDict, workdir: str, reported: set[int]) -> bool:
-    """Feed the pruner the objective's new evaluations (after step 0); True once it says prune."""
+def _report(
+    trial: Any, sweep: ml_collections.ConfigDict, workdir: str, reported: set[int], finished: bool = False
+) -> bool:
+    """Feed the pruner the objective's new evaluations (after step 0); True once it says prune. A
+    `finished` run's last evaluation is reported but not judged."""
     if not sweep.pruner or not sweep.objective.startswith("eval/"):
         return False
-    for step, value in sweep_lib.last_value(workdir, sweep.objective)[1]:
+    seen = sweep_lib.last_value(workdir, sweep.objective)[1]
+    for step, value in seen:
         if step not in reported and step > 0:
             trial.report(value, step)
             reported.add(step)
-            if trial.should_prune():
+            if not (finished and step == seen[-1][0]) and trial.should_prune():
                 return True
     return False
 

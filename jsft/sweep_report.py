@@ -28,22 +28,24 @@ def trained_tokens(workdir: str) -> float:
 
 
 def summary(rows: list[dict], fields: list[str], objective: str) -> str:
-    """Per value of each swept field but `seed`: the objective's mean, standard deviation, min and max
-    over the trials with that value (over seeds, when only seeds vary besides), and tokens trained."""
+    """Per value of each swept field but `seed`: the objective's mean, sample standard deviation
+    (ddof 1), min and max over the trials with that value (over seeds, when only seeds vary besides),
+    and the loss tokens trained."""
     lines = []
     for field in (f for f in fields if f != "seed"):
         groups: dict = collections.defaultdict(list)
         for r in rows:
             groups[r["params"][field]].append(r)
         lines += [
-            f"| {field} | trials | {objective} mean | std | min | max | target tokens trained |",
+            f"| {field} | trials | {objective} mean | std (ddof 1) | min | max | loss tokens trained |",
             "|---|---|---|---|---|---|---|",
         ]
         for value in _order(rows, field):
             vals = np.array([r["value"] for r in groups[value]])
+            std = vals.std(ddof=1) if len(vals) > 1 else 0.0
             tokens = np.mean([trained_tokens(r["dir"]) for r in groups[value]])
             lines.append(
-                f"| {label(value)} | {len(vals)} | {vals.mean():.4f} | {vals.std():.4f} | {vals.min():.4f} "
+                f"| {label(value)} | {len(vals)} | {vals.mean():.4f} | {std:.4f} | {vals.min():.4f} "
                 f"| {vals.max():.4f} | {tokens:,.0f} |"
             )
         lines.append("")
@@ -76,7 +78,7 @@ def _plot_objective(rows: list[dict], field: str, objective: str, path: str) -> 
         groups[r["params"][field]].append(r["value"])
     xs = _order(rows, field)
     means = [float(np.mean(groups[x])) for x in xs]
-    spread = [float(np.std(groups[x])) for x in xs]
+    spread = [float(np.std(groups[x], ddof=1)) if len(groups[x]) > 1 else 0.0 for x in xs]
     fig, ax = plt.subplots(figsize=(6, 4))
     categorical = any(isinstance(x, str) for x in xs)
     positions = list(range(len(xs))) if categorical else xs
@@ -91,7 +93,7 @@ def _plot_objective(rows: list[dict], field: str, objective: str, path: str) -> 
     ax.set_xlabel(field)
     ax.set_ylabel(objective)
     if len(rows) > len(xs):
-        ax.set_title("mean and std over the other fields (dots: trials)", fontsize=9)
+        ax.set_title("mean and sample std over the other fields (dots: trials)", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

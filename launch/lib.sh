@@ -5,7 +5,7 @@
 #   require_env "e.g. ZONE=us-east5-a" ZONE PROJECT
 #   run gcloud ...                 # prints "+ cmd args" (shell-quoted); runs it unless DRY_RUN=1
 
-DRY_RUN=${DRY_RUN:-0}
+DRY_RUN=0
 
 dry_run_switch() {
   if [[ "${1:-}" == "--dry-run" ]]; then

@@ -171,6 +171,12 @@ def test_the_cluster_launchers_dry_run_print_what_they_would_submit(tmp_path):
     r = _bash("launch/slurm_sweep.sbatch", "--dry-run", SLURM_ARRAY_TASK_ID="1", **sweep)
     assert r.returncode == 0 and "-m jsft.sweep --sweep configs/sweeps/demo_lr.py" in r.stdout, r.stderr
     assert "--workers 1" in r.stdout
+    # A task runs sbatch's spooled copy of the script: the submit step exported REPO, so the copy finds
+    # the repository (and launch/lib.sh) whatever directory the job was submitted from.
+    spooled = tmp_path / "slurm_script"
+    spooled.write_text(open(os.path.join(REPO, "launch", "slurm_sweep.sbatch")).read())
+    r = _bash(str(spooled), "--dry-run", SLURM_ARRAY_TASK_ID="0", SLURM_SUBMIT_DIR="/", REPO=REPO, **sweep)
+    assert r.returncode == 0 and "-m jsft.sweep" in r.stdout, r.stderr
     tpu = dict(SLICES="a b", ZONE="z", PROJECT="p", STORAGE="sqlite:///x.db", DIR=str(tmp_path))
     r = _bash("launch/tpu_sweep.sh", "--dry-run", "--sweep", "configs/sweeps/demo_lr.py", **tpu)
     assert r.returncode == 0, r.stderr
@@ -186,13 +192,13 @@ def test_the_cluster_launchers_dry_run_print_what_they_would_submit(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", sorted(os.listdir(os.path.join(REPO, "configs", "sweeps"))), ids=lambda n: n.removesuffix(".py")
+    "name",
+    sorted(n for n in os.listdir(os.path.join(REPO, "configs", "sweeps")) if n.endswith(".py")),
+    ids=lambda n: n.removesuffix(".py"),
 )
 def test_every_shipped_sweep_file_passes_its_checks(name):
     from jsft import sweep_lib  # noqa: PLC0415
 
-    if not name.endswith(".py"):
-        return
     path = os.path.join(REPO, "configs", "sweeps", name)
     sweep = sweep_lib.load_sweep(path)
     config = sweep_lib.base_config(sweep, path)
@@ -213,7 +219,8 @@ def test_the_knowledge_data_regenerates_byte_for_byte(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     made = sorted(os.listdir(tmp_path))
-    assert made == sorted(f for f in os.listdir(here) if not f.endswith(".py"))
+    files = [f for f in os.listdir(here) if os.path.isfile(os.path.join(here, f))]
+    assert made == sorted(f for f in files if not f.endswith(".py"))
     for f in made:
         with open(tmp_path / f, "rb") as a, open(os.path.join(here, f), "rb") as b:
             assert a.read() == b.read(), f

@@ -251,7 +251,13 @@ def restore_or_initialise(t: Trainer) -> tuple[int, TrainState]:
         )
     # Metrics files open only now: every check that can fail on user input has run. Lines after the
     # checkpoint are rewritten by this run; a fresh start keeps none of an earlier one.
-    t.writer = MetricWriter(t.run.workdir, enabled=is_main, wandb_settings=_wandb_settings(config))
+    failed = None
+    try:
+        t.writer = MetricWriter(t.run.workdir, is_main, _wandb_settings(config), resumed=restored is not None)
+    except ConfigError as e:  # W&B could not start (process 0): every process leaves, not only it
+        failed = e
+    if multihost.any_process(failed is not None):
+        raise failed or ConfigError("config.logging.wandb: W&B could not start on process 0 (see its error)")
     t.writer.truncate_after(start_step if restored is not None else -1)
     t.guard.checked_step = start_step
     return start_step, state

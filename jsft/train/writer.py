@@ -4,12 +4,15 @@ Biases; process 0 only.
 `metrics.jsonl` is strict JSON: a NaN or infinite value is written as `null`, and the line lists the
 keys concerned under `"nonfinite"`, so any JSON reader loads it. It is the exact record (a resumed run
 rewrites the lines after its checkpoint); W&B is a view of it for people: its run id is kept in
-`WORKDIR/wandb_id` so a resumed run appends to the same W&B run, which ignores steps it already holds.
+`WORKDIR/wandb_id`, so a run resumed from a checkpoint goes on in the same W&B run when online (W&B
+ignores the steps it already holds; offline, each start is its own offline-run directory under that
+id); a fresh start gets a new id.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
 import os
@@ -21,15 +24,18 @@ WANDB_MODES = ("disabled", "offline", "online")
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, enabled: bool, wandb_settings: dict | None = None):
+    def __init__(
+        self, workdir: str, enabled: bool, wandb_settings: dict | None = None, resumed: bool = False
+    ):
         """`wandb_settings`: config.logging.wandb plus `config` (the resolved config, as a dict);
-        None or mode 'disabled': no W&B."""
+        None or mode 'disabled': no W&B. `resumed`: the run goes on from a checkpoint (its W&B run
+        id is reused); otherwise a new W&B run starts."""
         self.enabled = enabled
         self._wandb = None
         if not enabled:
             return
         if wandb_settings and wandb_settings.get("mode", "disabled") != "disabled":
-            self._wandb = _start_wandb(workdir, wandb_settings)  # first: it may fail (one line)
+            self._wandb = _start_wandb(workdir, wandb_settings, resumed)  # first: it may fail (one line)
         from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
 
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
@@ -62,16 +68,20 @@ class MetricWriter:
             self._jsonl.close()
             self._tb.close()
             if self._wandb is not None:
-                self._wandb.finish()
+                try:
+                    self._wandb.finish()
+                except Exception as e:  # noqa: BLE001 - the run's own files are complete; W&B is a view
+                    logging.warning("W&B did not finish cleanly: %s", e)
                 self._wandb = None
 
 
-def _start_wandb(workdir: str, settings: dict):
-    """A W&B run in WORKDIR/wandb, resumed (same id) when the workdir already has one."""
+def _start_wandb(workdir: str, settings: dict, resumed: bool):
+    """A W&B run in WORKDIR/wandb: the workdir's run again (same id) when the run resumes from a
+    checkpoint, else a new one (a fresh start in an old workdir does not reopen the old W&B run)."""
     import wandb  # noqa: PLC0415 - an extra: pip install 'jsft[wandb]'
 
     id_path = os.path.join(workdir, "wandb_id")
-    if os.path.exists(id_path):
+    if resumed and os.path.exists(id_path):
         with open(id_path) as f:
             run_id = f.read().strip()
     else:

@@ -1,5 +1,7 @@
 """Weights & Biases logging in offline mode (no network): the W&B run holds every metrics.jsonl value
-at its step, the resolved config and the sweep trial id, and a resumed run appends to the same run."""
+at its step, the resolved config and the sweep trial id; a resumed run keeps its W&B run id (online,
+W&B appends to that run; offline, each start is its own offline run directory under that id), and a
+fresh start in an old workdir gets a new id."""
 
 import glob
 import json
@@ -10,8 +12,6 @@ import pytest
 
 from jsft.errors import ConfigError
 from jsft.train.loop import train_and_evaluate
-
-pytest.importorskip("wandb")
 
 
 def _records(path: str) -> list:
@@ -59,9 +59,10 @@ def _metrics(workdir: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_offline_run_holds_every_metric_the_config_and_the_trial_and_resumes_the_same_run(
+def test_offline_run_holds_every_metric_the_config_and_the_trial_and_a_resume_keeps_its_id(
     tiny_config, tmp_path
 ):
+    pytest.importorskip("wandb")
     workdir = str(tmp_path / "w")
     tiny_config.logging.wandb.mode = "offline"
     tiny_config.logging.wandb.group = "demo_lr"
@@ -87,6 +88,17 @@ def test_offline_run_holds_every_metric_the_config_and_the_trial_and_resumes_the
             if key != "step":
                 assert history[row["step"]][key] == pytest.approx(value, rel=1e-6), (row["step"], key)
 
+    # The checkpoints gone, the same workdir starts afresh: a new W&B run, not the old one reopened.
+    import shutil  # noqa: PLC0415
+
+    shutil.rmtree(os.path.join(workdir, "checkpoints"))
+    tiny_config.train.steps = 2
+    train_and_evaluate(tiny_config, workdir)
+    third, history_3 = _run_of(workdir, -1)
+    with open(os.path.join(workdir, "wandb_id")) as f:
+        assert third.run_id == f.read().strip() != run_id
+    assert max(history_3) == 2
+
 
 def test_bad_or_unavailable_wandb_mode_is_one_config_error(tiny_config, monkeypatch):
     from jsft import config as config_lib  # noqa: PLC0415
@@ -104,6 +116,7 @@ def test_bad_or_unavailable_wandb_mode_is_one_config_error(tiny_config, monkeypa
 
 
 def test_online_without_a_key_is_one_config_error_and_opens_no_file(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
     from jsft.train.writer import MetricWriter  # noqa: PLC0415
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
