@@ -18,6 +18,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from jsft.train import report
+
 KINDS = ("choice", "grid", "uniform", "loguniform", "int")
 SAMPLERS = ("grid", "random", "tpe")
 
@@ -235,18 +237,9 @@ def command(
 
 
 def last_value(workdir: str, metric: str) -> tuple[float | None, list[tuple[int, float]]]:
-    """(the metric's last value, all its (step, value)) in a trial's metrics.jsonl."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    seen = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if row.get(metric) is not None:
-                    seen.append((int(row["step"]), float(row[metric])))
+    """(the metric's last value, all its (step, value)) in a trial's metrics.jsonl, which its run may
+    still be writing."""
+    seen = report.read_metrics(workdir, live=True).get(metric, [])
     return (seen[-1][1] if seen else None), seen
 
 

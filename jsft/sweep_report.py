@@ -24,7 +24,7 @@ def label(value: Any) -> str:
 
 def trained_tokens(workdir: str) -> float:
     """Target (loss) tokens the run trained on: the sum of its train/target_tokens lines."""
-    return float(sum(v for _, v in sweep_lib.last_value(workdir, "train/target_tokens")[1]))
+    return float(sum(v for _, v in report.read_metrics(workdir, live=True).get("train/target_tokens", [])))
 
 
 def summary(rows: list[dict], fields: list[str], objective: str) -> str:
@@ -59,12 +59,9 @@ def _order(rows: list[dict], field: str) -> list:
 
 
 def _final(workdir: str) -> dict[str, float]:
-    out = {}
-    for key in ("train/loss", "eval/loss"):
-        value, _ = sweep_lib.last_value(workdir, key)
-        if value is not None:
-            out[key] = value
-    return out
+    """The last train and eval loss of a trial (one read of its metrics.jsonl)."""
+    series = report.read_metrics(workdir, live=True)
+    return {key: series[key][-1][1] for key in ("train/loss", "eval/loss") if series.get(key)}
 
 
 def _plot_objective(rows: list[dict], field: str, objective: str, path: str) -> None:

@@ -17,15 +17,24 @@ import os
 TRAIN_PANELS = ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s")
 
 
-def read_metrics(workdir: str) -> dict[str, list[tuple[int, float]]]:
-    """{metric: [(step, value), ...]} of a workdir's metrics.jsonl (non-finite values left out)."""
+def read_metrics(workdir: str, live: bool = False) -> dict[str, list[tuple[int, float]]]:
+    """{metric: [(step, value), ...]} of a workdir's metrics.jsonl (non-finite values left out).
+    `live`: the run may still be writing it, or was killed mid-line (a sweep's trial): a missing file
+    reads as empty and a line that does not parse is skipped."""
     series: dict[str, list[tuple[int, float]]] = {}
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
+        if live:
+            return series
         raise FileNotFoundError(f"--workdir={workdir}: no metrics.jsonl (has a run written there?)")
     with open(path) as f:
         for line in f:
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except ValueError:
+                if live:
+                    continue
+                raise
             for key, value in row.items():
                 if key != "step" and isinstance(value, int | float) and math.isfinite(value):
                     series.setdefault(key, []).append((int(row["step"]), float(value)))
