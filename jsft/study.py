@@ -55,7 +55,7 @@ def _variant(config: ml_collections.ConfigDict, overrides: dict) -> ml_collectio
     return config
 
 
-def qsft_variants(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, dict, str]]:
+def qsft_variants(config: ml_collections.ConfigDict) -> list[tuple[str, dict, str]]:
     """(name, overrides, the run whose export it starts from or "") in training order."""
     data = os.path.dirname(config.data.sources.qsft.path)
     multi = {
@@ -79,7 +79,7 @@ def qsft_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dic
     from jsft.interop.export import run_export  # noqa: PLC0415
 
     rows = {}
-    for name, overrides, start in qsft_variants(config, workdir):
+    for name, overrides, start in qsft_variants(config):
         if start:  # Q-SFT starts from the SFT run: its weights are the behaviour policy
             overrides = dict(overrides, **{"model.hf_path": os.path.join(workdir, start, "hf")})
         variant = _variant(config, overrides)

@@ -172,11 +172,11 @@ def make_train_step(
     With `layers_train` (per layer, from config.train.frozen_layers) the stacked parameters' slices of
     frozen layers get zero gradients and keep their values (no update, no weight decay); their
     optimizer state still exists (the layers are one stacked array) and stays zero."""
-
     cfg = model.config
     uses_rng = any(
         x > 0 for x in (cfg.lora_dropout, cfg.neftune_alpha, cfg.dropout_embed, cfg.dropout_residual)
     )
+    is_qsft = objective is not None and objective.name == "qsft"  # targets per micro-batch, Polyak
 
     def loss_sums(train_params, frozen_params, micro, rng=None):
         params = trainable.merge(train_params, frozen_params)
@@ -195,7 +195,7 @@ def make_train_step(
         def accumulate(carry, xs):
             mb, index = xs
             mb = jax.tree.map(lambda x: constrain(x, ("batch", "seq")), mb)
-            if objective is not None and objective.name == "qsft":
+            if is_qsft:
                 mb = dict(
                     mb, qsft_target=qsft_targets(model, state.aux, mb, objective.qsft_gamma, loss_chunk)
                 )
@@ -207,7 +207,7 @@ def make_train_step(
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), train_params)
         first = jax.tree.map(lambda x: x[0], micro)
-        if objective is not None and objective.name == "qsft":
+        if is_qsft:
             first = dict(first, qsft_target=jnp.zeros(first["loss_mask"].shape, jnp.float32))
         sums_shape = jax.eval_shape(loss_sums, train_params, frozen_params, first)[1]
         zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), sums_shape)
@@ -227,7 +227,7 @@ def make_train_step(
         train_params, opt_state = apply_if_finite(finite, update, train_params, state.opt_state)
         params = trainable.merge(train_params, frozen_params)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        if objective is not None and objective.name == "qsft":  # the target follows the parameters
+        if is_qsft:  # the target follows the parameters
             aux = dict(state.aux, target=qsft.polyak(state.aux["target"], params, objective.qsft_polyak))
             new_state = new_state.replace(aux=aux)
         metrics = _step_metrics(sums, denom, schedule(state.step), grad_norm, finite)
