@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import ml_collections
 import optax
+from etils import epath
 
 from jsft.data.pipeline import Data, build_data
 from jsft.data.tokenizer import Tokenizer
@@ -37,7 +38,7 @@ from jsft.models.registry import ModelDef, Params, build_model
 from jsft.parallel import sharding
 from jsft.parallel.mesh import build_mesh
 from jsft.parallel.placement import BatchPlacement
-from jsft.train import trainable
+from jsft.train import checkpoint, trainable
 from jsft.train.checkpoint import Checkpointer, checksums
 from jsft.train.objectives import Objective
 from jsft.train.optim import build_optimizer, build_schedule
@@ -399,11 +400,22 @@ class Run:
                     "or name a checkpoint of the workdir (--checkpoint=latest, best or a step)"
                 )
             return hf.load_params(self.config.model.hf_path, model.config, shardings), "hf", 0
-        ckpt = self.checkpointer("checkpoints_best" if which == "best" else "checkpoints", keep=1000)
+        if which not in ("latest", "best") and not which.isdigit():
+            raise ConfigError(f"--checkpoint={which!r}: expected latest, best, hf or a step number")
+        name, step = "checkpoints", None
+        if which == "best":
+            step = checkpoint.best_step(f"{self.remote}/checkpoints")
+            if step is None and epath.Path(f"{self.remote}/checkpoints_best").exists():
+                name = "checkpoints_best"  # written before the best became a kept regular checkpoint
+            elif step is None:
+                raise FileNotFoundError(
+                    f"no best checkpoint in {self.remote}/checkpoints (config.train.best_metric was not "
+                    "set, or no evaluation has run yet)"
+                )
+        ckpt = self.checkpointer(name, keep=1000)
         try:
-            if which not in ("latest", "best") and not which.isdigit():
-                raise ConfigError(f"--checkpoint={which!r}: expected latest, best, hf or a step number")
-            step = ckpt.latest_step() if which in ("latest", "best") else int(which)
+            if step is None:
+                step = ckpt.latest_step() if which in ("latest", "best") else int(which)
             if step is None or step not in ckpt.all_steps():
                 raise FileNotFoundError(
                     f"no checkpoint {which!r} in {ckpt.directory} (steps: {ckpt.all_steps()})"

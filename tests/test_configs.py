@@ -162,5 +162,6 @@ def test_every_config_trains_evaluates_keeps_the_best_checkpoints_and_resumes(
     assert sorted(r["step"] for r in rows if "train/loss" in r) == [1, 2, 3, 4]
     assert {r["step"] for r in rows if config.train.best_metric in r} >= {2, 4}
     assert sorted(int(s) for s in os.listdir(wd / "checkpoints") if s.isdigit())[-1] == 4
-    best = json.loads((wd / "checkpoints_best" / "best.json").read_text())
+    best = json.loads((wd / "checkpoints" / "best.json").read_text())
     assert best["step"] in (0, 2, 4) and best["value"] is not None
+    assert str(best["step"]) in os.listdir(wd / "checkpoints")  # the best step is kept, whatever keep-N says

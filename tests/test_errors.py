@@ -162,6 +162,43 @@ def test_a_corrupted_latest_checkpoint_is_set_aside_and_the_run_resumes_exactly(
                 f.write("{")
     line = _error_line(_run(_tiny(tiny_data_dir, wd, *QUICK, "--config.train.steps=8")))
     assert "no intact checkpoint in" in line and str(wd / "checkpoints") in line
+    metrics = (wd / "metrics.jsonl").read_bytes()
+    line = _error_line(_run(_tiny(tiny_data_dir, wd, *QUICK, "--config.train.steps=8")))
+    assert "holds set-aside ones" in line  # the next run does not start afresh over them ...
+    assert (wd / "metrics.jsonl").read_bytes() == metrics  # ... nor rewrite the run's metrics
+
+
+def _files(directory) -> dict[str, bytes]:
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                out[os.path.relpath(os.path.join(root, name), directory)] = f.read()
+    return out
+
+
+@pytest.mark.slow
+def test_a_changed_config_on_resume_names_the_field_moves_nothing_and_the_old_config_resumes(
+    tiny_data_dir, tmp_path
+):
+    full, wd = tmp_path / "full", tmp_path / "wd"
+    steps = ["--config.train.checkpoint_every_steps=2", "--config.train.steps=6"]
+    assert _run(_tiny(tiny_data_dir, full, *QUICK, *steps)).returncode == 0
+    r = _run(_tiny(tiny_data_dir, wd, *QUICK, *steps, "--config.train.stop_after_steps=4"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    checkpoints, metrics = _files(wd / "checkpoints"), (wd / "metrics.jsonl").read_bytes()
+    line = _error_line(_run(_tiny(tiny_data_dir, wd, *QUICK, *steps, "--config.model.mlp_dim=96")))
+    assert "model.mlp_dim: 64 in the checkpoint, 96 now" in line and "Nothing was moved" in line
+    assert _files(wd / "checkpoints") == checkpoints and not os.path.exists(wd / "checkpoints_corrupt")
+    assert (wd / "metrics.jsonl").read_bytes() == metrics
+    r = _run(_tiny(tiny_data_dir, wd, *QUICK, *steps))  # the original config resumes at step 4
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Resuming from the checkpoint at step 4" in r.stdout + r.stderr
+
+    def losses(d):
+        return {r["step"]: r["train/loss"] for r in _strict_rows(d / "metrics.jsonl") if "train/loss" in r}
+
+    assert losses(wd) == losses(full) and sorted(losses(full)) == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.slow

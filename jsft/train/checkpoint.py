@@ -3,20 +3,28 @@
 Each checkpoint is a step directory holding three items:
   state   the TrainState pytree (orbax, sharded; restores onto any mesh)
   data    the data iterator's position (JSON)
-  meta    JSON: a checksum of every array (verified on restore), the best-checkpoint record and the
-          data-stream fingerprint, so every process of a resumed run reads the same values
+  meta    JSON: a checksum of every array (verified on restore), the best-checkpoint record, the
+          data-stream fingerprint and the config that wrote it, so every process of a resumed run
+          reads the same values
 
 Orbax writes into a temporary directory and renames it when complete, so a crash or SIGTERM during a
-save leaves the previous checkpoint as the latest one. Restore goes further: a latest checkpoint that
-cannot be read, or whose arrays do not match their checksums, is set aside (moved to
-`<directory>_corrupt/`) with a warning, and the newest intact one is restored instead.
+save leaves the previous checkpoint as the latest one. Restore tells apart why a checkpoint does not
+restore (jsft/train/restore_errors.py): another config wrote it (one error naming the fields, nothing
+moved), the storage failed for a moment (retried, then an error, nothing moved), or its bytes are
+damaged: only then is it set aside (moved to `<directory>_corrupt/`, never deleted) and the newest
+intact one restored. A directory holding only set-aside checkpoints is refused, never restarted.
+
+The best checkpoint is one of the regular ones, kept out of the keep-N rotation (`keep_step`): an
+improvement costs no second save.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -27,17 +35,13 @@ from etils import epath
 
 from jsft.errors import ConfigError
 from jsft.parallel import multihost
+from jsft.train import restore_errors
+from jsft.train.restore_errors import CheckpointError, CheckpointMismatch, CorruptCheckpoint
+
+__all__ = ["BestCheckpoint", "Checkpointer", "CheckpointError", "CheckpointMismatch", "CorruptCheckpoint"]
 
 # Two sets of per-dimension odd multipliers: each array gets two position-weighted sums mod 2**32.
 _PRIMES = ((2654435761, 2246822519, 3266489917, 668265263), (374761393, 3550635113, 1500450271, 2870177450))
-
-
-class CheckpointError(RuntimeError):
-    """No checkpoint could be restored; the message names the directory and each step's reason."""
-
-
-class CorruptCheckpoint(ValueError):
-    """A checkpoint whose arrays differ from the checksums written when it was saved."""
 
 
 def _as_uint32(x: jax.Array) -> jax.Array:
@@ -91,16 +95,35 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:300]}"
 
 
+@dataclasses.dataclass
+class _KeptSteps:
+    """An orbax preservation policy: the steps in `steps` (the best one) survive the keep-N rotation."""
+
+    steps: set[int] = dataclasses.field(default_factory=set)
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+        return [c.step in self.steps for c in checkpoints]
+
+
 class Checkpointer:
-    def __init__(self, directory: str, keep: int, async_save: bool = True):
+    def __init__(
+        self, directory: str, keep: int, async_save: bool = True, retries: int = 3, retry_wait_s: float = 2.0
+    ):
+        policies = ocp.checkpoint_managers.preservation_policy
+        self._kept = _KeptSteps()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
+            preservation_policy=policies.AnyPreservationPolicy([policies.LatestN(keep), self._kept]),
             create=True,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,  # leftovers of a save killed with -9
         )
         self.directory = directory
+        self.retries, self.retry_wait_s = retries, retry_wait_s
         self._manager = ocp.CheckpointManager(directory, options=options)
+
+    def keep_step(self, step: int | None) -> None:
+        """Keep `step` (the best checkpoint) out of the keep-N rotation; the step kept before may go."""
+        self._kept.steps = set() if step is None else {step}
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -181,40 +204,100 @@ class Checkpointer:
             return {}
         return dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path))
 
-    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
+    def restore_latest(
+        self, abstract_state: Any, config: dict | None = None, saved_config: dict | None = None
+    ) -> tuple[int, Any, dict, dict] | None:
         """The newest intact checkpoint as (step, state, data state, meta); None if there is none.
 
-        A checkpoint that fails to restore is moved aside with a warning and the previous one is tried;
-        if every one fails, CheckpointError lists each step's reason.
+        `config`: the run's config as a dict; where the checkpoint's arrays do not fit `abstract_state`,
+        the error names the fields that differ from the config it was written with (its meta, else
+        `saved_config`, the workdir's config.json). Only damaged checkpoints are set aside (and the
+        previous one tried); see restore_errors for the other cases.
         """
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
+            self._refuse_if_only_set_aside()
+            return None
         failures = []
-        for step in sorted(self.all_steps(), reverse=True):
-            error = None
-            try:
-                state, data_state, meta = self.restore_with_meta(step, abstract_state)
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, with its reason
-                error = _reason(e)
-            # Every process must take the same branch: one that failed makes them all move on.
-            if not multihost.any_process(error is not None):
+        for step in steps:
+            self._check_layout(step, abstract_state, config, saved_config)
+            restored, kind, error = self._restore_with_retries(step, abstract_state)
+            if restored is not None:
                 if failures:
                     logging.warning(
-                        "Restored step %d after setting aside %d bad checkpoint(s)", step, len(failures)
+                        "Restored step %d after setting aside %d damaged checkpoint(s)", step, len(failures)
                     )
-                return step, state, data_state, meta
-            error = error or "another process could not restore it"
+                return (step, *restored)
+            if kind != restore_errors.DAMAGED:
+                what = "the storage kept failing" if kind == restore_errors.TRANSIENT else "unexpected error"
+                raise CheckpointError(
+                    f"checkpoint {self.directory}/{step} cannot be read ({what}: {error}); nothing was "
+                    "moved. Fix the cause and rerun: the run resumes from it"
+                )
             failures.append(f"step {step}: {error}")
             aside = self._set_aside(step)
-            msg = f"checkpoint {self.directory}/{step} cannot be restored ({error}); moved to {aside}"
+            msg = f"checkpoint {self.directory}/{step} is damaged ({error}); moved to {aside}"
             logging.warning(msg)
             print(f"jsft: warning: {msg}; trying the previous checkpoint", flush=True)
-        if failures:
-            raise CheckpointError(
-                f"no intact checkpoint in {self.directory} ("
-                + "; ".join(failures)
-                + f"); the broken ones are in {self.directory}_corrupt/. Start afresh with another "
-                "--workdir, or remove the checkpoints directory"
+        raise CheckpointError(
+            f"no intact checkpoint in {self.directory} ("
+            + "; ".join(failures)
+            + f"); the damaged ones are in {self.directory.rstrip('/')}_corrupt/. Start afresh with another "
+            "--workdir, or move the set-aside checkpoints out of this one"
+        )
+
+    def _check_layout(self, step: int, abstract_state: Any, config: dict | None, saved_config: dict | None):
+        """Raise CheckpointMismatch (on every process) if the checkpoint's arrays are not the ones this
+        run expects. Unreadable metadata says nothing here: the restore itself judges the bytes."""
+        changes = []
+        try:
+            saved = ocp.PyTreeCheckpointer().metadata(epath.Path(self.directory) / str(step) / "state")
+            tree = getattr(saved, "item_metadata", saved)
+            changes = restore_errors.layout_changes(getattr(tree, "tree", tree), abstract_state)
+        except Exception:  # noqa: BLE001 - damaged metadata: left to the restore and its checksums
+            changes = []
+        changes = next((c for c in multihost.allgather_json(changes) if c), [])  # the same on every process
+        if not changes:
+            return
+        try:
+            written_with = self.read_meta(step).get("config") or saved_config
+        except Exception:  # noqa: BLE001 - the arrays are named instead
+            written_with = saved_config
+        fields = restore_errors.config_changes(written_with, config) if config is not None else []
+        raise CheckpointMismatch(restore_errors.mismatch_message(self.directory, step, changes, fields))
+
+    def _restore_with_retries(self, step: int, abstract_state: Any) -> tuple[tuple | None, str, str]:
+        """((state, data, meta) or None, kind of failure, reason); every process takes the same branch."""
+        for attempt in range(self.retries + 1):
+            restored, kind, error = None, "", ""
+            try:
+                restored = self.restore_with_meta(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 - classified: only damaged bytes are set aside
+                kind, error = restore_errors.classify(e), _reason(e)
+            kinds = multihost.allgather_json(kind)
+            if not any(kinds):
+                return restored, "", ""
+            # One process's transient failure makes them all retry; any other failure decides.
+            kind = next(
+                (k for k in (restore_errors.TRANSIENT, restore_errors.UNKNOWN) if k in kinds), "damaged"
             )
-        return None
+            error = error or "another process could not restore it"
+            if kind != restore_errors.TRANSIENT or attempt == self.retries:
+                return None, kind, error
+            logging.warning("Reading checkpoint %s/%d failed (%s); retrying", self.directory, step, error)
+            time.sleep(self.retry_wait_s * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _refuse_if_only_set_aside(self) -> None:
+        """A run whose checkpoints were all set aside must not silently start again at step 0."""
+        aside = epath.Path(f"{self.directory.rstrip('/')}_corrupt")
+        if aside.exists() and any(aside.iterdir()):
+            raise CheckpointError(
+                f"{self.directory} holds no checkpoint, but {aside} holds set-aside ones "
+                f"({sorted(p.name for p in aside.iterdir())}): this run is not started afresh over them. "
+                f"Move an intact one back into {self.directory}/ (as its step number) to resume from "
+                f"it, or remove {aside} to start afresh, or use another --workdir"
+            )
 
     def _set_aside(self, step: int) -> str:
         src = epath.Path(self.directory) / str(step)
@@ -235,21 +318,28 @@ class Checkpointer:
 
 
 class BestCheckpoint:
-    """Keeps the checkpoint with the best value of one metric, apart from the keep-K rotation.
+    """The record of the best value of one metric, whose checkpoint is a regular one kept out of the
+    keep-N rotation (`Checkpointer.keep_step`): an improvement costs no second, synchronous save.
 
     The record (step, value, evaluations since the best, for early stopping) travels in the regular
     checkpoints' meta item, so after a restart every process compares against the same best value;
-    `best.json` in the best directory is a copy for people.
+    `best.json` beside the checkpoints is a copy for people (and for `--checkpoint=best`).
     """
 
     def __init__(
-        self, directory: str, metric: str, mode: str, record: dict | None = None, is_main: bool = True
+        self,
+        checkpointer: Checkpointer,
+        metric: str,
+        mode: str,
+        record: dict | None = None,
+        is_main: bool = True,
     ):
         if mode not in ("max", "min"):
             raise ValueError(f"config.train.best_mode={mode!r} must be 'max' or 'min'")
         self.metric, self.mode, self.is_main = metric, mode, is_main
-        self.checkpointer = Checkpointer(directory, keep=1, async_save=False)
+        self.checkpointer = checkpointer
         self.record = dict(record or {"step": None, "value": None, "evals_since_best": 0})
+        checkpointer.keep_step(self.record["step"])
 
     def _better(self, value: float) -> bool:
         best = self.record["value"]
@@ -257,8 +347,9 @@ class BestCheckpoint:
             return False
         return best is None or (value > best if self.mode == "max" else value < best)
 
-    def update(self, step: int, metrics: dict, state: Any, data_state: dict, meta: dict) -> bool:
-        """Save `state` if `metrics[metric]` beats the best so far; True if it did."""
+    def update(self, step: int, metrics: dict) -> bool:
+        """True if `metrics[metric]` beats the best so far: the caller then saves a checkpoint of this
+        step (if it does not anyway), which the rotation keeps."""
         if self.metric not in metrics:
             raise ConfigError(
                 f"config.train.best_metric={self.metric!r} is not among the eval metrics {sorted(metrics)}"
@@ -267,14 +358,31 @@ class BestCheckpoint:
         improved = self._better(value)
         if improved:
             self.record = {"step": step, "value": value, "evals_since_best": 0}
-            self.checkpointer.save(step, state, data_state, dict(meta, best=self.record))
-            self.checkpointer.wait()
+            self.checkpointer.keep_step(step)
         else:
             self.record["evals_since_best"] += 1
-        if self.is_main and "://" not in self.checkpointer.directory:
-            path = epath.Path(self.checkpointer.directory) / "best.json"
-            path.write_text(json.dumps(self.record))
         return improved
 
-    def close(self) -> None:
-        self.checkpointer.close()
+    def write_record(self) -> None:
+        """best.json beside the checkpoints (local or gs://), once the best step's save is under way."""
+        if self.is_main and self.record["step"] is not None:
+            (epath.Path(self.checkpointer.directory) / BEST_JSON).write_text(json.dumps(self.record))
+
+
+BEST_JSON = "best.json"
+
+
+def best_step(directory: str) -> int | None:
+    """The best step of a checkpoint directory: the latest checkpoint's record, else best.json."""
+    ckpt = Checkpointer(directory, keep=1000)
+    try:
+        latest = ckpt.latest_step()
+        record = (ckpt.read_meta(latest).get("best") or {}) if latest is not None else {}
+    except Exception:  # noqa: BLE001 - a damaged meta: fall back to the copy
+        record = {}
+    finally:
+        ckpt.close()
+    if record.get("step") is None:
+        path = epath.Path(directory) / BEST_JSON
+        record = json.loads(path.read_text()) if path.exists() else {}
+    return record.get("step")

@@ -72,6 +72,7 @@ class Trainer:
     best: BestCheckpoint | None = None
     writer: MetricWriter | None = None
     base_id: dict | None = None  # LoRA/QLoRA: the base's source and content hash, kept in checkpoints
+    saved_config: dict | None = None  # the workdir's config.json as an earlier run left it
 
     @property
     def config(self) -> ml_collections.ConfigDict:
@@ -79,7 +80,11 @@ class Trainer:
 
     def meta(self) -> dict:
         """What a checkpoint carries besides the state and the data position."""
-        meta = {"data_fingerprint": self.stream_id, "best": self.best.record if self.best else None}
+        meta = {
+            "data_fingerprint": self.stream_id,
+            "best": self.best.record if self.best else None,
+            "config": json.loads(json.dumps(self.config.to_dict(), default=str)),
+        }
         if self.base_id is not None:
             meta["base"] = self.base_id
         return meta
@@ -89,9 +94,8 @@ class Trainer:
         return self.run.saved_view(state, self.model)
 
     def close_files(self) -> None:
-        for f in (self.writer, self.best):
-            if f is not None:
-                f.close()
+        if self.writer is not None:
+            self.writer.close()
 
     def to_global(self, batch: dict) -> dict:
         sharding_ = self.run.batch_sharding
@@ -120,7 +124,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str, scope: contextlib.Ex
             run.is_main,
             f"Workdir {run.remote} is remote: checkpoints go there, logs and caches to {run.workdir}",
         )
-    _write_config(config, run.workdir, run.is_main)
+    saved_config = _read_config(run.workdir)  # config.json is rewritten only once the restore succeeded
     run.check_train_batch()
     scope.enter_context(sharding.use_rules(run.mesh, run.rules))  # activations follow the same rules
 
@@ -161,24 +165,29 @@ def set_up(config: ml_collections.ConfigDict, workdir: str, scope: contextlib.Ex
         stream_id=_data_fingerprint(config, data),
         data_metrics=data_metrics,
         summary={k: v for k, v in data_metrics.items() if v},
+        saved_config=saved_config,
     )
     return trainer
 
 
-def _write_config(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> None:
-    path = os.path.join(workdir, "config.json")
-    if is_main and os.path.exists(path):
-        try:
-            with open(path) as f:
-                old = json.load(f)
-        except (OSError, ValueError):
-            old = {}  # a damaged copy is only overwritten: it is informational
-        new = json.loads(json.dumps(config.to_dict()))
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if changed:
-            logging.warning("The config differs from the one saved in %s (sections: %s)", path, changed)
-    if is_main:
-        config_lib.save_json(config, path)
+def _read_config(workdir: str) -> dict | None:
+    """The config.json an earlier run left in the workdir (None: none, or a damaged copy)."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_config(config: ml_collections.ConfigDict, old: dict | None, workdir: str, is_main: bool) -> None:
+    """WORKDIR/config.json: this run's config (a changed one is logged by section)."""
+    if not is_main:
+        return
+    new = json.loads(json.dumps(config.to_dict(), default=str))
+    changed = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k)) if old else []
+    if changed:
+        logging.warning("The config differs from the one saved in %s (sections: %s)", workdir, changed)
+    config_lib.save_json(config, os.path.join(workdir, "config.json"))
 
 
 def _report_data(config: ml_collections.ConfigDict, data: Data, is_main: bool) -> dict[str, float]:
@@ -226,7 +235,8 @@ def restore_or_initialise(t: Trainer) -> tuple[int, TrainState]:
     if t.model.config.is_peft:  # the base comes from its source, quantized, with fresh adapters
         base, t.base_id = run.base_params(t.model)
         params = run.peft_params(t.model, base, t.state_sharding.params)
-    restored = t.ckpt.restore_latest(t.saved(t.state_target))
+    config_now = json.loads(json.dumps(config.to_dict(), default=str))
+    restored = t.ckpt.restore_latest(t.saved(t.state_target), config_now, t.saved_config)
     best_record = None
     if restored is not None:
         start_step, state, data_state, meta = restored
@@ -243,14 +253,11 @@ def restore_or_initialise(t: Trainer) -> tuple[int, TrainState]:
         start_step, state = 0, run.initial_state(t.model, t.tx, t.state_sharding, params)
     if config.train.best_metric:
         t.best = BestCheckpoint(
-            f"{t.run.remote}/checkpoints_best",
-            config.train.best_metric,
-            config.train.best_mode,
-            best_record,
-            is_main,
+            t.ckpt, config.train.best_metric, config.train.best_mode, best_record, is_main
         )
     # Metrics files open only now: every check that can fail on user input has run. Lines after the
-    # checkpoint are rewritten by this run; a fresh start keeps none of an earlier one.
+    # checkpoint are rewritten by this run; a fresh start (no checkpoint, none set aside) keeps none.
+    _write_config(config, t.saved_config, run.workdir, is_main)
     failed = None
     try:
         t.writer = MetricWriter(t.run.workdir, is_main, _wandb_settings(config), resumed=restored is not None)
@@ -309,12 +316,14 @@ def train(t: Trainer, start_step: int, state: TrainState, scope: contextlib.Exit
         t.writer.write(0, t.data_metrics)
         if config.eval.at_start and config.train.eval_every_steps:
             try:
-                evaluate(t, 0, state, data_state)
+                improved = evaluate(t, 0, state)[1]
             except Interrupted:
                 _print(
                     is_main, f"Signal {t.stop.signum}: stopped during the first evaluation; nothing to save"
                 )
                 return 0
+            if improved:  # the weights before training are the best so far: kept like any best step
+                save(t, 0, state, data_state, [])
     total_steps = config.train.steps
     if start_step >= total_steps:
         _print(
@@ -336,17 +345,18 @@ def train(t: Trainer, start_step: int, state: TrainState, scope: contextlib.Exit
         if step % config.train.log_every_steps == 0 or step == end_step:
             log(t, step, pending, last_time, data_state, pbar)
             pending, last_time = [], time.time()
-        early_stop = stopping = False
+        early_stop = stopping = improved = False
         if config.train.eval_every_steps and (
             step % config.train.eval_every_steps == 0 or step == total_steps
         ):
             try:
-                early_stop = evaluate(t, step, state, data_state)
+                early_stop, improved = evaluate(t, step, state)
             except Interrupted:  # SIGTERM during a long evaluation: save the step, skip the rest
                 stopping = True
             last_time = time.time()  # evaluation time is not training throughput
         stopping = stopping or t.stop.requested()
-        if step % config.train.checkpoint_every_steps == 0 or step == end_step or stopping or early_stop:
+        regular = step % config.train.checkpoint_every_steps == 0 or step == end_step
+        if regular or stopping or early_stop or improved:  # a new best is an ordinary (async) save
             save(t, step, state, data_state, pending)
         if stopping:
             _print(
@@ -370,9 +380,10 @@ def log(t: Trainer, step: int, pending: list, since: float, data_state: dict, pb
     pbar.set_postfix(loss=f"{logged['train/loss']:.4f}", tok_s=f"{logged['train/tokens_per_s']:.0f}")
 
 
-def evaluate(t: Trainer, step: int, state: TrainState, data_state: dict) -> bool:
-    """Evaluate `state` after `step`, write the metrics and samples, keep the best checkpoint; True
-    when early stopping says the run is done. Raises Interrupted on SIGTERM (nothing written)."""
+def evaluate(t: Trainer, step: int, state: TrainState) -> tuple[bool, bool]:
+    """Evaluate `state` after `step`, write the metrics and samples, update the best record; returns
+    (early stopping says the run is done, a new best: the caller saves this step). Raises Interrupted
+    on SIGTERM (nothing written)."""
     is_main = t.run.is_main
     metrics, samples_by_task = t.evaluation.run(state.params, step, should_stop=t.stop.requested)
     t.writer.write(step, metrics)
@@ -386,13 +397,16 @@ def evaluate(t: Trainer, step: int, state: TrainState, data_state: dict) -> bool
     _write_report(t)
     best = t.best
     if best is None:
-        return False
-    if best.update(step, metrics, t.saved(state), _global_data_state(data_state), t.meta()):
+        return False, False
+    improved = best.update(step, metrics)
+    if improved:
         _print(
             is_main,
             f"step {step}: new best {best.metric} {best.record['value']:.4f} "
-            f"(kept in {best.checkpointer.directory})",
+            f"(its checkpoint is kept in {best.checkpointer.directory})",
         )
+    else:
+        best.write_record()  # evaluations since the best (early stopping); a new best's is written on save
     patience = t.config.train.early_stopping_patience
     if patience and best.record["evals_since_best"] >= patience:
         _print(
@@ -400,8 +414,8 @@ def evaluate(t: Trainer, step: int, state: TrainState, data_state: dict) -> bool
             f"Early stopping at step {step}: {best.metric} has not improved for {patience} evaluations "
             f"(best {best.record['value']:.4f} at step {best.record['step']})",
         )
-        return True
-    return False
+        return True, improved
+    return False, improved
 
 
 def save(t: Trainer, step: int, state: TrainState, data_state: dict, pending: list) -> None:
@@ -410,6 +424,8 @@ def save(t: Trainer, step: int, state: TrainState, data_state: dict, pending: li
     flags = jax.device_get([m["nonfinite"] for _, m in pending])
     t.guard.check([s for s, _ in pending], [bool(f) for f in flags])
     t.ckpt.save(step, t.saved(state), _global_data_state(data_state), t.meta())
+    if t.best is not None and t.best.record["step"] == step:
+        t.best.write_record()
 
 
 def _write_report(t: Trainer) -> None:
@@ -466,8 +482,6 @@ def _train_metrics(
 def finish(t: Trainer, step: int, start_time: float) -> dict:
     """Wait for the last save and print the summary (final metrics, best checkpoint, where)."""
     t.ckpt.wait()
-    if t.best is not None:  # best.json is written by the best checkpoint: after the last evaluation
-        t.best.checkpointer.wait()
     _write_report(t)
     summary = t.summary
     if t.best is not None and t.best.record["step"] is not None:

@@ -3,7 +3,7 @@
     python -m jsft.main --mode report --workdir A [--workdir B ...] [--report_out FILE]
 
 Panels: train loss, learning rate, gradient norm, tokens/s, eval loss and every other eval metric
-(perplexity aside), each over steps; the best checkpoint's step (checkpoints_best/best.json) is a
+(perplexity aside), each over steps; the best checkpoint's step (checkpoints/best.json) is a
 dashed line in the run's colour. Training writes WORKDIR/report.png after every evaluation and at the
 end (matplotlib's Agg backend: no display needed).
 """
@@ -42,12 +42,17 @@ def read_metrics(workdir: str, live: bool = False) -> dict[str, list[tuple[int, 
 
 
 def best_step(workdir: str) -> int | None:
-    path = os.path.join(workdir, "checkpoints_best", "best.json")
-    try:
-        with open(path) as f:
-            return json.load(f).get("step")
-    except (OSError, ValueError):
-        return None
+    """The best step of a local workdir, from its best.json (a run's copy for people)."""
+    for path in (
+        os.path.join(workdir, "checkpoints", "best.json"),
+        os.path.join(workdir, "checkpoints_best", "best.json"),
+    ):
+        try:
+            with open(path) as f:
+                return json.load(f).get("step")
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def panels(runs: list[dict[str, list]]) -> list[str]:

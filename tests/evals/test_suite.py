@@ -177,11 +177,10 @@ def test_demo_suite_runs_in_training_and_the_best_checkpoint_is_the_best_eval(ti
     for r in evals.values():
         assert {"eval/words/rouge_l", "eval/words/bleu", "eval/parity/accuracy", "eval/loss"} <= set(r)
     best_step = min(evals, key=lambda s: evals[s]["eval/loss"])
-    record = json.loads((tmp_path / "checkpoints_best" / "best.json").read_text())
+    record = json.loads((tmp_path / "checkpoints" / "best.json").read_text())
     assert record["step"] == best_step == summary["best_step"]
-    assert os.listdir(tmp_path / "checkpoints_best") and str(best_step) in os.listdir(
-        tmp_path / "checkpoints_best"
-    )
+    assert str(best_step) in os.listdir(tmp_path / "checkpoints")  # kept out of the keep-N rotation
+    assert not os.path.exists(tmp_path / "checkpoints_best")  # no second copy of the state
     assert (tmp_path / "words" / "samples" / "step_000012.jsonl").exists()
     assert (tmp_path / "parity" / "samples" / "step_000012.jsonl").exists()
 
@@ -195,5 +194,5 @@ def test_early_stopping_after_patience_evals_without_improvement(tiny_config, tm
     tiny_config.eval.tasks = ml_collections.ConfigDict()
     summary = train_and_evaluate(tiny_config, str(tmp_path))
     assert summary["steps"] < 60
-    record = json.loads((tmp_path / "checkpoints_best" / "best.json").read_text())
+    record = json.loads((tmp_path / "checkpoints" / "best.json").read_text())
     assert record["evals_since_best"] == 2

@@ -1,5 +1,7 @@
-"""Checkpoints that cannot be trusted are detected, set aside, and the newest intact one restored."""
+"""Damaged checkpoints are detected, set aside and the newest intact one restored; checkpoints of
+another config and transient read errors are errors that move nothing; the best step is kept."""
 
+import errno
 import glob
 import json
 import os
@@ -9,7 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jsft.train.checkpoint import BestCheckpoint, Checkpointer, CheckpointError, checksums
+from jsft.train import restore_errors
+from jsft.train.checkpoint import (
+    BestCheckpoint,
+    Checkpointer,
+    CheckpointError,
+    CheckpointMismatch,
+    best_step,
+    checksums,
+)
 
 
 def _state(seed: float):
@@ -109,16 +119,143 @@ def test_an_empty_directory_restores_nothing(tmp_path):
     ckpt.close()
 
 
-def test_the_best_record_travels_with_the_checkpoint(tmp_path):
-    best = BestCheckpoint(str(tmp_path / "best"), "eval/loss", "min")
-    assert best.update(3, {"eval/loss": 2.0}, _state(3.0), {}, {})
-    assert not best.update(6, {"eval/loss": float("nan")}, _state(6.0), {}, {})  # NaN never wins
-    assert best.record == {"step": 3, "value": 2.0, "evals_since_best": 1}
-    best.close()
-    # A restart hands the record from the regular checkpoint's meta: no file is consulted.
-    resumed = BestCheckpoint(str(tmp_path / "best"), "eval/loss", "min", record=dict(best.record))
-    assert not resumed.update(9, {"eval/loss": 2.5}, _state(9.0), {}, {})
-    assert resumed.update(12, {"eval/loss": 1.0}, _state(12.0), {}, {})
-    assert json.loads((tmp_path / "best" / "best.json").read_text())["step"] == 12
-    assert resumed.checkpointer.all_steps() == [12]
-    resumed.close()
+def test_the_best_checkpoint_is_a_regular_one_kept_out_of_the_rotation(tmp_path):
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep=1, async_save=False)
+    best = BestCheckpoint(ckpt, "eval/loss", "min")
+    for step, loss in ((3, 2.0), (6, float("nan")), (9, 2.5)):
+        if best.update(step, {"eval/loss": loss}):
+            assert step == 3  # NaN never wins
+        ckpt.save(step, _state(float(step)), {}, {"best": best.record})
+        best.write_record()
+    ckpt.wait()
+    assert best.record == {"step": 3, "value": 2.0, "evals_since_best": 2}
+    assert ckpt.all_steps() == [3, 9]  # keep=1 keeps the latest, and the best besides it
+    ckpt.close()
+    # A restart hands the record from the regular checkpoint's meta: the best step stays kept.
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep=1, async_save=False)
+    resumed = BestCheckpoint(ckpt, "eval/loss", "min", record=ckpt.read_meta(9)["best"])
+    ckpt.save(10, _state(10.0), {}, {"best": resumed.record})
+    assert ckpt.all_steps() == [3, 10]
+    assert resumed.update(12, {"eval/loss": 1.0})
+    ckpt.save(12, _state(12.0), {}, {"best": resumed.record})
+    resumed.write_record()
+    assert ckpt.all_steps() == [12]  # the old best leaves the rotation once a new one is saved
+    assert json.loads((tmp_path / "checkpoints" / "best.json").read_text())["step"] == 12
+    assert best_step(str(tmp_path / "checkpoints")) == 12
+    ckpt.close()
+
+
+def _snapshot(directory) -> dict[str, bytes]:
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                out[os.path.relpath(os.path.join(root, name), directory)] = f.read()
+    return out
+
+
+def test_a_checkpoint_of_another_config_is_one_error_naming_the_fields_and_nothing_moves(tmp_path):
+    directory = str(tmp_path / "checkpoints")
+    ckpt = Checkpointer(directory, keep=5, async_save=False)
+    for step in (2, 4):
+        ckpt.save(step, _state(float(step)), {}, {"config": {"model": {"mlp_dim": 64}, "seed": 0}})
+    ckpt.close()
+    before = _snapshot(directory)
+    wider = dict(_target(), w=jax.ShapeDtypeStruct((64, 96), jnp.float32))
+    ckpt = Checkpointer(directory, keep=5)
+    with pytest.raises(CheckpointMismatch, match=r"step 4 .*model\.mlp_dim: 64 in the checkpoint, 96 now"):
+        ckpt.restore_latest(wider, config={"model": {"mlp_dim": 96}, "seed": 0})
+    # Without a config to compare, the arrays are named; a dtype counts as much as a shape.
+    bf16 = dict(_target(), w=jax.ShapeDtypeStruct((64, 64), jnp.bfloat16))
+    with pytest.raises(CheckpointMismatch, match=r"w float32 in the checkpoint, bfloat16 now"):
+        ckpt.restore_latest(bf16)
+    extra = dict(_target(), lora=jax.ShapeDtypeStruct((4,), jnp.float32))
+    with pytest.raises(CheckpointMismatch, match=r"lora not in the checkpoint"):
+        ckpt.restore_latest(extra)
+    assert _snapshot(directory) == before and not os.path.exists(f"{directory}_corrupt")
+    assert ckpt.restore_latest(_target())[0] == 4  # the checkpoint's own config still resumes
+    ckpt.close()
+
+
+def _failing_reads(monkeypatch, failures: int, error: BaseException) -> list:
+    """Make the next `failures` reads of step 4 raise `error` (an injected read error)."""
+    calls = []
+    original = Checkpointer.restore_with_meta
+
+    def restore_with_meta(self, step, target):
+        calls.append(step)
+        if step == 4 and len(calls) <= failures:
+            raise error
+        return original(self, step, target)
+
+    monkeypatch.setattr(Checkpointer, "restore_with_meta", restore_with_meta)
+    return calls
+
+
+def test_a_transient_read_error_is_retried_and_never_moves_a_checkpoint(tmp_path, monkeypatch):
+    directory = str(tmp_path / "checkpoints")
+    _save_two(directory)
+    array_file = _one(f"{directory}/4/state/**/d/*")
+    eio = OSError(errno.EIO, "Input/output error", array_file)
+    calls = _failing_reads(monkeypatch, 2, eio)
+    ckpt = Checkpointer(directory, keep=5, retries=3, retry_wait_s=0.0)
+    assert ckpt.restore_latest(_target())[0] == 4  # read again: the bytes were fine
+    assert calls == [4, 4, 4]
+    ckpt.close()
+    before = _snapshot(directory)
+    _failing_reads(monkeypatch, 100, eio)
+    ckpt = Checkpointer(directory, keep=5, retries=2, retry_wait_s=0.0)
+    with pytest.raises(
+        CheckpointError, match=r"checkpoint .*/4 cannot be read .*Input/output error.*nothing was moved"
+    ):
+        ckpt.restore_latest(_target())
+    assert _snapshot(directory) == before and not os.path.exists(f"{directory}_corrupt")
+    assert ckpt.all_steps() == [2, 4]
+    ckpt.close()
+
+
+@pytest.mark.parametrize(
+    "error, kind",
+    [
+        (
+            ValueError('UNAVAILABLE: Error reading "w/0.0" in OCDBT database at gs://b/ckpt/4/state/'),
+            "transient",
+        ),
+        (
+            RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 96000000000 bytes."),
+            "transient",
+        ),
+        (MemoryError(), "transient"),
+        (OSError(errno.EACCES, "Permission denied", "/ckpt/4/state/d/x"), "transient"),
+        (ValueError("UNKNOWN: Error reading local file: Input/output error [OS error 5]"), "transient"),
+        (ValueError('DATA_LOSS: Error decoding local file "/ckpt/4/state/manifest.ocdbt"'), "damaged"),
+        (
+            ValueError("OUT_OF_RANGE: Requested byte range [0, 10359) is not valid for value of size 5332"),
+            "damaged",
+        ),
+        (FileNotFoundError(errno.ENOENT, "No such file or directory", "/ckpt/4/meta"), "damaged"),
+        (KeyError('Item "state" was not found in the checkpoint.'), "damaged"),
+        (TypeError("'NoneType' object is not subscriptable"), "unknown"),
+    ],
+)
+def test_restore_failures_are_told_apart(error, kind):
+    wrapped = Exception("Encountered error while reading array index")
+    wrapped.__cause__ = error  # orbax wraps tensorstore's error: the cause decides
+    assert restore_errors.classify(error) == kind
+    assert restore_errors.classify(wrapped) == kind
+
+
+def test_a_directory_with_only_set_aside_checkpoints_is_refused_not_restarted(tmp_path):
+    directory = str(tmp_path / "checkpoints")
+    _save_two(directory)
+    CORRUPTIONS["missing state/"](directory)
+    _truncate(f"{directory}/2/data/metadata")
+    ckpt = Checkpointer(directory, keep=5)
+    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+        ckpt.restore_latest(_target())
+    ckpt.close()
+    ckpt = Checkpointer(directory, keep=5)  # the next run: an empty directory, but not a fresh start
+    with pytest.raises(CheckpointError, match=r"holds set-aside ones .*remove .*_corrupt to start afresh"):
+        ckpt.restore_latest(_target())
+    assert len(os.listdir(f"{directory}_corrupt")) == 2  # never deleted
+    ckpt.close()
