@@ -26,6 +26,8 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jsft.errors import help_exits_zero
+
 if TYPE_CHECKING:
     from jsft.data.pipeline import Data
 
@@ -222,4 +224,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=help_exits_zero(app.parse_flags_with_usage))

@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from jsft import config as config_lib
 from jsft.data.sources import DataError
+from jsft.errors import help_exits_zero
 from jsft.interop.hf import UnsupportedCheckpoint
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -181,8 +182,18 @@ def _load_config():
         config.to_dict()  # a config that failed to load raises only when it is first used
         return config
     except Exception as e:  # noqa: BLE001 - ml_collections wraps the file's own error in OSError
-        given = [a.split("=", 1)[-1] for a in sys.argv[1:] if a.startswith("--config=")]
-        _fail(config_lib.ConfigError(f"--config={given[-1] if given else '?'}: {_last_line(str(e))}"))
+        _fail(config_lib.ConfigError(f"--config={_config_path(sys.argv) or '?'}: {_last_line(str(e))}"))
+
+
+def _config_path(argv: list[str]) -> str | None:
+    """The config file named on the command line (`--config=F[:ARG]` or `--config F[:ARG]`)."""
+    path = None
+    for i, a in enumerate(argv[1:], start=1):
+        if a.startswith(("--config=", "-config=")):
+            path = a.split("=", 1)[1]
+        elif a in ("--config", "-config") and i + 1 < len(argv):
+            path = argv[i + 1]
+    return path.split(":", 1)[0] if path else None
 
 
 def _last_line(message: str) -> str:
@@ -257,24 +268,42 @@ def _plan(config) -> None:
 
 
 def _parse_flags(argv):
-    """absl's parser, with every flag mistake (a misspelled `--config.x.y` above all) in one line."""
+    """absl's parser, with every flag mistake (a misspelled `--config.x.y` above all) and every config
+    file that cannot be loaded (missing, failing to import, without get_config) in one line."""
+    path = _config_path(argv)
+    if path and not os.path.isfile(path):
+        what = "is a directory" if os.path.isdir(path) else "no such file"
+        sys.exit(f"jsft: error: --config={path}: {what} (name a config file, e.g. configs/demo.py)")
     try:
         return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:
-        # ml_collections names only the first unknown component ('lrr'); find the flag that holds it.
-        msg = str(e).replace("\\n", "\n")
-        name = (re.findall(r"[A-Za-z_]\w*", msg) or [""])[0]
-        passed = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        bad = [a for a in passed if name in a[len("--config.") :].split(".")] or passed
-        hint = msg[msg.find("Did you mean") :].split("\n")[0].rstrip("'\"\\") if "Did you mean" in msg else ""
-        sys.exit(f"jsft: error: {bad[0]}: no such config field. {hint}".rstrip())
+    except AttributeError as e:
+        if path and "get_config" in str(e):
+            sys.exit(f"jsft: error: --config={path}: the file defines no get_config() (see configs/demo.py)")
+        _unknown_field(argv, e)
+    except KeyError as e:
+        _unknown_field(argv, e)
     except flags.Error as e:
         text = _last_line(str(e)) if "Traceback" in str(e) else str(e).split("\n")[0]
         sys.exit(f"jsft: error: {text} (pass --help for the flags)")
+    except Exception as e:  # noqa: BLE001 - the config file's own import or get_config failed
+        if not path or isinstance(e, BrokenPipeError):  # (--help piped into `head`)
+            raise
+        sys.exit(f"jsft: error: --config={path}: cannot load it ({type(e).__name__}: {_last_line(str(e))})")
+
+
+def _unknown_field(argv, e: BaseException) -> None:
+    """Exit with one line naming the `--config.x.y` override whose field does not exist."""
+    # ml_collections names only the first unknown component ('lrr'); find the flag that holds it.
+    msg = str(e).replace("\\n", "\n")
+    name = (re.findall(r"[A-Za-z_]\w*", msg) or [""])[0]
+    passed = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    bad = [a for a in passed if name in a[len("--config.") :].split(".")] or passed or ["--config"]
+    hint = msg[msg.find("Did you mean") :].split("\n")[0].rstrip("'\"\\") if "Did you mean" in msg else ""
+    sys.exit(f"jsft: error: {bad[0]}: no such config field. {hint}".rstrip())
 
 
 def run() -> None:
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=help_exits_zero(_parse_flags))
 
 
 if __name__ == "__main__":

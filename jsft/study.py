@@ -30,6 +30,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jsft.errors import help_exits_zero
+
 STUDIES = {
     "qsft": {},  # a chain of runs: qsft_variants
     "gem": {
@@ -184,4 +186,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=help_exits_zero(app.parse_flags_with_usage))

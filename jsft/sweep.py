@@ -52,6 +52,7 @@ import ml_collections
 from absl import app, flags
 
 from jsft import sweep_lib, sweep_report
+from jsft.errors import help_exits_zero
 
 _SWEEP = flags.DEFINE_string("sweep", None, "The sweep file (a Python file with get_sweep()).")
 _DIR = flags.DEFINE_string("dir", None, "The sweep directory: store, trials, report.")
@@ -186,4 +187,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=help_exits_zero(app.parse_flags_with_usage))

@@ -45,9 +45,33 @@ def _strict_rows(path):
 # ------------------------------------------------------------------ config, flags, workdir (seconds)
 
 
-def test_a_missing_config_file(tmp_path):
-    line = _error_line(_run(["--config=configs/nope.py", f"--workdir={tmp_path / 'wd'}"]))
-    assert "configs/nope.py" in line and "No such file" in line
+@pytest.mark.parametrize("form", ["--config=PATH", "--config PATH"])
+def test_a_missing_config_file(form, tmp_path):
+    args = form.replace("PATH", "configs/nope.py").split(" ")
+    line = _error_line(_run([*args, f"--workdir={tmp_path / 'wd'}"]))
+    assert "--config=configs/nope.py: no such file" in line
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ("X = 1\n", "defines no get_config()"),
+        ("import not_a_module_xyz\n\ndef get_config():\n    pass\n", "No module named 'not_a_module_xyz'"),
+        ("def get_config():\n    raise RuntimeError('broken on purpose')\n", "broken on purpose"),
+    ],
+)
+def test_a_config_file_that_cannot_load_is_one_line_naming_it(body, expected, tmp_path):
+    path = tmp_path / "my_config.py"
+    path.write_text(body)
+    line = _error_line(_run([f"--config={path}", f"--workdir={tmp_path / 'wd'}"]))
+    assert f"--config={path}" in line and expected in line
+
+
+@pytest.mark.parametrize("module", ["jsft.main", "jsft.bench", "jsft.sweep", "jsft.study"])
+def test_help_of_every_entry_point_exits_zero(module):
+    r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, (module, r.stderr[-2000:])
+    assert "--" in r.stdout + r.stderr  # it printed the flags
 
 
 def test_a_config_argument_the_file_does_not_know(tmp_path):

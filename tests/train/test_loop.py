@@ -72,7 +72,8 @@ def test_a_run_writes_checkpoints_metrics_samples_and_tensorboard(tiny_config, t
     workdir = tmp_path / "run"
     summary = train_and_evaluate(tiny_config, str(workdir))
     ckpt = Checkpointer(str(workdir / "checkpoints"), keep=2)
-    assert ckpt.all_steps() == [4, 6]  # keep-K rotation
+    # keep-K rotation, and the best step (the demo keeps the best eval exact match) besides it
+    assert ckpt.all_steps() == sorted({4, 6, summary["best_step"]})
     ckpt.close()
     rows = _metrics(workdir)
     assert all("step" in r for r in rows)
