@@ -8,6 +8,11 @@ packing never change the objective.
             (the convention of MaxText, Levanter and TRL's default)
   sequence  every example weighs 1: mean of each example's mean token loss
             (what per-example averaging frameworks compute; long answers no longer dominate)
+
+A record's `weight` w_i makes either a weighted mean, with the unit it names weighing w_i:
+  token     sum_i w_i sum_t l_it / sum_i w_i n_i        (each of example i's n_i targets weighs w_i)
+  sequence  sum_i w_i mean_t l_it / sum_i w_i           (example i weighs w_i)
+so scaling every weight alike changes nothing, and a weight-0 example is left out of both sums.
 """
 
 from __future__ import annotations
@@ -41,22 +46,23 @@ def token_weights(
 
     `prompt_weight` in [0, 1] also trains the example's untrained tokens (prompt, template) with that
     weight (0: only the response, today's behaviour); `example_weight_bt` (each example's `weight`
-    field on its tokens) scales every token of its example, so the loss is the weighted mean."""
+    field on its tokens) weighs its example, so the loss is the weighted mean (module docstring)."""
     mask = loss_mask_bt.astype(jnp.float32)
     if prompt_weight:
         prompt = (segment_ids_bt > 0) & (loss_mask_bt == 0)
         mask = mask + prompt_weight * prompt.astype(jnp.float32)
-    if example_weight_bt is not None:
-        mask = mask * example_weight_bt.astype(jnp.float32)
+    example = 1.0 if example_weight_bt is None else example_weight_bt.astype(jnp.float32)
     if normalization == "token":
-        return mask
+        return mask * example
     if normalization == "sequence":
-        # Count the target tokens of every (row, segment) pair and give each token 1/count.
+        # Count the target tokens of every (row, segment) pair and give each token 1/count, so each
+        # example's tokens sum to 1; the example's weight multiplies after the count (counting
+        # weighted tokens would divide the weight out again).
         b, t = segment_ids_bt.shape
         flat_ids = (jnp.arange(b)[:, None] * t + segment_ids_bt).reshape(-1)
         counts = jax.ops.segment_sum(mask.reshape(-1), flat_ids, num_segments=b * t)
         per_token = counts[flat_ids].reshape(b, t)
-        return jnp.where(mask > 0, mask / jnp.maximum(per_token, 1.0), 0.0)
+        return jnp.where(mask > 0, example * mask / jnp.maximum(per_token, 1e-30), 0.0)
     raise ValueError(f"loss normalization {normalization!r} is not one of {NORMALIZATIONS}")
 
 

@@ -1,5 +1,5 @@
 """Gradient accumulation on a device mesh: every micro-batch spans every device, and accumulating
-equals one big batch."""
+equals one big batch (weighted records, both loss normalisations)."""
 
 import os
 import subprocess
@@ -40,7 +40,9 @@ cfg = ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=0, decay="constant", 
 schedule = optim.build_schedule(cfg, 4); tx = optim.build_optimizer(cfg, schedule)
 rng = np.random.default_rng(0)
 lengths = rng.integers(4, 14, 40)
-ex = [packing.Example(rng.integers(1, 64, n).astype(np.int32), np.arange(n) >= 2) for n in lengths]
+weights = rng.choice([0.0, 0.5, 1.0, 5.0], len(lengths))
+ex = [packing.Example(rng.integers(1, 64, n).astype(np.int32), np.arange(n) >= 2, 0, w)
+      for n, w in zip(lengths, weights)]
 batch = {k: v[:16] for k, v in packing.pack(ex, 16).items()}
 assert len(batch["inputs"]) == 16
 rules = sharding.parse_rules(dict(batch="data,fsdp", embed="fsdp", mlp="tensor", heads="tensor",
@@ -56,15 +58,17 @@ for shape in [(8, 1, 1), (2, 4, 1)]:
         assert micro.sharding.spec[0] is None and micro.sharding.spec[1] is not None, micro.sharding.spec
         assert len({s.device for s in micro.addressable_shards if s.data.shape[0] == 2}) == 8
         init = jax.jit(lambda k: TrainState.create(model.init(k), tx, k), out_shardings=shard)
-        for accum in (1, 2):
-            step_fn = make_train_step(model, tx, schedule, accum)
+        for accum, norm in [(a, n) for a in (1, 2) for n in ("token", "sequence")]:
+            step_fn = make_train_step(model, tx, schedule, accum, norm)
             step = jax.jit(step_fn, in_shardings=(shard, bs), out_shardings=(shard, None))
             state = init(jax.random.key(0))
             for _ in range(3):
                 state, m = step(state, batch)
-            results[(shape, accum)] = (float(m["loss"]), jax.device_get(state.params))
-base_loss, base_params = results[((8, 1, 1), 1)]
+            results[(shape, accum, norm)] = (float(m["loss"]), jax.device_get(state.params))
+# Record weights count under both normalisations, and differently.
+assert abs(results[((8, 1, 1), 1, "token")][0] - results[((8, 1, 1), 1, "sequence")][0]) > 1e-3
 for key, (loss, params) in results.items():
+    base_loss, base_params = results[((8, 1, 1), 1, key[2])]
     assert abs(loss - base_loss) < 1e-5 * abs(base_loss), (key, loss, base_loss)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base_params)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)

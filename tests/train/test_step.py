@@ -120,6 +120,42 @@ def test_sequence_normalization_is_the_mean_of_per_example_means(model):
     np.testing.assert_allclose(s["loss_sum"] / s["weight_sum"], np.mean(per_example), rtol=1e-5)
 
 
+def _even_rows(batch):
+    """The rows padded with an empty row to an even count, so two micro-batches split them."""
+    if len(batch["inputs"]) % 2 == 0:
+        return batch
+    return {k: np.concatenate([v, np.zeros_like(v[:1])]) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("weights", [(5, 1, 0.5, 2, 0, 1), (0.25, 0.1, 0.05, 0.3, 0.1, 0.05)])
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_record_weights_weigh_the_loss_as_documented(model, normalization, weights):
+    """The train step's loss equals the weighted mean computed by definition, example by example:
+    token: sum_i w_i sum_t l_it / sum_i w_i n_i; sequence: sum_i w_i mean_t l_it / sum_i w_i,
+    packed or one example per row, in one batch or two accumulated micro-batches."""
+    params = model.init(jax.random.key(0))
+    examples = [packing.Example(ex.ids, ex.mask, 0, w) for ex, w in zip(_examples(6), weights, strict=True)]
+    sums, counts = [], []
+    for ex in examples:  # each example alone through the model: its own token losses, nothing shared
+        ids = jnp.asarray(ex.ids[None])
+        nll = np.asarray(losses.token_nll(model.apply(params, ids[:, :-1]), ids[:, 1:]), np.float64)[0]
+        sums.append(nll[ex.mask[1:]].sum())
+        counts.append(ex.mask[1:].sum())
+    w, sums, counts = np.array(weights, np.float64), np.array(sums), np.array(counts)
+    if normalization == "token":
+        expected = np.sum(w * sums) / np.sum(w * counts)
+    else:
+        expected = np.sum(w * sums / counts) / np.sum(w)
+    unweighted = np.sum(sums) / np.sum(counts) if normalization == "token" else np.mean(sums / counts)
+    assert abs(expected - unweighted) > 1e-2  # the weights matter here
+    tx = optax.sgd(0.1)
+    for batch in (packing.pack(examples, 32), _padded(examples, 32)):
+        for accum in (1, 2):
+            step = jax.jit(make_train_step(model, tx, optax.constant_schedule(0.1), accum, normalization))
+            _, m = step(_state(model, tx), _even_rows(batch))
+            np.testing.assert_allclose(float(m["loss"]), expected, rtol=1e-6)
+
+
 def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(model):
     cfg = _optim_cfg()
     schedule = optim.build_schedule(cfg, 10)
