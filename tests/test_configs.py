@@ -165,3 +165,25 @@ def test_every_config_trains_evaluates_keeps_the_best_checkpoints_and_resumes(
     best = json.loads((wd / "checkpoints" / "best.json").read_text())
     assert best["step"] in (0, 2, 4) and best["value"] is not None
     assert str(best["step"]) in os.listdir(wd / "checkpoints")  # the best step is kept, whatever keep-N says
+
+
+@pytest.mark.slow
+def test_raw_sharegpt_trains_through_hf_sft_with_no_format_or_fields_override(tiny_hf_dir, tmp_path):
+    from tests.conftest import make_records, write_jsonl  # noqa: PLC0415
+
+    def sharegpt(i, r):
+        turns = [{"from": "human", "value": r["prompt"]}, {"from": "gpt", "value": r["response"]}]
+        return {"id": f"identity_{i}", "conversations": turns}
+
+    write_jsonl(tmp_path / "train.jsonl", [sharegpt(i, r) for i, r in enumerate(make_records(200, 0))])
+    config = _module("hf_sft.py").get_config()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    wd = tmp_path / "wd"
+    args = [f"--config={os.path.join(REPO, 'configs', 'hf_sft.py')}", f"--workdir={wd}"]
+    args += _shrink(config, str(tmp_path), tiny_hf_dir)
+    assert not [a for a in args if ".format=" in a or ".fields" in a]
+    r = _run(args, env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in rows if "train/loss" in r) == [1, 2, 3, 4]
+    assert all(r.get("data/sft/skipped_records", 0) == 0 for r in rows)

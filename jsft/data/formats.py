@@ -2,15 +2,18 @@
 
   prompt_response  {"prompt": str, "response": str}
   alpaca           {"instruction": str, "input": str (optional), "output": str}
-  chat             {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+  chat             {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}
+  sharegpt         {"conversations": [{"from": "human"|"gpt"|..., "value": str}, ...], "system": str
+                   (optional)}  ShareGPT as it comes; roles map by SHAREGPT_ROLES
   text             {"text": str}  (continued pretraining: every token is trained, no template)
   token_ids        {"prompt_ids": [int], "completion_ids": [int]}  pre-tokenized: the completion is
                    trained; no template, no tokenization (ids must be below the tokenizer's size)
   input_ids        {"input_ids": [int], "labels": [int] (optional)}  pre-tokenized, Hugging Face
                    style: labels equal to the input id are trained, -100 is ignored (no labels: all)
 
-A source may rename fields (`fields={"prompt": "question"}`); ShareGPT-style messages
-(`{"from": "human"|"gpt", "value": ...}`) are read as chat.
+A source may rename fields (`fields={"prompt": "question"}`). Either list of turns may hold messages
+in either style (`role`/`content` or ShareGPT's `from`/`value`). Roles: system, user, assistant, and
+tool (a tool's result, which sits where a user turn would: after an assistant turn that called it).
 
 Every bad record carries a short, stable reason code (counted in the data stats' `bad_by_reason`)
 and a detail for the listing that names its file and line:
@@ -36,15 +39,29 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-FORMATS = ("prompt_response", "alpaca", "chat", "text", "token_ids", "input_ids")
+FORMATS = ("prompt_response", "alpaca", "chat", "sharegpt", "text", "token_ids", "input_ids")
 TOKEN_FORMATS = ("token_ids", "input_ids")  # pre-tokenized: records carry ids, not text
+CHAT_FORMATS = ("chat", "sharegpt")  # a list of turns; the field that holds it is the first field
 IGNORE_LABEL = -100
-ROLES = ("system", "user", "assistant")
-ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant"}
+ROLES = ("system", "user", "assistant", "tool")
+# The role names of ShareGPT and its variants (LLaMA-Factory's function calling, Gemini's "model"):
+# a function call is the assistant's turn (trained), an observation is the tool's result (not).
+SHAREGPT_ROLES = {
+    "human": "user",
+    "gpt": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "function": "tool",
+}
+# Which roles may follow which (after an optional system message, the first turn is the user's).
+NEXT_ROLES = {"user": ("assistant",), "assistant": ("user", "tool"), "tool": ("assistant", "tool")}
 
 # The canonical field names of each format, in the order detection tries them.
 FORMAT_FIELDS = {
     "chat": ("messages",),
+    "sharegpt": ("conversations",),
     "prompt_response": ("prompt", "response"),
     "alpaca": ("instruction", "output"),
     "text": ("text",),
@@ -124,8 +141,9 @@ def _string(
     return value
 
 
-def _chat(record: Mapping[str, Any], fields: Mapping[str, str]) -> Conversation:
-    key = fields.get("messages", "messages")
+def _chat(record: Mapping[str, Any], fmt: str, fields: Mapping[str, str]) -> Conversation:
+    """A chat or ShareGPT record's turns; ShareGPT's optional top-level `system` opens them."""
+    key = fields.get(FORMAT_FIELDS[fmt][0], FORMAT_FIELDS[fmt][0])
     raw = record.get(key)
     if raw is None:
         raise BadRecord(f"missing field {key!r}", code="missing_field")
@@ -134,40 +152,51 @@ def _chat(record: Mapping[str, Any], fields: Mapping[str, str]) -> Conversation:
         raise BadRecord(f"field {key!r} must be a list of messages, got {got}", code="wrong_type")
     if not raw:
         raise BadRecord(f"field {key!r} is an empty list of messages", code="empty_field")
-    role_key, content_key = fields.get("role", "role"), fields.get("content", "content")
-    messages = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, Mapping):
-            raise BadRecord(f"message {i} is a {type(m).__name__}, not an object", code="wrong_type")
-        if role_key not in m and "from" in m:  # ShareGPT
-            role_key, content_key = "from", "value"
-        role, content = m.get(role_key), m.get(content_key)
-        role = ROLE_ALIASES.get(role, role)
-        if role not in ROLES:
-            raise BadRecord(f"message {i} has role {role!r}; expected one of {ROLES}", code="bad_role")
-        if not isinstance(content, str):
-            got = type(content).__name__
-            raise BadRecord(f"message {i} ({role}) content must be a string, got {got}", code="wrong_type")
-        messages.append(Message(role, content))
+    messages = [_message(i, m, fields) for i, m in enumerate(raw)]
+    system = _string(record, "system", fields, required=False) if fmt == "sharegpt" else ""
+    if system and messages[0].role != "system":
+        messages.insert(0, Message("system", system))
     _check_turn_order(messages)
     return Conversation(tuple(messages))
 
 
+def _message(i: int, m: Any, fields: Mapping[str, str]) -> Message:
+    """Message `i` of a list of turns, written `role`/`content` or ShareGPT's `from`/`value`."""
+    if not isinstance(m, Mapping):
+        raise BadRecord(f"message {i} is a {type(m).__name__}, not an object", code="wrong_type")
+    role_key, content_key = fields.get("role", "role"), fields.get("content", "content")
+    if m.get(role_key) is None and m.get("from") is not None:  # ShareGPT (a table fills absent keys
+        role_key, content_key = "from", "value"  # with None, so test values, not keys)
+    role, content = m.get(role_key), m.get(content_key)
+    role = SHAREGPT_ROLES.get(role, role)
+    if role not in ROLES:
+        raise BadRecord(
+            f"message {i} has role {role!r}; expected one of {', '.join(ROLES)} (or ShareGPT's "
+            f"{', '.join(SHAREGPT_ROLES)})",
+            code="bad_role",
+        )
+    if not isinstance(content, str):
+        got = type(content).__name__
+        raise BadRecord(f"message {i} ({role}) content must be a string, got {got}", code="wrong_type")
+    return Message(role, content)
+
+
 def _check_turn_order(messages: list[Message]) -> None:
-    """Optional system first, then user/assistant alternating from a user turn, at least one reply."""
+    """Optional system first, then turns from the user, each followed by what NEXT_ROLES allows (user
+    and assistant alternate; tool results follow an assistant turn), and at least one reply."""
     body = messages[1:] if messages[0].role == "system" else messages
     if not body or body[0].role != "user":
         raise BadRecord("role order: the first non-system message must come from the user", code="role_order")
     for i, m in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if m.role != expected:
+        index = i + len(messages) - len(body)
+        expected = NEXT_ROLES[body[i - 1].role] if i else ("user",)
+        if m.role not in expected:
             raise BadRecord(
-                f"role order: message {i + len(messages) - len(body)} is {m.role!r}, "
-                f"expected {expected!r} (turns must alternate; system only first)",
+                f"role order: message {index} is {m.role!r}, expected "
+                f"{' or '.join(map(repr, expected))} (turns must alternate; system only first)",
                 code="role_order",
             )
         if m.role == "assistant" and not m.content.strip():
-            index = i + len(messages) - len(body)
             raise BadRecord(f"message {index}: empty assistant reply", code="empty_response")
     if not any(m.role == "assistant" for m in body):
         raise BadRecord("no assistant turn, so there is nothing to train", code="no_assistant_turn")
@@ -191,8 +220,8 @@ def to_conversation(record: Mapping[str, Any], fmt: str, fields: Mapping[str, st
         return Conversation(
             (Message("user", prompt), Message("assistant", _string(record, "output", fields)))
         )
-    if fmt == "chat":
-        return _chat(record, fields)
+    if fmt in CHAT_FORMATS:
+        return _chat(record, fmt, fields)
     if fmt == "text":
         return Conversation((Message("assistant", _string(record, "text", fields)),), is_text=True)
     raise BadRecord(f"unknown format {fmt!r}; expected one of {FORMATS}", code="unknown_format")
@@ -284,12 +313,14 @@ def record_rewards(record: Mapping[str, Any], fmt: str, fields: Mapping[str, str
     have one record-level `reward`. A record with no reward at all is a bad record."""
     key = fields.get("reward", "reward")
     top = record.get(key) if isinstance(record, Mapping) else None
-    if fmt != "chat":
+    if fmt not in CHAT_FORMATS:
         if top is None:
             raise BadRecord(f"missing field {key!r} (Q-SFT needs a reward per record)", code="missing_reward")
         return [_reward_value(top, f"field {key!r}")]
-    conv = _chat(record, fields)
-    raw = record[fields.get("messages", "messages")]
+    conv = _chat(record, fmt, fields)
+    raw = list(record[fields.get(FORMAT_FIELDS[fmt][0], FORMAT_FIELDS[fmt][0])])
+    if len(conv.messages) > len(raw):  # ShareGPT's top-level system message opens the turns
+        raw.insert(0, {})
     rewards, found = [], top is not None
     for i, (m, msg) in enumerate(zip(raw, conv.messages, strict=True)):
         if key in m:

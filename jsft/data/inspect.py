@@ -198,7 +198,7 @@ def _header(config: ml_collections.ConfigDict, data: Data) -> str:
             "jsft data report",
             f"seq_len {d.seq_len} | template {d.template!r} | train_on {d.train_on!r} | overlong "
             f"{d.overlong!r} | packing {d.packing!r} | on_bad_record {d.on_bad_record!r}",
-            f"tokenizer: {data.tokenizer.vocab_size:,} pieces ({d.tokenizer or 'trained on the train data'})",
+            f"tokenizer: {data.tokenizer.vocab_size:,} pieces, {data.tokenizer.source}",
             f"mixture ({d.mixture!r}): {mixture}",
         ]
     )

@@ -45,7 +45,7 @@ class SourceSpec:
 
     name: str
     path: str
-    format: str = "auto"  # auto | prompt_response | alpaca | chat | text
+    format: str = "auto"  # auto, or one of formats.FORMATS (prompt_response, chat, sharegpt, ...)
     fields: Mapping[str, str] = dataclasses.field(default_factory=dict)  # canonical name -> column
     weight: float = 1.0
     split: str = "train"  # for DatasetDict directories and hub data sets

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 from collections.abc import Iterable
 from typing import Protocol
@@ -25,6 +26,7 @@ class Tokenizer(Protocol):
     eos_id: int
     pad_id: int
     pad_token: str | None  # None: the tokenizer defines no padding token (pad_id is then EOS)
+    source: str  # where the tokenizer comes from, for reports ("SentencePiece model X, trained on ...")
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -46,10 +48,11 @@ class SentencePieceTokenizer:
     chat_template = None
     end_of_turn = None
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, source: str = ""):
         if not os.path.exists(path):
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
         self.path = path
+        self.source = source or f"SentencePiece model {path}"
         self._sp = spm.SentencePieceProcessor(model_file=path)
         self.vocab_size = self._sp.get_piece_size()
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
@@ -63,10 +66,10 @@ class SentencePieceTokenizer:
         self.eos_token = self._sp.id_to_piece(self.eos_id)
 
     def __getstate__(self):  # worker processes reload from the file
-        return self.path
+        return (self.path, self.source)
 
-    def __setstate__(self, path):
-        self.__init__(path)
+    def __setstate__(self, state):
+        self.__init__(*state)
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -129,8 +132,24 @@ def read_chat_template(directory: str) -> str | None:
     return None
 
 
+def _json_file(path: str, what: str) -> dict:
+    """A JSON object file of a tokenizer directory ({} when absent); `what` names it in errors."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{what}: {path} is not valid JSON ({e})") from e
+
+
+_WARNED: set[str] = set()  # tokenizer files already warned about in this process
+
+
 class HFTokenizer:
-    """A Hugging Face tokenizer directory (tokenizer.json + tokenizer_config.json), via `tokenizers`.
+    """A Hugging Face tokenizer directory (tokenizer.json + tokenizer_config.json), via `tokenizers`,
+    tokenized as `transformers` 5's AutoTokenizer tokenizes it (jsft/data/hf_pipeline.py): for some
+    families that is not tokenizer.json as written.
 
     Special tokens come from tokenizer_config.json and the chat template from where `transformers`
     reads it (`read_chat_template`); without a config, BOS/EOS are looked up among the tokenizer's
@@ -138,26 +157,17 @@ class HFTokenizer:
     """
 
     def __init__(self, path: str, key: str = "config.data.tokenizer"):
-        from tokenizers import Tokenizer as _Tokenizer  # noqa: PLC0415
-
         directory = path if os.path.isdir(path) else os.path.dirname(path)
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.exists(file):
             raise DataError(f"{key}={path!r}: no tokenizer.json there")
-        self.path, self.file = path, file
-        try:
-            self._tok = _Tokenizer.from_file(file)
-        except Exception as e:  # tokenizers raises a bare Exception for unreadable files
-            raise DataError(f"{key}={path!r}: {file} is not a tokenizers JSON file ({e})") from e
+        self.path, self.file, self._key = path, file, key
         config_path = os.path.join(directory, "tokenizer_config.json")
-        config = {}
-        if os.path.exists(config_path):
-            with open(config_path, encoding="utf-8") as f:
-                try:
-                    config = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{key}={path!r}: {config_path} is not valid JSON ({e})") from e
+        config = _json_file(config_path, f"{key}={path!r}")
         self.config_path = config_path if config else None
+        self._tok, self.transformers_class, self._rebuilt = self._load(directory, config)
+        kind = "the checkpoint's tokenizer.json" if key == "config.model.hf_path" else "tokenizer.json"
+        self.source = f"{kind} {file} ({key}), tokenized as transformers' {self.transformers_class}"
         self.chat_template = read_chat_template(directory)
         # Added tokens marked special (<|im_end|>, <|eot_id|>, ...): where a templated reply can end.
         self.special_tokens = tuple(
@@ -186,7 +196,53 @@ class HFTokenizer:
         self.pad_token = pad_token if pad_id is not None else None
         self.pad_id = pad_id if pad_id is not None else self.eos_id
         self.end_of_turn = None  # HF templates end replies with EOS or a token named by the template
-        self._key = key
+
+    def _load(self, directory: str, config: dict):
+        """(the tokenizer as transformers builds it, its transformers class, whether jsft changed the
+        file's pipeline); warns once per file when the two differ or the class is unknown to jsft."""
+        from tokenizers import Tokenizer as _Tokenizer  # noqa: PLC0415
+
+        from jsft.data import hf_pipeline  # noqa: PLC0415  (imports tokenizers)
+
+        where = f"{self._key}={self.path!r}"
+        try:
+            with open(self.file, encoding="utf-8") as f:
+                text = f.read()
+            tok = _Tokenizer.from_str(text)
+        except Exception as e:  # tokenizers raises a bare Exception for unreadable files
+            raise DataError(f"{where}: {self.file} is not a tokenizers JSON file ({e})") from e
+        model_config = _json_file(os.path.join(directory, "config.json"), where)
+        cls = hf_pipeline.transformers_class(model_config, config, text)
+        changed = hf_pipeline.rebuild(tok, cls, config)
+        chosen_by = (
+            f"model_type {model_config.get('model_type')!r}, tokenizer_class "
+            f"{config.get('tokenizer_class') or model_config.get('tokenizer_class')!r}"
+        )
+        if changed is None and self.file not in _WARNED:
+            _WARNED.add(self.file)
+            logging.warning(
+                "%s: transformers 5 loads this tokenizer as %s (%s), whose pipeline jsft does not "
+                "rebuild; jsft reads tokenizer.json as written, so its ids may differ from transformers'",
+                self.file,
+                cls,
+                chosen_by,
+            )
+        elif changed and self.file not in _WARNED:
+            _WARNED.add(self.file)
+            example = hf_pipeline.first_difference(_Tokenizer.from_str(text), tok)
+            # A warning when the change shows on the probe texts; otherwise it is likely cosmetic.
+            logging.log(
+                logging.WARNING if example else logging.INFO,
+                "%s: transformers 5 loads this tokenizer as %s (%s), which replaces tokenizer.json's %s "
+                "with its own; jsft tokenizes as transformers does, so training sees the ids inference "
+                "sees (%s)",
+                self.file,
+                cls,
+                chosen_by,
+                ", ".join(changed),
+                example or "no difference on jsft's probe texts",
+            )
+        return tok, cls, bool(changed)
 
     def __getstate__(self):
         return (self.path, self._key)
@@ -205,7 +261,8 @@ class HFTokenizer:
 
     def fingerprint(self) -> str:
         parts = [_file_digest(self.file)] + ([_file_digest(self.config_path)] if self.config_path else [])
-        return "hf-" + "-".join(parts)
+        # The class's own pipeline (chosen by config.json too) decides the ids where jsft rebuilt one.
+        return "hf-" + "-".join(parts + ([self.transformers_class] if self._rebuilt else []))
 
 
 def load_tokenizer(path: str, key: str = "config.data.tokenizer") -> Tokenizer:
@@ -220,7 +277,8 @@ def load_tokenizer(path: str, key: str = "config.data.tokenizer") -> Tokenizer:
         if os.path.exists(os.path.join(path, "tokenizer.json")):
             return HFTokenizer(path, key)
         if os.path.exists(os.path.join(path, "tokenizer.model")):  # a SentencePiece-only HF directory
-            tok = SentencePieceTokenizer(os.path.join(path, "tokenizer.model"))
+            model = os.path.join(path, "tokenizer.model")
+            tok = SentencePieceTokenizer(model, f"SentencePiece model {model} ({key})")
             tok.chat_template = read_chat_template(path)
             return tok
         raise DataError(
@@ -228,7 +286,7 @@ def load_tokenizer(path: str, key: str = "config.data.tokenizer") -> Tokenizer:
             "tokenizer.model (SentencePiece); point it at a directory or file that has one"
         )
     if path.endswith(".model"):
-        return SentencePieceTokenizer(path)
+        return SentencePieceTokenizer(path, f"SentencePiece model {path} ({key})")
     if path.endswith(".json"):
         return HFTokenizer(path, key)
     raise DataError(
@@ -274,4 +332,9 @@ def train_sentencepiece(
     with open(tmp, "wb") as f:
         f.write(model.getvalue())
     os.replace(tmp, path)  # a crash mid-write never leaves a half tokenizer behind
-    return SentencePieceTokenizer(path)
+    return SentencePieceTokenizer(path, trained_source(path))
+
+
+def trained_source(path: str) -> str:
+    """The `source` of a tokenizer `train_sentencepiece` wrote to `path`."""
+    return f"SentencePiece model {path}, trained on the training data"

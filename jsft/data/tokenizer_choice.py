@@ -14,7 +14,13 @@ from collections.abc import Callable, Iterable, Iterator
 import ml_collections
 
 from jsft.data import raw, templates
-from jsft.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
+from jsft.data.tokenizer import (
+    SentencePieceTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    train_sentencepiece,
+    trained_source,
+)
 
 TEXT_CONVERSATIONS = 100_000  # conversations per source that a trained tokenizer learns from
 
@@ -33,8 +39,8 @@ def build_tokenizer(
     if hf_path:
         return load_tokenizer(hf_path, key="config.model.hf_path")
     path = os.path.join(workdir, "tokenizer.model")
-    if os.path.exists(path):
-        return load_tokenizer(path)
+    if os.path.exists(path):  # trained by an earlier start of this run
+        return SentencePieceTokenizer(path, trained_source(path))
     special = templates.BUILTIN[template_name]().special_tokens if template_name in templates.BUILTIN else ()
     logging.info("Training a %d-piece SentencePiece tokenizer on the training data", data_cfg.vocab_size)
     return train_sentencepiece(texts(), data_cfg.vocab_size, path, special_tokens=special)

@@ -66,12 +66,26 @@ def test_bad_records_are_counted_by_code_and_listed_in_full(tmp_path):
     train = write_jsonl(tmp_path / "chat.jsonl", [good] * 20 + [wizard, empty, wizard])
     config = _config(tmp_path, train, template="chatml")
     msg = _build_error(config, tmp_path / "wd")
-    detail = "message 0 has role 'wizard'; expected one of ('system', 'user', 'assistant')"
+    detail = (
+        "message 0 has role 'wizard'; expected one of system, user, assistant, tool (or ShareGPT's "
+        "human, gpt, model, bot, function_call, observation, function)"
+    )
     assert f"  {train}:21: {detail}\n  {train}:22: message 1: empty assistant reply\n" in msg
     config.data.on_bad_record = "skip"
     src = build_data(config.data, 0, str(tmp_path / "wd")).train_sources[0]
     assert src.stats["bad_by_reason"] == {"bad_role": 2, "empty_response": 1}
     assert src.bad[0] == (f"{train}:21", detail)
+
+
+def test_a_sharegpt_turn_with_an_unknown_role_names_its_file_and_line(tmp_path):
+    def record(role):
+        return {"id": role, "conversations": [{"from": "human", "value": "u"}, {"from": role, "value": "a"}]}
+
+    train = write_jsonl(tmp_path / "sharegpt.jsonl", [record("gpt")] * 20 + [record("narrator")])
+    msg = _build_error(_config(tmp_path, train, template="chatml"), tmp_path / "wd")
+    assert (
+        f"  {train}:21: message 1 has role 'narrator'; expected one of system, user, assistant, tool" in msg
+    )
 
 
 def test_every_record_bad_fails_before_a_tokenizer_is_trained(tmp_path):

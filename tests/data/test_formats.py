@@ -41,8 +41,56 @@ def test_renamed_fields_and_sharegpt_messages():
     assert conv.messages == (Message("user", "hi"), Message("assistant", "yo"))
 
 
+def test_raw_sharegpt_is_detected_and_read_with_its_own_role_names():
+    record = {
+        "id": "identity_0",
+        "system": "Be brief.",
+        "conversations": [
+            {"from": "human", "value": "What is 6 x 7?"},
+            {"from": "function_call", "value": '{"name": "mul", "arguments": {"a": 6, "b": 7}}'},
+            {"from": "observation", "value": "42"},
+            {"from": "gpt", "value": "42."},
+            {"from": "user", "value": "Thanks"},
+            {"from": "model", "value": "You're welcome."},
+        ],
+    }
+    assert detect_format(list(record), {}) == "sharegpt"
+    conv = to_conversation(record, "sharegpt", {})
+    assert [m.role for m in conv.messages] == [
+        "system", "user", "assistant", "tool", "assistant", "user", "assistant"
+    ]  # fmt: skip
+    assert conv.messages[0].content == "Be brief." and conv.messages[3].content == "42"
+    # A system turn in the list wins over the top-level field; role/content messages read too.
+    record["conversations"].insert(0, {"from": "system", "value": "Inline."})
+    assert [m.content for m in to_conversation(record, "sharegpt", {}).messages[:2]] == [
+        "Inline.",
+        "What is 6 x 7?",
+    ]
+    plain = {"conversations": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}
+    assert to_conversation(plain, "sharegpt", {}).messages == (
+        Message("user", "u"),
+        Message("assistant", "a"),
+    )
+
+
+@pytest.mark.parametrize(
+    "turns,reason",
+    [
+        ([("human", "u"), ("wizard", "a")], "message 1 has role 'wizard'; expected one of system, user, "),
+        ([("gpt", "a"), ("human", "u")], "role order: the first non-system message must come from the user"),
+        ([("human", "u"), ("observation", "o")], "message 1 is 'tool', expected 'assistant'"),
+        ([("human", "u"), ("gpt", "a"), ("gpt", "b")], "message 2 is 'assistant', expected 'user' or 'tool'"),
+    ],
+)
+def test_bad_sharegpt_records_say_why(turns, reason):
+    record = {"conversations": [{"from": r, "value": v} for r, v in turns]}
+    with pytest.raises(BadRecord, match=re.escape(reason)):
+        to_conversation(record, "sharegpt", {})
+
+
 def test_format_detection():
     assert detect_format(["messages", "id"], {}) == "chat"
+    assert detect_format(["conversations", "id"], {}) == "sharegpt"
     assert detect_format(["instruction", "input", "output"], {}) == "alpaca"
     assert detect_format(["text"], {}) == "text"
     with pytest.raises(BadRecord, match="cannot tell the record format"):

@@ -60,3 +60,23 @@ def test_report_counts_duplicates_bad_records_and_overlong(tiny_set, tmp_path, o
 
     assert (workdir / "inspect_report.txt").read_text() == report + "\n"
     assert (workdir / "inspect_lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_header_names_the_tokenizers_real_source(tiny_set, tmp_path):
+    config, _, _ = tiny_set
+    report = run_inspect(config, str(tmp_path / "trained"))
+    trained = tmp_path / "trained" / "tokenizer.model"
+    assert f"pieces, SentencePiece model {trained}, trained on the training data\n" in report
+
+    from tests.conftest import save_chatml_bpe_tokenizer  # noqa: PLC0415
+
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    save_chatml_bpe_tokenizer(checkpoint)
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    config.model.hf_path, config.data.template, config.data.seq_len = str(checkpoint), "hf", 128
+    report = run_inspect(config, str(tmp_path / "hf"))
+    assert (
+        f"pieces, the checkpoint's tokenizer.json {checkpoint / 'tokenizer.json'} (config.model.hf_path), "
+        "tokenized as transformers' Qwen2Tokenizer\n"
+    ) in report
