@@ -5,13 +5,16 @@
     python -m jsft.bench train --config configs/bench_workload.py [--compare torch] [--json OUT]
     python -m jsft.bench peft --config configs/llama3_8b_sft.py:gpu1 --peft_what plan
     python -m jsft.bench peft --config configs/demo.py --peft_what steps --steps 20
+    python -m jsft.bench best --config configs/bench_workload.py:llama1b [--workdir DIR]
 
 `data` builds the configured data twice in a temporary workdir (the first build tokenizes, the
 second hits the cache), pulls batches from the train stream for `--seconds`, then times the train
 step on the same batch shape and prints one table with the ratio of the two rates. `generate` times
 KV-cache decoding of the configured model at batch 1 and 16. `train` times the train step on the
 shared peer workload (jsft/bench_train.py). `peft` compares full fine-tuning, a frozen subset, LoRA
-and QLoRA: planner bytes, or step times on this machine (jsft/bench_peft.py).
+and QLoRA: planner bytes, or step times on this machine (jsft/bench_peft.py). `best` measures how
+long a new best evaluation stalls the train loop, on the configured model's full train state (weights
+and AdamW moments): the former second, synchronous save against keeping the regular checkpoint.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from jsft.errors import help_exits_zero
 if TYPE_CHECKING:
     from jsft.data.pipeline import Data
 
-BENCHMARKS = ("data", "generate", "train", "peft")
+BENCHMARKS = ("data", "generate", "train", "peft", "best")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -48,6 +51,7 @@ _ROWS = flags.DEFINE_enum(
 _COMPARE = flags.DEFINE_enum("compare", "", ["", "torch"], "train: also run the plain torch reference now.")
 _JSON = flags.DEFINE_string("json", "", "train: write the result record (with the config) here.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "train: the device's peak TFLOP/s for MFU (0: known devices).")
+_WORKDIR = flags.DEFINE_string("workdir", "", "best: where to write the checkpoints (default: a temp dir).")
 _PEFT_WHAT = flags.DEFINE_enum("peft_what", "plan", ["plan", "steps"], "peft: planner bytes or step times.")
 flags.mark_flags_as_required(["config"])
 
@@ -183,6 +187,58 @@ def _bench_train(config: ml_collections.ConfigDict) -> str:
     return bench_train.report(result, torch)
 
 
+def bench_best(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Train-loop stall of one new best, on the configured model's weights and AdamW moments (fp32):
+    before, the best was a second, synchronous save of the full state; now the best is the regular
+    checkpoint of that step kept out of the rotation, so the stall is at most the blocking part of one
+    asynchronous save (none when the evaluation falls on a checkpoint step)."""
+    import jax  # noqa: PLC0415
+
+    from jsft.models.registry import build_model  # noqa: PLC0415
+    from jsft.train.checkpoint import BestCheckpoint, Checkpointer, checksums  # noqa: PLC0415
+
+    model = build_model(config.model, config.model.vocab_size or config.data.vocab_size or 32000)
+    shapes = model.abstract_params()
+    keys = iter(jax.random.split(jax.random.key(0), 3 * len(jax.tree.leaves(shapes))))
+    fill = jax.jit(lambda k, like: jax.random.normal(k, like.shape, jax.numpy.float32), static_argnums=1)
+
+    def tree():
+        return jax.tree.map(lambda a: fill(next(keys), jax.ShapeDtypeStruct(a.shape, a.dtype)), shapes)
+
+    state = {"params": tree(), "mu": tree(), "nu": tree()}
+    checksums(state)  # compiled once, outside the timings (every save computes them)
+    gb = sum(x.size * 4 for x in jax.tree.leaves(state)) / 1e9
+    root = workdir or tempfile.mkdtemp(prefix="jsft-bench-best-")
+    rows = []
+    # Before: BestCheckpoint owned a keep=1 checkpointer and saved synchronously on every new best.
+    old = Checkpointer(f"{root}/checkpoints_best", keep=1, async_save=False)
+    _, before = _timed(lambda: (old.save(1, state, {}), old.wait()))
+    old.close()
+    ckpt = Checkpointer(f"{root}/checkpoints", keep=1)
+    best = BestCheckpoint(ckpt, "eval/loss", "min")
+    # Now, the evaluation on a checkpoint step: the regular save happens anyway; the best is a mark.
+    ckpt.save(2, state, {})
+    _, mark = _timed(lambda: (best.update(2, {"eval/loss": 1.0}), best.write_record()))
+    ckpt.wait()
+    # Now, off the checkpoint cadence: one asynchronous save of that step; the loop waits only for the
+    # part of the save that copies the arrays off the device.
+    best.update(3, {"eval/loss": 0.5})
+    _, blocking = _timed(lambda: ckpt.save(3, state, {}))
+    _, background = _timed(ckpt.wait)
+    ckpt.close()
+    rows = [
+        ("train state (weights + AdamW moments)", f"{gb:.2f} GB"),
+        ("before: second synchronous save", f"{before:.2f} s"),
+        ("now, eval on a checkpoint step", f"{mark * 1e3:.1f} ms"),
+        ("now, eval off the cadence: blocking", f"{blocking:.2f} s"),
+        ("  (its write, in the background)", f"{background:.2f} s"),
+        ("stall ratio before / now (off cadence)", f"{before / max(blocking, 1e-9):.1f}x"),
+    ]
+    width = max(len(n) for n, _ in rows)
+    title = f"best-checkpoint stall: {model.config.num_params():,} parameters, {jax.default_backend()}"
+    return "\n".join([title] + [f"  {name:<{width}}  {value:>12}" for name, value in rows])
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in BENCHMARKS:
         given = f"got {argv[1:]}" if len(argv) > 1 else "got none"
@@ -202,7 +258,7 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     try:
         # train, peft: no data or checkpoint needed
-        config_lib.validate(config, "plan" if argv[1] in ("train", "peft") else "train")
+        config_lib.validate(config, "plan" if argv[1] in ("train", "peft", "best") else "train")
         if argv[1] == "data":
             print(bench_data(config, _SECONDS.value, _STEPS.value))
         elif argv[1] == "generate":
@@ -217,6 +273,8 @@ def main(argv: list[str]) -> None:
                 print(bench_peft.plan_table(config))
             else:
                 print(bench_peft.step_table(config, _STEPS.value))
+        elif argv[1] == "best":
+            print(bench_best(config, _WORKDIR.value))
         else:
             print(_bench_train(config))
     except (config_lib.ConfigError, DataError) as e:

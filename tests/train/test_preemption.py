@@ -57,7 +57,8 @@ def test_sigterm_during_an_evaluation_saves_that_step_and_stops(tiny_config, tmp
     summary = train_and_evaluate(tiny_config, str(tmp_path))
     assert summary["steps"] == 3
     ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep=5)
-    assert ckpt.all_steps() == [3]
+    # step 3 saved on the signal; step 0 is the first (so best) evaluation's kept checkpoint
+    assert ckpt.all_steps() == [0, 3]
     ckpt.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval/loss" in r] == [0]  # the interrupted eval wrote nothing
