@@ -101,8 +101,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.param_dtype = "float32"
     config.model.compute_dtype = "float32"
     config.model.remat = "none"
-    # auto (cuDNN on GPUs, splash on TPUs, else flash) | flash | splash | chunked | reference | xla_sdpa |
-    # cudnn: jsft/models/attention.py
+    # auto (GPU: pallas_gpu, cudnn where it takes the model and rows; TPU: splash; else flash) | flash |
+    # pallas_gpu | cudnn | splash | chunked | reference | xla_sdpa: jsft/models/attention.py
     config.model.attention = "auto"
     config.model.attention_chunk = 128
     config.model.dropout_embed = 0.0  # training only; 0: off

@@ -6,6 +6,11 @@ counted exactly from their shapes and shardings; activations come from XLA itsel
 lowered and compiled for abstract inputs (`jax.ShapeDtypeStruct`s, never allocated) and
 `compiled.memory_analysis()` reports its temporary buffers. XLA's CPU backend fuses differently from
 TPU/GPU backends, so the activation figure is an estimate of the same order, not a promise.
+
+Attention: the step is compiled with the kernel the config names on a CPU (`auto` is `flash` there);
+a GPU or TPU kernel (pallas_gpu, cudnn, splash) cannot be compiled here, so `flash`, the same
+block-at-a-time memory, stands in. The report names the kernel in its figures and the kernels a GPU and
+a TPU would run.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jsft.models import attention
 from jsft.parallel import sharding
 from jsft.parallel.mesh import resolve_shape
 from jsft.run import Run
 from jsft.train.trainable import count, split
 
 GB = 1e9
+ACCELERATOR_KERNELS = ("pallas_gpu", "cudnn", "splash")  # not compiled here: `flash` stands in
 # Memory per device (bytes) of accelerators people fine-tune on.
 ACCELERATORS = {
     "TPU v5e (16 GB)": 16 * GB,
@@ -67,6 +74,26 @@ def per_device_bytes(abstract_tree: Any, shardings_tree: Any) -> int:
     return total
 
 
+def attention_line(asked: str, arch: Any) -> str:
+    """Which kernel the figures assume, and what a GPU and a TPU would run (`asked`: the config's
+    `model.attention`; `arch`: the planned model's LlamaConfig)."""
+    model = dict(dtype=arch.compute_dtype, head_dim=arch.head_dim)
+    planned = attention.resolve(arch.attention, arch.attn_softcap, "cpu", bool(arch.layer_windows), **model)
+    targets = []
+    for platform in ("gpu", "tpu"):
+        try:
+            kernel = attention.resolve(
+                asked, arch.attn_softcap, platform, bool(arch.layer_windows), **model, interpret_ok=False
+            )
+        except ValueError:
+            kernel = "refused"
+        targets.append(f"{kernel} on {platform.upper()}s")
+    return (
+        f"attention: figures with {planned} (compiled for the CPU); model.attention={asked} is "
+        + ", ".join(targets)
+    )
+
+
 def _compile_step(run: Run, model, tx, schedule, state, state_sharding):
     """XLA's memory analysis of the train step for abstract inputs (`state`: abstract, sharded)."""
     config, mesh, rules = run.config, run.mesh, run.rules
@@ -97,6 +124,10 @@ def run_plan(
     start = time.time()
     if not config.model.vocab_size:
         raise ValueError("config.model.vocab_size=0: a plan needs the vocabulary size (no tokenizer is read)")
+    asked = config.model.attention
+    if asked in ACCELERATOR_KERNELS:
+        config = config.copy_and_resolve_references()
+        config.model.attention = "flash"
     run = Run.create(config)
     model = run.model(config.model.vocab_size)
     tx, schedule = run.optimizer()
@@ -143,6 +174,7 @@ def run_plan(
     if mask is not None:
         lines.append(f"  trainable: {n_train / 1e9:.3f}B of {n_params / 1e9:.2f}B parameters")
     lines += [f"  {name:<50} {value / GB:>9.2f} GB" for name, value in rows]
+    lines.append(f"  {attention_line(asked, model.config)}")
     if dropped:
         lines.append(f"  replicated for divisibility: {sorted({d[0] for d in dropped})}")
     lines.append("  fits on (peak with 10% headroom):")

@@ -60,3 +60,20 @@ def test_plan_mode_on_the_command_line_needs_no_workdir_and_refuses_minus_one():
         base + ["--config.model.vocab_size=512"], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert r.returncode != 0 and "needs explicit sizes, no -1" in r.stderr
+
+
+def test_the_plan_names_the_kernel_of_its_figures_and_what_each_accelerator_runs():
+    import dataclasses  # noqa: PLC0415
+
+    from jsft import plan  # noqa: PLC0415
+    from jsft.models.llama import LlamaConfig  # noqa: PLC0415
+
+    arch = LlamaConfig.tiny(vocab_size=64)  # float32 compute: no cuDNN
+    assert plan.attention_line("auto", arch) == (
+        "attention: figures with flash (compiled for the CPU); model.attention=auto is pallas_gpu on GPUs, "
+        "splash on TPUs"
+    )
+    # An accelerator kernel cannot be compiled on the CPU: flash stands in, and the line says so.
+    line = plan.attention_line("splash", dataclasses.replace(arch, attention="flash"))
+    assert line.endswith("model.attention=splash is refused on GPUs, splash on TPUs")
+    assert "figures with flash" in line

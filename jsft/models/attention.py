@@ -5,36 +5,49 @@ returns [B, T, N, H]. Packed examples are contiguous in a row, so "query t may s
 `start[t] <= s <= t` (plus `t - s < window` with a sliding window), where `start[t]` is the first
 position of t's example: no [T, S] array is needed to say it.
 
-  reference  plain XLA over the whole row: [B, K, G, T, S] float32 scores (the oracle)
-  chunked    queries in chunks of `chunk` rows; each chunk attends only to the keys up to its last
-             row (the causal triangle's empty blocks are never computed), and is rematerialised in
-             the backward pass. Runs everywhere, but XLA may schedule several chunks' [B, K, G, chunk,
-             S] scores at once (the 8B planner's activations were 4 GB higher than with `flash`).
-  flash      blocks of queries x blocks of keys with an online softmax and a hand-written backward
-             (jsft/models/flash.py): one [B, K, G, chunk, chunk] block at a time, empty blocks skipped.
-             Runs everywhere; the default on CPU and TPU (on the shared CPU benchmark within 3% of
-             `chunked`'s speed).
-  xla_sdpa   jax.nn.dot_product_attention (XLA); on GPUs `cudnn` asks for cuDNN's fused kernel.
-             Neither takes soft-capping; both need a [B, 1, T, S] boolean mask for packed rows.
-  splash     TPU splash attention (Pallas, block-sparse; jsft/models/splash.py): the default on TPUs
-             unless the model has per-layer windows; off TPU it runs in Pallas interpret mode (tests).
-  auto       cudnn on GPUs and splash on TPUs when the model allows them, else flash.
+  reference   plain XLA over the whole row: [B, K, G, T, S] float32 scores (the oracle)
+  chunked     queries in chunks of `chunk` rows; each chunk attends only to the keys up to its last
+              row (the causal triangle's empty blocks are never computed), and is rematerialised in
+              the backward pass. Runs everywhere, but XLA may schedule several chunks' [B, K, G, chunk,
+              S] scores at once (the 8B planner's activations were 4 GB higher than with `flash`).
+  flash       blocks of queries x blocks of keys with an online softmax and a hand-written backward
+              (jsft/models/flash.py): one [B, K, G, chunk, chunk] block at a time, empty blocks skipped.
+              Runs everywhere; the default on CPUs (on the shared CPU benchmark within 3% of `chunked`).
+  pallas_gpu  GPU flash attention as Pallas (Triton) kernels, forward and backward (jsft/models/
+              pallas_gpu.py): packing, causal, windows (per layer too), soft-cap, GQA, any dtype.
+  cudnn       cuDNN's fused kernel through jax.nn.dot_product_attention: its own causal mask and
+              sliding window; float16/bfloat16 only, heads up to 128 wide, no soft-cap, one window for
+              all layers. Packed rows add a boolean [B, 1, T, S] same-example mask: JAX's public API has
+              no segment form (the private packed layout of jax 0.10 needs a Hopper GPU and mis-strides
+              grouped-query keys, jax-ml/jax#39521).
+  xla_sdpa    jax.nn.dot_product_attention's XLA path over a dense [B, 1, T, S] mask; no soft-cap.
+  splash      TPU splash attention (Pallas, block-sparse; jsft/models/splash.py); one window for all
+              layers.
+  auto        TPU: splash (flash with per-layer windows). GPU: cudnn where it takes the model and the
+              rows (half-precision compute, head size <= 128 and a multiple of 8, no soft-cap, one
+              window, unpacked rows), else pallas_gpu. Elsewhere: flash.
 
-Soft-capped logits (Gemma 2) work with reference, chunked and flash. Scores and softmax are float32 in
-every kernel; q.k and p.v accumulate in float32.
+The Pallas kernels run off their platform only in interpret mode (the CPU tests); a run refuses them
+there (`resolve(..., interpret_ok=False)`). Scores and softmax are float32 in every kernel but cudnn
+(cuDNN's own); q.k and p.v accumulate in float32.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jsft.models.flash import flash_attention
+from jsft.models.pallas_gpu import pallas_gpu_attention
 from jsft.models.splash import splash_attention
 
-IMPLEMENTATIONS = ("auto", "reference", "chunked", "flash", "splash", "xla_sdpa", "cudnn")
+IMPLEMENTATIONS = ("auto", "reference", "chunked", "flash", "pallas_gpu", "splash", "xla_sdpa", "cudnn")
+_NATIVE_PLATFORM = {"splash": "tpu", "pallas_gpu": "gpu", "cudnn": "gpu"}  # the others run everywhere
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MAX_HEAD_DIM = 128  # 256 on Hopper and later; 128 holds on every GPU cuDNN's flash kernel runs on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +56,13 @@ class Mask:
 
     `start_bt`: the first position of each query's example (padding, segment 0 at the row's end, is
     an example of its own, so no query row is empty). `window`: a sliding window (0: none); it may be a
-    traced scalar (per-layer windows under scan).
+    traced scalar (per-layer windows under scan). `packed`: False when every row is known to hold one
+    example (no segment ids were given), so causality alone is the mask.
     """
 
     start_bt: jax.Array
     window: jax.Array | int = 0
+    packed: bool = True
 
     @classmethod
     def from_segments(cls, segment_ids_bt: jax.Array, window: jax.Array | int = 0) -> Mask:
@@ -151,34 +166,108 @@ def sdpa_attention(
     scale: float | None = None,
     implementation: str | None = None,
 ) -> jax.Array:
-    """jax.nn.dot_product_attention (`implementation`: None/'xla', or 'cudnn' on GPUs)."""
+    """jax.nn.dot_product_attention's XLA path (`implementation` None or 'xla') over the dense mask."""
     dense = mask.dense()[:, None]  # [B, 1, T, S]: packed rows need more than is_causal
     return jax.nn.dot_product_attention(
         q_btnh, k_bskh, v_bskh, mask=dense, scale=scale, implementation=implementation
     )
 
 
-def resolve(name: str, softcap: float, platform: str | None = None, per_layer_windows: bool = False) -> str:
-    """The kernel `name` stands for on this platform; refuses a kernel the model cannot use."""
+def cudnn_attention(
+    q_btnh: jax.Array,
+    k_bskh: jax.Array,
+    v_bskh: jax.Array,
+    mask: Mask,
+    scale: float | None = None,
+    static_window: int = 0,
+    implementation: str = "cudnn",
+) -> jax.Array:
+    """cuDNN's fused attention: causality and the sliding window as cuDNN's own masks (empty blocks
+    skipped); packed rows add a boolean [B, 1, T, S] same-example mask (cuDNN turns it into a bias).
+    `implementation='xla'` runs the same arguments through XLA (how the CPU tests check them)."""
+    same_example = None
+    if mask.packed:
+        s = jnp.arange(mask.start_bt.shape[1])
+        same_example = (s[None, None, :] >= mask.start_bt[:, :, None])[:, None]
+    return jax.nn.dot_product_attention(
+        q_btnh,
+        k_bskh,
+        v_bskh,
+        mask=same_example,
+        scale=scale,
+        is_causal=True,
+        local_window_size=(static_window - 1, 0) if static_window else None,
+        implementation=implementation,
+    )
+
+
+def unusable(
+    name: str,
+    platform: str,
+    softcap: float = 0.0,
+    per_layer_windows: bool = False,
+    dtype: Any = None,
+    head_dim: int | None = None,
+    interpret_ok: bool = True,
+) -> str:
+    """Why kernel `name` cannot run this model on `platform` ('' when it can). `dtype` and `head_dim`
+    (compute dtype, head size) are checked when given; `interpret_ok`: a Pallas kernel may run off its
+    platform in interpret mode (tests), else it is refused there."""
+    native = _NATIVE_PLATFORM.get(name)
+    if native and platform != native and (name == "cudnn" or not interpret_ok):
+        interpreted = "" if name == "cudnn" else ", elsewhere only in Pallas interpret mode (very slow)"
+        return f"runs on {native.upper()}s{interpreted}; this is {platform}: use 'auto' or 'flash'"
+    if name in ("xla_sdpa", "cudnn") and softcap:
+        return (
+            f"does not soft-cap attention logits (this model has attn_softcap={softcap}); use 'auto', "
+            "'flash' or 'pallas_gpu'"
+        )
+    if name in ("splash", "cudnn") and per_layer_windows:
+        return (
+            "needs one attention window for every layer (its mask is fixed when the step is traced; this "
+            "model has per-layer windows); use 'auto', 'flash' or 'pallas_gpu'"
+        )
+    if name == "cudnn" and dtype is not None and jnp.dtype(dtype).name not in CUDNN_DTYPES:
+        return (
+            f"takes {'/'.join(CUDNN_DTYPES)} only (this model computes in {jnp.dtype(dtype).name}); use "
+            "'auto' or 'pallas_gpu', or config.model.compute_dtype=bfloat16"
+        )
+    if name == "cudnn" and head_dim is not None and (head_dim > CUDNN_MAX_HEAD_DIM or head_dim % 8):
+        return (
+            f"takes heads up to {CUDNN_MAX_HEAD_DIM} wide in multiples of 8 (this model's are {head_dim}); "
+            "use 'auto' or 'pallas_gpu'"
+        )
+    return ""
+
+
+def resolve(
+    name: str,
+    softcap: float,
+    platform: str | None = None,
+    per_layer_windows: bool = False,
+    *,
+    dtype: Any = None,
+    head_dim: int | None = None,
+    packed: bool = True,
+    interpret_ok: bool = True,
+) -> str:
+    """The kernel `name` stands for on `platform` (default: this one); ValueError for a kernel the
+    model or the platform cannot use. `auto` takes cuDNN only when the compute dtype and head size are
+    given and it takes them, and the rows are unpacked (`packed=False`); see the module docstring."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"config.model.attention={name!r} is not one of {IMPLEMENTATIONS}")
     platform = platform or jax.default_backend()
+    model = dict(softcap=softcap, per_layer_windows=per_layer_windows, dtype=dtype, head_dim=head_dim)
     if name == "auto":
-        if platform == "gpu" and not softcap:
-            return "cudnn"
+        if platform == "gpu":
+            known = dtype is not None and head_dim is not None
+            return (
+                "cudnn" if known and not packed and not unusable("cudnn", platform, **model) else "pallas_gpu"
+            )
         return "splash" if platform == "tpu" and not per_layer_windows else "flash"
-    if name in ("xla_sdpa", "cudnn") and softcap:
-        raise ValueError(
-            f"config.model.attention={name!r} does not soft-cap attention logits (this model has "
-            f"attn_softcap={softcap}); use 'flash', 'chunked' or 'reference'"
-        )
-    if name == "cudnn" and platform != "gpu":
-        raise ValueError(f"config.model.attention='cudnn' needs a GPU (this is {platform}); use 'auto'")
-    if name == "splash" and per_layer_windows:
-        raise ValueError(
-            "config.model.attention='splash' needs one attention window for every layer (its mask is "
-            "fixed when the step is traced; this model has per-layer windows); use 'flash' or 'auto'"
-        )
+    why = unusable(name, platform, **model, interpret_ok=interpret_ok)
+    if why:
+        raise ValueError(f"config.model.attention={name!r} {why}")
     return name
 
 
@@ -201,6 +290,10 @@ def attend(
         return chunked_attention(q_btnh, k_bskh, v_bskh, mask, scale, softcap, chunk)
     if name == "flash":
         return flash_attention(q_btnh, k_bskh, v_bskh, mask.start_bt, mask.window, scale, softcap, chunk)
+    if name == "pallas_gpu":
+        return pallas_gpu_attention(q_btnh, k_bskh, v_bskh, mask.start_bt, mask.window, scale, softcap, chunk)
     if name == "splash":
         return splash_attention(q_btnh, k_bskh, v_bskh, mask.start_bt, static_window, scale, softcap, chunk)
-    return sdpa_attention(q_btnh, k_bskh, v_bskh, mask, scale, "cudnn" if name == "cudnn" else None)
+    if name == "cudnn":
+        return cudnn_attention(q_btnh, k_bskh, v_bskh, mask, scale, static_window)
+    return sdpa_attention(q_btnh, k_bskh, v_bskh, mask, scale)

@@ -315,7 +315,12 @@ class Attention(nnx.Module):
         if kv_cache is None:
             cfg = self.cfg
             kernel = attention.resolve(
-                cfg.attention, cfg.attn_softcap, per_layer_windows=bool(cfg.layer_windows)
+                cfg.attention,
+                cfg.attn_softcap,
+                per_layer_windows=bool(cfg.layer_windows),
+                dtype=q_btnh.dtype,
+                head_dim=cfg.head_dim,
+                packed=mask.packed,
             )
             out_btnh = attention.attend(
                 kernel,
@@ -440,6 +445,7 @@ class Llama(nnx.Module):
         b, t = tokens_bt.shape
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
+        packed = segment_ids_bt is not None  # else one example per row: causality is the whole mask
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones((b, t), jnp.int32)
         x_btd = self._embed(tokens_bt)
@@ -457,7 +463,7 @@ class Llama(nnx.Module):
         def one_layer(x_btd, layer):
             layer_state, window, layer_rng = layer
             # A layer with a window (0: none) sees only the last `window` keys.
-            mask = attention.Mask(start_bt, window if windowed else 0)
+            mask = attention.Mask(start_bt, window if windowed else 0, packed)
             block = nnx.merge(layers_def, layer_state)
             x_btd, _ = block(x_btd, cos, sin, mask, rng=layer_rng)
             return constrain(x_btd, ACTIVATION_AXES), None

@@ -1,5 +1,14 @@
 """Every attention kernel equals the reference on packed rows: outputs and gradients, with GQA,
-sliding windows (static and per layer) and soft-capping where the kernel takes it."""
+sliding windows (static and per layer) and soft-capping where the kernel takes it (the Pallas GPU
+kernel's own cases: test_pallas_gpu.py). `auto` gives every shipped model a kernel that takes it on
+every platform and dtype; a kernel the model or platform cannot use is refused naming why."""
+
+import dataclasses
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +18,9 @@ import pytest
 from jsft.data import packing
 from jsft.models import attention
 from jsft.models.llama import LlamaConfig
-from jsft.models.registry import ModelDef
+from jsft.models.registry import ModelDef, build_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 jax.config.update("jax_default_matmul_precision", "float32")
 
@@ -89,7 +100,7 @@ def test_a_per_layer_window_traced_under_scan_equals_the_reference(kernel):
     np.testing.assert_allclose(run(kernel), run("reference"), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["chunked", "flash", "splash", "xla_sdpa"])
+@pytest.mark.parametrize("kernel", ["chunked", "flash", "pallas_gpu", "splash", "xla_sdpa"])
 def test_a_model_with_each_kernel_gives_the_reference_logits_on_packed_rows(kernel):
     base = LlamaConfig.tiny(vocab_size=64, sliding_window=6)
     models = {
@@ -108,17 +119,135 @@ def test_a_model_with_each_kernel_gives_the_reference_logits_on_packed_rows(kern
     )
 
 
-def test_kernels_a_model_or_platform_cannot_use_are_refused_and_auto_falls_back():
-    assert attention.resolve("auto", 0.0, "cpu") == "flash"
+def test_the_cudnn_arguments_causal_window_and_same_example_mask_give_the_reference():
+    """cuDNN cannot run here; its arguments (is_causal, the window, the same-example mask, or none for
+    unpacked rows) go through jax.nn.dot_product_attention's XLA path instead."""
+    q, k, v = _qkv()
+    for window in (0, 6):
+        for seg in (_packed_segments(), jnp.ones((3, 40), jnp.int32)):
+            mask = attention.Mask.from_segments(seg, window)
+            want = attention.reference_attention(q, k, v, mask.dense(), 0.3)
+            got = attention.cudnn_attention(q, k, v, mask, 0.3, window, implementation="xla")
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+        unpacked = dataclasses.replace(attention.Mask.from_segments(seg, window), packed=False)
+        got = attention.cudnn_attention(q, k, v, unpacked, 0.3, window, implementation="xla")
+        np.testing.assert_allclose(
+            got, attention.reference_attention(q, k, v, unpacked.dense(), 0.3), atol=1e-5
+        )
+
+
+def test_auto_takes_cudnn_on_gpus_only_where_it_takes_the_dtype_head_size_softcap_and_rows():
+    half = dict(dtype="bfloat16", head_dim=128, packed=False)
+    assert attention.resolve("auto", 0.0, "gpu", **half) == "cudnn"
+    assert attention.resolve("auto", 0.0, "gpu", **{**half, "dtype": "float16"}) == "cudnn"
+    assert attention.resolve("auto", 0.0, "gpu", **{**half, "dtype": "float32"}) == "pallas_gpu"
+    assert attention.resolve("auto", 0.0, "gpu", **{**half, "head_dim": 256}) == "pallas_gpu"
+    assert attention.resolve("auto", 0.0, "gpu", **{**half, "head_dim": 100}) == "pallas_gpu"
+    assert attention.resolve("auto", 50.0, "gpu", **half) == "pallas_gpu"  # Gemma 2 soft-caps
+    assert attention.resolve("auto", 0.0, "gpu", True, **half) == "pallas_gpu"  # per-layer windows
+    assert attention.resolve("auto", 0.0, "gpu", **{**half, "packed": True}) == "pallas_gpu"  # dense mask
+    assert attention.resolve("auto", 0.0, "gpu") == "pallas_gpu"  # dtype and head size unknown
     assert attention.resolve("auto", 0.0, "tpu") == "splash"
     assert attention.resolve("auto", 0.0, "tpu", per_layer_windows=True) == "flash"  # Gemma 2, 3
-    with pytest.raises(ValueError, match="per-layer windows"):
-        attention.resolve("splash", 0.0, "tpu", per_layer_windows=True)
-    assert attention.resolve("auto", 0.0, "gpu") == "cudnn"
-    assert attention.resolve("auto", 50.0, "gpu") == "flash"  # Gemma 2 soft-caps: cuDNN cannot
-    with pytest.raises(ValueError, match="does not soft-cap"):
-        attention.resolve("xla_sdpa", 50.0, "cpu")
-    with pytest.raises(ValueError, match="needs a GPU"):
-        attention.resolve("cudnn", 0.0, "cpu")
-    with pytest.raises(ValueError, match="is not one of"):
-        attention.resolve("flash3", 0.0, "cpu")
+    assert attention.resolve("auto", 0.0, "cpu") == "flash"
+
+
+@pytest.mark.parametrize(
+    "name,platform,model,match",
+    [
+        ("splash", "gpu", {}, "runs on TPUs, elsewhere only in Pallas interpret mode"),
+        ("splash", "cpu", {}, "runs on TPUs"),
+        ("pallas_gpu", "tpu", {}, "runs on GPUs"),
+        ("pallas_gpu", "cpu", {}, "runs on GPUs"),
+        ("cudnn", "cpu", {}, "runs on GPUs"),
+        ("cudnn", "gpu", {"dtype": "float32"}, "takes bfloat16/float16 only"),
+        ("cudnn", "gpu", {"head_dim": 256}, "heads up to 128 wide"),
+        ("cudnn", "gpu", {"softcap": 50.0}, "does not soft-cap"),
+        ("cudnn", "gpu", {"per_layer_windows": True}, "per-layer windows"),
+        ("splash", "tpu", {"per_layer_windows": True}, "per-layer windows"),
+        ("xla_sdpa", "cpu", {"softcap": 50.0}, "does not soft-cap"),
+        ("flash3", "cpu", {}, "is not one of"),
+    ],
+)
+def test_a_kernel_the_model_or_platform_cannot_use_is_refused_naming_why(name, platform, model, match):
+    args = {"softcap": 0.0, **model}
+    with pytest.raises(ValueError, match=match):
+        attention.resolve(name, args.pop("softcap"), platform, interpret_ok=False, **args)
+
+
+def test_pallas_kernels_run_interpreted_off_their_platform_only_when_allowed():
+    assert attention.resolve("splash", 0.0, "cpu") == "splash"  # the model's default: tests interpret it
+    assert attention.resolve("pallas_gpu", 50.0, "cpu", True, dtype="float32", head_dim=8) == "pallas_gpu"
+    with pytest.raises(ValueError, match="runs on GPUs"):
+        attention.resolve("cudnn", 0.0, "cpu")  # no interpret mode for cuDNN
+
+
+def _shipped_models():
+    """The model of every shipped config and argument (its shapes; an HF config's checkpoint decides
+    its own), and the architectures an HF checkpoint can bring: wide heads, odd head sizes, soft-caps,
+    per-layer windows (Gemma 2, 3), a sliding window (Mistral)."""
+    models = {}
+    for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
+        if path.endswith("__init__.py"):
+            continue
+        spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for arg in module.ARGS:
+            config = module.get_config(arg)
+            config.model.hf_path = ""
+            models[f"{os.path.basename(path)}:{arg}"] = build_model(config.model, 512).config
+    base = LlamaConfig.tiny(vocab_size=64)
+    for h, softcap, windows, sliding in [(256, 50.0, True, 0), (256, 0.0, True, 0), (96, 0.0, False, 4096)]:
+        layer_windows = (4096, 0) if windows else ()
+        models[f"hf:h{h}-cap{softcap}-windows{windows}-sliding{sliding}"] = dataclasses.replace(
+            base, head_dim=h, attn_softcap=softcap, layer_windows=layer_windows, sliding_window=sliding
+        )
+    return models
+
+
+SHIPPED = _shipped_models()
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_auto_gives_every_shipped_model_a_kernel_that_takes_it_on_every_platform_and_dtype(name):
+    arch = SHIPPED[name]
+    for platform in ("cpu", "gpu", "tpu"):
+        for dtype in ("float32", "bfloat16", "float16"):
+            for packed in (True, False):
+                model = dict(
+                    softcap=arch.attn_softcap,
+                    per_layer_windows=bool(arch.layer_windows),
+                    dtype=dtype,
+                    head_dim=arch.head_dim,
+                )
+                kernel = attention.resolve("auto", platform=platform, packed=packed, **model)
+                assert not attention.unusable(kernel, platform, **model, interpret_ok=False), (
+                    platform,
+                    kernel,
+                )
+                if platform == "gpu":
+                    assert kernel in ("cudnn", "pallas_gpu")
+                    assert kernel == "pallas_gpu" or (dtype != "float32" and not packed)
+
+
+def test_splash_off_a_tpu_is_one_error_line_from_the_command_line(tmp_path):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jsft.main",
+            "--config=configs/demo.py:smoke",
+            "--config.model.attention=splash",
+            f"--workdir={tmp_path / 'wd'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "jsft: error: config.model.attention='splash' runs on TPUs, elsewhere only in Pallas"
+    )
