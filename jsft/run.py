@@ -166,7 +166,14 @@ class Run:
             else:
                 model = build_model(cfg, vocab_size)
             arch = model.config
-            attention.resolve(arch.attention, arch.attn_softcap, per_layer_windows=bool(arch.layer_windows))
+            attention.resolve(  # off its platform a Pallas kernel would run interpreted: refused
+                arch.attention,
+                arch.attn_softcap,
+                per_layer_windows=bool(arch.layer_windows),
+                dtype=arch.compute_dtype,
+                head_dim=arch.head_dim,
+                interpret_ok=False,
+            )
             neftune = float(self.config.loss.get("neftune_alpha", 0.0))
             if neftune:
                 model = ModelDef.create(dataclasses.replace(arch, neftune_alpha=neftune))
