@@ -213,9 +213,7 @@ def make_train_step(
         zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), sums_shape)
         (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), (micro, jnp.arange(grad_accum_steps)))
 
-        # Sums over the whole global batch are divided once: accumulation leaves the objective as is.
-        # Record weights may total under 1 (two examples of weight 0.25): divide by the total itself,
-        # and by 1 only for a batch with nothing to train.
+        # Global-batch sums divided once (accumulation keeps the objective); weights may total under 1.
         denom = jnp.where(sums["weight_sum"] > 0, sums["weight_sum"], 1.0)
         # Gradients stay float32 into the optimizer (float32 moments, also for bfloat16 parameters);
         # optax.apply_updates casts each update to its parameter's dtype.
