@@ -8,8 +8,9 @@ B [L, r, N, H]; its output becomes
 computed in activation space, so no [D, N*H] weight delta or gradient exists during training. A
 starts uniform in +-1/sqrt(fan_in) (PEFT's Kaiming-uniform default) and B at zero, so step 0 is the
 base model exactly. With QLoRA (`quant` = int8 | nf4, jsft/models/quant.py) every projection of the
-layers is stored quantized and dequantized in the matmul; embeddings, norms and the head stay in the
-parameter dtype, and adapters are always float32 parameters.
+layers is stored quantized and dequantized in the matmul (and again in the backward: no dequantized
+copy is kept for it, whatever `remat`); embeddings, norms and the head stay in the parameter dtype,
+and adapters are always float32 parameters.
 
 Why jsft has its own LoRA instead of qwix (Google's JAX quantization/LoRA library): qwix wraps a
 stateful NNX module, finds the weight of each intercepted matmul by walking Python frames for `self`,
@@ -24,6 +25,7 @@ beside their weight, so sharding rules, checkpoints and `train.trainable`-style 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -118,8 +120,9 @@ def project(
     dt = x.dtype
     w = getattr(module, name)[...]
     if cfg.quant != "none":
-        w = quant.dequantize(w, getattr(module, name + "_scale")[...], cfg.quant, dt)
-    y = jnp.einsum(spec, x, w.astype(dt))
+        y = _dequantized_einsum(spec, cfg.quant, x, w, getattr(module, name + "_scale")[...])
+    else:
+        y = jnp.einsum(spec, x, w.astype(dt))
     if not hasattr(module, name + "_lora_a"):
         return y
     xs, _, ys, ins, outs = split_spec(spec)
@@ -131,6 +134,19 @@ def project(
     b = getattr(module, name + "_lora_b")[...].astype(dt)
     xa = jnp.einsum(f"{xs},{ins}R->{rows}R", x, a)
     return y + (cfg.lora_scale * jnp.einsum(f"{rows}R,R{outs}->{ys}", xa, b)).astype(dt)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(0, 1), prevent_cse=False)
+def _dequantized_einsum(spec: str, fmt: str, x: jax.Array, codes: jax.Array, scale: jax.Array) -> jax.Array:
+    """`einsum(spec, x, dequantize(codes, scale))`, keeping only its inputs for the backward.
+
+    The backward needs the float weight (dx = dy W^T). Without this checkpoint autodiff keeps the
+    dequantized copy, and scan stacks it over the layers: with `model.remat=none` a compute-dtype copy
+    of the whole base beside the codes (8B: 7.0B weights, 14 GB in bfloat16). Here the
+    backward re-dequantizes from the codes instead (one elementwise pass over them per projection).
+    Under a layer remat policy (`full`, `dots`) that policy decides, as before: neither saves the
+    dequantized weight (it is no matmul output)."""
+    return jnp.einsum(spec, x, quant.dequantize(codes, scale, fmt, x.dtype))
 
 
 def declare(

@@ -2,12 +2,16 @@
 adapters train (bitwise), optimizer state for the adapters only, QLoRA trains, and the planner's base
 bytes shrink to the format's size."""
 
+import contextlib
 import dataclasses
+import io
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from jsft.models import lora, quant
 from jsft.models.llama import LlamaConfig
@@ -139,6 +143,60 @@ def test_the_delta_folds_into_the_weight_as_the_activation_path_computes():
     tokens = jnp.arange(20).reshape(2, 10) % VOCAB
     base = ModelDef.create(model.config.base())
     np.testing.assert_allclose(model.apply(params, tokens), base.apply(merged, tokens), atol=2e-5)
+
+
+def _saved_float_shapes(loss, *args) -> list[tuple[int, ...]]:
+    """Shapes of the float arrays autodiff keeps for the backward of `loss` (print_saved_residuals)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(loss, *args)
+    found = [re.match(r"(bf16|f32)\[([\d,]*)\]", line) for line in out.getvalue().splitlines()]
+    return [tuple(int(d) for d in m.group(2).split(",") if d) for m in found if m]
+
+
+def test_qlora_without_remat_keeps_the_codes_not_float_weights_and_the_same_gradients():
+    """remat=none keeps every activation but no dequantized projection (the backward re-dequantizes
+    from the codes); the adapters' gradients equal LoRA's over the dequantized base under every remat.
+    (NF4; int8 takes the same path, lora._dequantized_einsum.)"""
+    tiny = LlamaConfig.tiny(vocab_size=VOCAB)
+    tokens = jnp.arange(20).reshape(2, 10) % VOCAB
+
+    def with_b(params, scale):  # B != 0, so both adapters get gradients
+        def b(path, x):
+            return jax.random.normal(jax.random.key(7), x.shape) * scale if "lora_b" in str(path[-1]) else x
+
+        return jax.tree_util.tree_map_with_path(b, params)
+
+    qlora = _peft(tiny, "nf4")
+    params = with_b(qlora.init(jax.random.key(0)), 0.1)
+    # The reference: float LoRA over the dequantized base (B = 0 merges only the dequantization).
+    float_params = lora.merge(with_b(params, 0.0), qlora.config, jnp.float32)
+    for group, leaves in params["layers"].items():
+        float_params["layers"][group].update({k: v for k, v in leaves.items() if lora.is_adapter(k)})
+    flat = jax.tree_util.tree_leaves_with_path(float_params)
+    projections = {x.shape for p, x in flat if lora.is_projection(tuple(k.key for k in p))}
+    assert len(projections) == 5
+
+    def grads(model, params):
+        train, frozen = trainable.split(params, lora.adapter_mask(params))
+
+        def loss(train):
+            return jnp.sum(jnp.sin(model.apply(trainable.merge(train, frozen), tokens)))
+
+        return jax.jit(jax.grad(loss))(train), _saved_float_shapes(loss, train)
+
+    expected, _ = grads(_peft(tiny, "none"), float_params)
+    for remat in ("none", "dots", "full"):
+        got, saved = grads(_peft(dataclasses.replace(tiny, remat=remat), "nf4"), params)
+        assert len(saved) > 10 and not projections & set(saved), (remat, projections & set(saved))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, expected)
+    # The same check sees the float weight a plain dequantize-then-matmul keeps.
+    codes, scale = quant.quantize(jax.random.normal(jax.random.key(1), (16, 32)), "nf4", 16)
+
+    def plain(x):
+        return jnp.sum(jnp.einsum("BTD,DN->BTN", x, quant.dequantize(codes, scale, "nf4")) ** 2)
+
+    assert (16, 32) in _saved_float_shapes(plain, jnp.ones((2, 3, 16)))
 
 
 @pytest.mark.parametrize("fmt,ratio", [("nf4", 4.5 / 32), ("int8", 8.5 / 32)])
