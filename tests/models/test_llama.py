@@ -65,7 +65,9 @@ def test_remat_policy_changes_nothing_numerically(model_and_params, remat):
         return jnp.mean(m.apply(p, tokens) ** 2)
 
     g1, g2 = jax.grad(lambda p: loss(model, p))(params), jax.grad(lambda p: loss(other, p))(params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
+    # Rematerialisation recomputes in another fusion order: float32 noise of ~1e-7 in absolute terms
+    # (seen on an AMD EPYC host: 1 element of 4096 off by 1.3e-7), so atol is 1e-6, not a bitwise claim.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
 
 
 def test_tied_embeddings_and_bf16_compute():
