@@ -47,10 +47,16 @@ from jsft.train.step import make_train_step
 from jsft.train.trainable import Mask
 
 
-def local_mirror(remote: str) -> str:
-    """Where logs and caches of a remote (gs://...) workdir live on this host."""
+def local_root() -> str:
+    """Where this host keeps what a remote workdir does not hold: $JSFT_LOCAL_DIR, default /tmp/jsft."""
+    return os.environ.get("JSFT_LOCAL_DIR", "/tmp/jsft")
+
+
+def local_mirror(remote: str, root: str = "") -> str:
+    """Where logs and caches of a remote (gs://...) workdir live on this host: under `root`, default
+    local_root() (a sweep puts each trial's inside its trial directory)."""
     name = remote.split("://", 1)[1].strip("/").replace("/", "_")
-    return os.path.join(os.environ.get("JSFT_LOCAL_DIR", "/tmp/jsft"), name)
+    return os.path.join(root or local_root(), name)
 
 
 def _with_shardings(abstract, shardings):

@@ -12,6 +12,9 @@ A sweep file's `get_sweep()` returns a ConfigDict:
     sampler     grid | random | tpe (seeded by `seed`)
     objective   a metric of metrics.jsonl (its last value), `direction` minimize | maximize
     trials      the budget (grid: at most the grid's size; 0: the whole grid)
+    workdirs    "" (the trials' workdirs are their trial directories) or a root such as
+                gs://bucket/sweeps/lr: each trial's checkpoints go to <workdirs>/trials/<number>-<hash>,
+                its logs and metrics to a mirror in its trial directory (JSFT_LOCAL_DIR)
     pruner      "" | median: stop a trial whose objective at an evaluation is worse than the median
                 of finished trials' at that step (Optuna's MedianPruner; only after
                 `pruner_startup_trials` finished trials (5) and `pruner_warmup_steps` steps (0); the
@@ -74,49 +77,50 @@ def run_trial(
     the store how it ended; returns the final state's name."""
     import optuna  # noqa: PLC0415
 
-    workdir = sweep_lib.trial_dir(root, number, params)
-    os.makedirs(workdir, exist_ok=True)
-    cmd = sweep_lib.command(sweep, sweep_file, workdir, params, number)
-    with open(os.path.join(workdir, "command.txt"), "w") as f:
-        f.write(" ".join(cmd) + "\n")
-    with open(os.path.join(workdir, "trial.log"), "a") as log:
+    paths = sweep_lib.trial_paths(sweep, root, number, params)
+    os.makedirs(paths.dir, exist_ok=True)
+    cmd = sweep_lib.command(sweep, sweep_file, paths.workdir, params, number)
+    env_text = "".join(f"{k}={v} " for k, v in paths.env.items())
+    with open(os.path.join(paths.dir, "command.txt"), "w") as f:
+        f.write(env_text + " ".join(cmd) + "\n")
+    with open(os.path.join(paths.dir, "trial.log"), "a") as log:
         log.write(f"start {time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()}\n")
-    print(f"trial {number}: {' '.join(cmd)}", flush=True)
+    print(f"trial {number}: {env_text}{' '.join(cmd)}", flush=True)
     trial = optuna.trial.Trial(study, trial_id)
     reported: set[int] = set()
-    with open(os.path.join(workdir, "run.log"), "a") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    with open(os.path.join(paths.dir, "run.log"), "a") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **paths.env})
         pruned = False
         while proc.poll() is None and not pruned:
             time.sleep(2.0)
-            pruned = _report(trial, sweep, workdir, reported)
+            pruned = _report(trial, sweep, paths.metrics, reported)
         if pruned:
             proc.terminate()  # jsft stops at the next step on SIGTERM
         proc.wait()
     # Evaluations the polling missed are reported too, so the verdict does not depend on timing; a run
     # that failed stays FAIL, and its final evaluation (the objective itself) is never a reason to prune.
     if not pruned and proc.returncode == 0:
-        pruned = _report(trial, sweep, workdir, reported, finished=True)
-    value, _ = sweep_lib.last_value(workdir, sweep.objective)
+        pruned = _report(trial, sweep, paths.metrics, reported, finished=True)
+    value, _ = sweep_lib.last_value(paths.metrics, sweep.objective)
     if pruned:
         study.tell(number, state=optuna.trial.TrialState.PRUNED)
         return "PRUNED"
     if proc.returncode != 0 or value is None:
         study.tell(number, state=optuna.trial.TrialState.FAIL)
-        print(f"trial {number} failed (exit {proc.returncode}); see {workdir}/run.log", flush=True)
+        print(f"trial {number} failed (exit {proc.returncode}); see {paths.dir}/run.log", flush=True)
         return "FAIL"
     study.tell(number, value)
     return "COMPLETE"
 
 
 def _report(
-    trial: Any, sweep: ml_collections.ConfigDict, workdir: str, reported: set[int], finished: bool = False
+    trial: Any, sweep: ml_collections.ConfigDict, metrics_dir: str, reported: set[int], finished: bool = False
 ) -> bool:
     """Feed the pruner the objective's new evaluations (after step 0); True once it says prune. A
     `finished` run's last evaluation is reported but not judged."""
     if not sweep.pruner or not sweep.objective.startswith("eval/"):
         return False
-    seen = sweep_lib.last_value(workdir, sweep.objective)[1]
+    seen = sweep_lib.last_value(metrics_dir, sweep.objective)[1]
     for step, value in seen:
         if step not in reported and step > 0:
             trial.report(value, step)

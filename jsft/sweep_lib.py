@@ -5,6 +5,7 @@ its store, file locks, and choosing the next trial."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import importlib.util
@@ -73,6 +74,7 @@ def load_sweep(path: str) -> ml_collections.ConfigDict:
         pruner_startup_trials=5,
         pruner_warmup_steps=0,
         objective="eval/loss",
+        workdirs="",
     )
     sweep = ml_collections.ConfigDict({**defaults, **raw})
     sweep.space_items = list(space.items())  # (dotted field, spec) pairs: ConfigDict keys hold no dots
@@ -205,6 +207,34 @@ def planned_trials(sweep: ml_collections.ConfigDict) -> list[dict]:
 def trial_dir(root: str, number: int, overrides: dict) -> str:
     digest = hashlib.sha256(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return os.path.join(root, "trials", f"{number:04d}-{digest}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialPaths:
+    """Where one trial's pieces live."""
+
+    dir: str  # DIR/trials/<number>-<hash>: command.txt, trial.log, run.log and the trial's lock
+    workdir: str  # the run's --workdir: `dir` itself, or <sweep.workdirs>/trials/<number>-<hash>
+    metrics: str  # the directory of its metrics.jsonl: the workdir, or a remote one's mirror in `dir`
+    env: dict[str, str]  # what the run's environment adds (a remote workdir's JSFT_LOCAL_DIR)
+
+
+def trial_paths(sweep: ml_collections.ConfigDict, root: str, number: int, overrides: dict) -> TrialPaths:
+    """A trial's directories. With `sweep.workdirs` in object storage (gs://...) the checkpoints go
+    there, and the run's logs and metrics to a mirror inside the trial directory, so that every
+    worker sharing DIR (and the report) reads them."""
+    directory = trial_dir(root, number, overrides)
+    if not sweep.workdirs:
+        return TrialPaths(directory, directory, directory, {})
+    name = os.path.basename(directory)
+    if "://" not in sweep.workdirs:
+        workdir = os.path.join(os.path.abspath(sweep.workdirs), "trials", name)
+        return TrialPaths(directory, workdir, workdir, {})
+    from jsft.run import local_mirror  # noqa: PLC0415 - jax loads only for sweeps that need it
+
+    workdir = f"{sweep.workdirs.rstrip('/')}/trials/{name}"
+    mirrors = os.path.join(directory, "local")
+    return TrialPaths(directory, workdir, local_mirror(workdir, mirrors), {"JSFT_LOCAL_DIR": mirrors})
 
 
 def study_name(sweep_file: str) -> str:

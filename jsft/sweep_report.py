@@ -43,7 +43,7 @@ def summary(rows: list[dict], fields: list[str], objective: str) -> str:
         for value in _order(rows, field):
             vals = np.array([r["value"] for r in groups[value]])
             std = vals.std(ddof=1) if len(vals) > 1 else 0.0
-            tokens = np.mean([trained_tokens(r["dir"]) for r in groups[value]])
+            tokens = np.mean([trained_tokens(r["metrics"]) for r in groups[value]])
             lines.append(
                 f"| {label(value)} | {len(vals)} | {vals.mean():.4f} | {std:.4f} | {vals.min():.4f} "
                 f"| {vals.max():.4f} | {tokens:,.0f} |"
@@ -105,7 +105,7 @@ def write(study: Any, sweep: ml_collections.ConfigDict, root: str) -> str:
     for t in study.get_trials(deepcopy=False):
         if t.state == optuna.trial.TrialState.WAITING:
             continue
-        workdir = sweep_lib.trial_dir(root, t.number, t.params)
+        paths = sweep_lib.trial_paths(sweep, root, t.number, t.params)
         wall = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
         rows.append(
             dict(
@@ -114,14 +114,15 @@ def write(study: Any, sweep: ml_collections.ConfigDict, root: str) -> str:
                 params=dict(t.params),
                 value=t.value,
                 wall=wall,
-                dir=workdir,
+                dir=paths.dir,
+                metrics=paths.metrics,
             )
         )
     fields = list(sweep_lib.space_of(sweep))
     header = ["trial", "state", *fields, sweep.objective, "train/loss", "eval/loss", "wall (s)", "directory"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        final = _final(r["dir"])
+        final = _final(r["metrics"])
         cells = [str(r["number"]), r["state"], *(label(r["params"].get(f)) for f in fields)]
         cells.append("" if r["value"] is None else f"{r['value']:.4f}")
         cells += [f"{final[k]:.4f}" if k in final else "" for k in ("train/loss", "eval/loss")]
@@ -136,9 +137,9 @@ def write(study: Any, sweep: ml_collections.ConfigDict, root: str) -> str:
             _plot_objective(done, field, sweep.objective, os.path.join(root, name))
             images.append(name)
     if done:
-        report.write_report([r["dir"] for r in done], os.path.join(root, "curves.png"))
+        report.write_report([r["metrics"] for r in done], os.path.join(root, "curves.png"))
         best = (min if sweep.direction == "minimize" else max)(done, key=lambda r: r["value"])
-        report.write_report([best["dir"]], os.path.join(root, "best.png"))
+        report.write_report([best["metrics"]], os.path.join(root, "best.png"))
         images += ["curves.png", "best.png"]
         where = os.path.relpath(best["dir"], root)
         table += f"\n\nBest: trial {best['number']} ({sweep.objective} {best['value']:.4f}), {where}"

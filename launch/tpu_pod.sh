@@ -5,8 +5,9 @@
 #     launch/tpu_pod.sh [--dry-run] --config configs/llama3_8b_sft.py:v5p-64 --workdir gs://bucket/run [...]
 #
 # Steps: (optionally) create the slice, copy this repository to every worker, install it there, then
-# start `python -m jsft.main` with the given flags on all workers at once. A gs:// workdir works:
-# orbax and the metric writers go through etils/tensorstore paths. --dry-run prints the commands only.
+# start `python -m jsft.main` with the given flags on all workers at once. A gs:// workdir works (the
+# `gcs` extra installs gcsfs): checkpoints go to the bucket through orbax/tensorstore, logs and metrics
+# to $JSFT_LOCAL_DIR (default /tmp/jsft) on each worker. --dry-run prints the commands only.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,7 +31,7 @@ ARCHIVE=/tmp/jsft_src.tar.gz
 run tar -czf "$ARCHIVE" -C "$REPO" --exclude=.venv --exclude=.git --exclude=workdirs .
 run "${GCLOUD[@]}" scp "$ARCHIVE" "$TPU_NAME:/tmp/jsft_src.tar.gz" "${WHERE[@]}" --worker=all
 INSTALL="mkdir -p $REMOTE_DIR && tar -xzf /tmp/jsft_src.tar.gz -C $REMOTE_DIR && cd $REMOTE_DIR && \
-python3 -m venv .venv && . .venv/bin/activate && pip install -q -e . 'jax[tpu]'"
+python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[gcs]' 'jax[tpu]'"
 run "${GCLOUD[@]}" ssh "$TPU_NAME" "${WHERE[@]}" --worker=all --command="$INSTALL"
 FLAGS=$(printf ' %q' "$@")
 TRAIN="cd $REMOTE_DIR && . .venv/bin/activate && python -m jsft.main$FLAGS"

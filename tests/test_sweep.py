@@ -181,12 +181,15 @@ def test_the_cluster_launchers_dry_run_print_what_they_would_submit(tmp_path):
     r = _bash("launch/tpu_sweep.sh", "--dry-run", "--sweep", "configs/sweeps/demo_lr.py", **tpu)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("python\\ -m\\ jsft.sweep") + r.stdout.count("python -m jsft.sweep") == 2
+    install = "pip\\ install\\ -q\\ -e\\ \\'.\\[gcs\\]\\'"  # the extra a gs:// workdir needs
+    assert r.stdout.count(install) == 2, r.stdout
     missing = _bash("launch/tpu_sweep.sh", "--dry-run")
     assert missing.returncode == 2 and "set SLICES ZONE PROJECT STORAGE DIR" in missing.stderr
     pod = dict(TPU_NAME="v5p", ZONE="z", PROJECT="p")
     r = _bash("launch/tpu_pod.sh", "--dry-run", "--config", "configs/demo.py", "--workdir", "gs://b/r", **pod)
     assert r.returncode == 0, r.stderr
     assert "ssh v5p --zone=z --project=p --worker=all" in r.stdout and "jsft.main\\ --config" in r.stdout
+    assert r.stdout.count(install) == 1, r.stdout
     missing = _bash("launch/tpu_pod.sh", "--dry-run", ZONE="z")
     assert missing.returncode == 2 and "set TPU_NAME PROJECT (e.g." in missing.stderr
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import TYPE_CHECKING
 
 import jax
@@ -12,8 +14,10 @@ from jsft.data import templates
 from jsft.errors import ConfigError
 from jsft.interop import hf
 from jsft.interop import peft as peft_io
+from jsft.interop.hf_files import upload
 from jsft.models import lora
-from jsft.run import Run
+from jsft.parallel import multihost
+from jsft.run import Run, local_root
 
 if TYPE_CHECKING:
     from jsft.data.tokenizer import Tokenizer
@@ -33,7 +37,32 @@ def run_export(
     and every process takes part in the export: each tensor is gathered from the devices that hold
     it, one at a time, and process 0 writes it. A LoRA/QLoRA run exports the merged model (adapters
     folded into the dequantized base, as PEFT's merge_and_unload), or with `adapter` a PEFT adapter
-    directory for the base model."""
+    directory for the base model.
+
+    An `export_dir` in object storage (gs://...) is written to a local directory first (under
+    $JSFT_LOCAL_DIR, default /tmp/jsft), then uploaded by process 0 with config.json last, and the
+    local copy removed."""
+    if "://" not in export_dir:
+        files, what = _export(config, workdir, export_dir, step, dtype, adapter)
+    else:
+        os.makedirs(local_root(), exist_ok=True)
+        local = tempfile.mkdtemp(prefix="export-", dir=local_root())
+        try:
+            files, what = _export(config, workdir, local, step, dtype, adapter)
+            if jax.process_index() == 0:
+                upload(local, export_dir)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+        multihost.barrier("jsft_export_upload")
+    if jax.process_index() == 0:
+        print(f"Exported {what} to {export_dir}")
+    return files
+
+
+def _export(
+    config: ml_collections.ConfigDict, workdir: str, export_dir: str, step: int, dtype: str, adapter: bool
+) -> tuple[list[str], str]:
+    """run_export into a local directory: (the files written, what they are)."""
     run = Run.create(config, workdir)
     tok = run.tokenizer()
     model = run.model(tok.vocab_size)
@@ -49,9 +78,7 @@ def run_export(
         files = peft_io.save_adapter(
             export_dir, params, model.config, config.model.hf_path, peft_cfg["rslora"], peft_cfg["alpha"]
         )
-        if jax.process_index() == 0:
-            print(f"Exported the LoRA adapters of step {step} of {run.remote} to {export_dir} (PEFT)")
-        return files
+        return files, f"the LoRA adapters of step {step} of {run.remote} (PEFT)"
     if model.config.is_peft:  # fold the adapters in: the export is a plain model of the base's shape
         _, base_shardings = run.params_layout(model.base())
         merge = jax.jit(
@@ -74,16 +101,10 @@ def run_export(
         tokenizer_dir=tokenizer_dir if tokenizer_dir and os.path.isdir(tokenizer_dir) else None,
         **export_metadata(config, tok),
     )
-    if jax.process_index() == 0:
-        if not tokenizer_dir:  # a tokenizer jsft trained: ship the SentencePiece model beside the weights
-            import shutil  # noqa: PLC0415
-
-            shutil.copy(tok.path, os.path.join(export_dir, "tokenizer.model"))
-            files.append("tokenizer.model")
-        print(
-            f"Exported step {step} of {run.remote} to {export_dir} as {family} ({dtype}): {len(files)} files"
-        )
-    return files
+    if jax.process_index() == 0 and not tokenizer_dir:  # a tokenizer jsft trained: ship it beside the weights
+        shutil.copy(tok.path, os.path.join(export_dir, "tokenizer.model"))
+        files.append("tokenizer.model")
+    return files, f"step {step} of {run.remote} as {family} ({dtype}; {len(files)} files)"
 
 
 def _as_ids(value) -> list[int]:

@@ -1,5 +1,6 @@
 """Hugging Face checkpoint directories: find them (local or Hub cache), check them, read their files,
-and publish an export so that a half-written one never looks complete.
+and publish an export (in place, or uploaded to object storage) so that a half-written one never looks
+complete.
 
 Only safetensors are read (no pickle).
 """
@@ -231,7 +232,7 @@ def publish(staging: str, out_dir: str) -> None:
     except OSError:
         if not os.path.isdir(out_dir):
             raise
-    old = [n for n in os.listdir(out_dir) if n == "config.json" or _WEIGHT_FILE.fullmatch(n)]
+    old = [n for n in os.listdir(out_dir) if _is_model_file(n)]
     for name in sorted(old, key=lambda n: n != "config.json"):
         os.remove(os.path.join(out_dir, name))
     for name in sorted(os.listdir(staging), key=lambda n: n == "config.json"):
@@ -240,6 +241,32 @@ def publish(staging: str, out_dir: str) -> None:
             shutil.rmtree(target)
         os.replace(os.path.join(staging, name), target)
     os.rmdir(staging)
+
+
+def upload(local_dir: str, remote_dir: str) -> None:
+    """Copy a finished export to object storage (`gs://...` through gcsfs; any fsspec URL), the way
+    `publish` moves it: a previous export's config.json goes first, then its weight files, and the new
+    config.json lands last, so the destination never looks like a model with mixed or missing weights.
+    """
+    import fsspec  # noqa: PLC0415 - only exports to object storage need it
+
+    fs, root = fsspec.core.url_to_fs(remote_dir)
+    root = root.rstrip("/")
+    fs.invalidate_cache(root)
+    if fs.isdir(root):
+        old = [p for p in fs.ls(root, detail=False) if _is_model_file(p.rstrip("/").rsplit("/", 1)[-1])]
+        for path in sorted(old, key=lambda p: not p.endswith("/config.json")):
+            fs.rm(path)
+    for name in sorted(os.listdir(local_dir), key=lambda n: n == "config.json"):
+        source = os.path.join(local_dir, name)
+        if os.path.isdir(source):
+            fs.put(source + "/", f"{root}/{name}/", recursive=True)
+        else:
+            fs.put_file(source, f"{root}/{name}")
+
+
+def _is_model_file(name: str) -> bool:
+    return name == "config.json" or bool(_WEIGHT_FILE.fullmatch(name))
 
 
 def copy_tokenizer_files(tokenizer_dir: str, out_dir: str) -> list[str]:
