@@ -276,12 +276,13 @@ def _parse_flags(argv):
         sys.exit(f"jsft: error: --config={path}: {what} (name a config file, e.g. configs/demo.py)")
     try:
         return flags.FLAGS(argv)
-    except AttributeError as e:
-        if path and "get_config" in str(e):
+    except (AttributeError, KeyError) as e:
+        if path and isinstance(e, AttributeError) and "get_config" in str(e):
             sys.exit(f"jsft: error: --config={path}: the file defines no get_config() (see configs/demo.py)")
-        _unknown_field(argv, e)
-    except KeyError as e:
-        _unknown_field(argv, e)
+        _unknown_field(argv, e)  # a `--config.x.y` override naming no field exits here
+        if not path:
+            raise
+        sys.exit(f"jsft: error: --config={path}: cannot load it ({type(e).__name__}: {_last_line(str(e))})")
     except flags.Error as e:
         text = _last_line(str(e)) if "Traceback" in str(e) else str(e).split("\n")[0]
         sys.exit(f"jsft: error: {text} (pass --help for the flags)")
@@ -292,12 +293,15 @@ def _parse_flags(argv):
 
 
 def _unknown_field(argv, e: BaseException) -> None:
-    """Exit with one line naming the `--config.x.y` override whose field does not exist."""
+    """Exit with one line naming the `--config.x.y` override whose field does not exist; return when
+    no override names the missing component (the error came from the config file itself)."""
     # ml_collections names only the first unknown component ('lrr'); find the flag that holds it.
     msg = str(e).replace("\\n", "\n")
     name = (re.findall(r"[A-Za-z_]\w*", msg) or [""])[0]
     passed = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    bad = [a for a in passed if name in a[len("--config.") :].split(".")] or passed or ["--config"]
+    bad = [a for a in passed if name in a[len("--config.") :].split(".")]
+    if not bad:
+        return
     hint = msg[msg.find("Did you mean") :].split("\n")[0].rstrip("'\"\\") if "Did you mean" in msg else ""
     sys.exit(f"jsft: error: {bad[0]}: no such config field. {hint}".rstrip())
 

@@ -415,16 +415,7 @@ class Run:
             return hf.load_params(self.config.model.hf_path, model.config, shardings), "hf", 0
         if which not in ("latest", "best") and not which.isdigit():
             raise ConfigError(f"--checkpoint={which!r}: expected latest, best, hf or a step number")
-        name, step = "checkpoints", None
-        if which == "best":
-            step = checkpoint.best_step(f"{self.remote}/checkpoints")
-            if step is None and epath.Path(f"{self.remote}/checkpoints_best").exists():
-                name = "checkpoints_best"  # written before the best became a kept regular checkpoint
-            elif step is None:
-                raise FileNotFoundError(
-                    f"no best checkpoint in {self.remote}/checkpoints (config.train.best_metric was not "
-                    "set, or no evaluation has run yet)"
-                )
+        name, step = self._best_checkpoint() if which == "best" else ("checkpoints", None)
         ckpt = self.checkpointer(name, keep=1000)
         try:
             if step is None:
@@ -440,6 +431,21 @@ class Run:
         finally:
             ckpt.close()
         return params, f"{which}_step_{step}", step
+
+    def _best_checkpoint(self) -> tuple[str, int | None]:
+        """(directory name, step) of the best checkpoint: the step the latest checkpoint's record names,
+        kept in checkpoints/; or, for a workdir written before that, checkpoints_best/'s latest."""
+        step = checkpoint.best_step(f"{self.remote}/checkpoints")
+        legacy = epath.Path(f"{self.remote}/checkpoints_best")
+        kept = step is not None and (epath.Path(f"{self.remote}/checkpoints") / str(step)).exists()
+        if not kept and legacy.exists():
+            return "checkpoints_best", None
+        if step is None:
+            raise FileNotFoundError(
+                f"no best checkpoint in {self.remote}/checkpoints (config.train.best_metric was not set, "
+                "or no evaluation has run yet)"
+            )
+        return "checkpoints", step
 
     def _restore_adapters(self, model: ModelDef, ckpt: Checkpointer, step: int, target, shardings) -> Params:
         """A LoRA checkpoint's adapters over this run's base (refused if the base differs)."""

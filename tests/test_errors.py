@@ -58,6 +58,12 @@ def test_a_missing_config_file(form, tmp_path):
         ("X = 1\n", "defines no get_config()"),
         ("import not_a_module_xyz\n\ndef get_config():\n    pass\n", "No module named 'not_a_module_xyz'"),
         ("def get_config():\n    raise RuntimeError('broken on purpose')\n", "broken on purpose"),
+        # A misspelled field read inside get_config is the file's error, not an override's.
+        (
+            "import ml_collections\n\ndef get_config():\n    return ml_collections.ConfigDict({'a': 1}).b\n",
+            "'b'",
+        ),
+        ("import os\n\ndef get_config():\n    return os.environ['JSFT_TEST_UNSET_VARIABLE']\n", "KeyError"),
     ],
 )
 def test_a_config_file_that_cannot_load_is_one_line_naming_it(body, expected, tmp_path):

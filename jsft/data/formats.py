@@ -153,8 +153,9 @@ def _chat(record: Mapping[str, Any], fmt: str, fields: Mapping[str, str]) -> Con
     if not raw:
         raise BadRecord(f"field {key!r} is an empty list of messages", code="empty_field")
     messages = [_message(i, m, fields) for i, m in enumerate(raw)]
-    system = _string(record, "system", fields, required=False) if fmt == "sharegpt" else ""
-    if system and messages[0].role != "system":
+    # Many ShareGPT exports write "system": "" on every row: an empty system prompt is no prompt.
+    system = _string(record, "system", fields, required=False, allow_empty=True) if fmt == "sharegpt" else ""
+    if system.strip() and messages[0].role != "system":
         messages.insert(0, Message("system", system))
     _check_turn_order(messages)
     return Conversation(tuple(messages))

@@ -230,9 +230,16 @@ class Checkpointer:
                 return (step, *restored)
             if kind != restore_errors.DAMAGED:
                 what = "the storage kept failing" if kind == restore_errors.TRANSIENT else "unexpected error"
+                older = [s for s in steps if s < step]
                 raise CheckpointError(
                     f"checkpoint {self.directory}/{step} cannot be read ({what}: {error}); nothing was "
                     "moved. Fix the cause and rerun: the run resumes from it"
+                    + (
+                        f"; or, if it is damaged, move it to {self.directory.rstrip('/')}_corrupt/ and "
+                        f"rerun to resume from step {older[0]}"
+                        if older
+                        else ""
+                    )
                 )
             failures.append(f"step {step}: {error}")
             aside = self._set_aside(step)

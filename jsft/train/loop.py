@@ -108,8 +108,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with contextlib.ExitStack() as scope:
         trainer = set_up(config, workdir, scope)
         scope.callback(trainer.close_files)
-        start_step, state = restore_or_initialise(trainer)
-        step = train(trainer, start_step, state, scope)
+        start_step, state, resumed = restore_or_initialise(trainer)
+        step = train(trainer, start_step, state, scope, resumed)
         return finish(trainer, step, start_time)
 
 
@@ -227,9 +227,9 @@ def _data_fingerprint(config: ml_collections.ConfigDict, data: Data) -> dict:
 # ---------------------------------------------------------------------- restore or initialise
 
 
-def restore_or_initialise(t: Trainer) -> tuple[int, TrainState]:
-    """(start step, state): the newest intact checkpoint with its data position and best record, or
-    fresh (or Hugging Face) weights at step 0. Opens the metrics files and the best checkpoint."""
+def restore_or_initialise(t: Trainer) -> tuple[int, TrainState, bool]:
+    """(start step, state, resumed): the newest intact checkpoint with its data position and best
+    record, or fresh (or Hugging Face) weights at step 0. Opens the metrics files and the best record."""
     config, is_main, run = t.config, t.run.is_main, t.run
     params = None
     if t.model.config.is_peft:  # the base comes from its source, quantized, with fresh adapters
@@ -267,7 +267,7 @@ def restore_or_initialise(t: Trainer) -> tuple[int, TrainState]:
         raise failed or ConfigError("config.logging.wandb: W&B could not start on process 0 (see its error)")
     t.writer.truncate_after(start_step if restored is not None else -1)
     t.guard.checked_step = start_step
-    return start_step, state
+    return start_step, state, restored is not None
 
 
 def _wandb_settings(config: ml_collections.ConfigDict) -> dict | None:
@@ -308,11 +308,11 @@ def _restore_data(
 # ---------------------------------------------------------------------- train
 
 
-def train(t: Trainer, start_step: int, state: TrainState, scope: contextlib.ExitStack) -> int:
+def train(t: Trainer, start_step: int, state: TrainState, scope: contextlib.ExitStack, resumed: bool) -> int:
     """Step from `start_step` to the end (or a stop); returns the last step taken."""
     config, is_main = t.config, t.run.is_main
     data_state = t.data.train.state()
-    if start_step == 0:
+    if not resumed:  # (a checkpoint at step 0, the first best, already holds what follows)
         t.writer.write(0, t.data_metrics)
         if config.eval.at_start and config.train.eval_every_steps:
             try:

@@ -71,6 +71,12 @@ def test_raw_sharegpt_is_detected_and_read_with_its_own_role_names():
         Message("user", "u"),
         Message("assistant", "a"),
     )
+    # Exports that write "system": "" (or null) on every row: no system turn, not a bad record.
+    for empty in ("", "  ", None):
+        assert to_conversation(dict(plain, system=empty), "sharegpt", {}).messages == (
+            Message("user", "u"),
+            Message("assistant", "a"),
+        )
 
 
 @pytest.mark.parametrize(

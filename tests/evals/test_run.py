@@ -44,7 +44,19 @@ def test_eval_and_generate_modes_on_a_trained_checkpoint(tiny_data_dir, tmp_path
 
     r = _run(base + ["--mode=eval", "--checkpoint=best"])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert list(wd.glob("eval_best_step_*.json"))
+    (best_file,) = wd.glob("eval_best_step_*.json")
+    best = json.loads((wd / "checkpoints" / "best.json").read_text())["step"]
+    assert best_file.name == f"eval_best_step_{best}.json"
+    # A workdir written before the best became a kept regular checkpoint: checkpoints_best/<step>,
+    # while the regular checkpoints' records still name that step.
+    os.makedirs(wd / "checkpoints_best")
+    os.rename(wd / "checkpoints" / str(best), wd / "checkpoints_best" / str(best))
+    first = json.loads(best_file.read_text())
+    best_file.unlink()
+    r = _run(base + ["--mode=eval", "--checkpoint=best"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(best_file.read_text()) == first
+    os.rename(wd / "checkpoints_best" / str(best), wd / "checkpoints" / str(best))
 
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl(prompts, [{"prompt": "upper: a b"}, {"messages": [{"role": "user", "content": "upper: c"}]}])

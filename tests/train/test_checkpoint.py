@@ -177,33 +177,40 @@ def test_a_checkpoint_of_another_config_is_one_error_naming_the_fields_and_nothi
     ckpt.close()
 
 
-def _failing_reads(monkeypatch, failures: int, error: BaseException) -> list:
-    """Make the next `failures` reads of step 4 raise `error` (an injected read error)."""
-    calls = []
-    original = Checkpointer.restore_with_meta
+def _failing_reads(monkeypatch, failures: int, directory: str) -> list:
+    """Make the next `failures` reads of array `w` of step 4 fail in TensorStore, as a disk or object
+    store read error surfaces there (an injected read error on one array file)."""
+    import tensorstore  # noqa: PLC0415
 
-    def restore_with_meta(self, step, target):
-        calls.append(step)
-        if step == 4 and len(calls) <= failures:
-            raise error
-        return original(self, step, target)
+    calls, original = [], tensorstore.open
 
-    monkeypatch.setattr(Checkpointer, "restore_with_meta", restore_with_meta)
+    def open_(spec, *args, **kwargs):
+        kvstore = spec.get("base", {}).get("kvstore", {}) if isinstance(spec, dict) else {}
+        if kvstore.get("path") == "w" and "/4/state" in kvstore.get("base", {}).get("path", ""):
+            calls.append(4)
+            if len(calls) <= failures:
+                raise ValueError(
+                    'UNAVAILABLE: Error reading "w/0.0" in OCDBT database at local file '
+                    f'"{directory}/4/state/": [OS error 5: Input/output error]'
+                )
+        return original(spec, *args, **kwargs)
+
+    monkeypatch.setattr(tensorstore, "open", open_)
     return calls
 
 
 def test_a_transient_read_error_is_retried_and_never_moves_a_checkpoint(tmp_path, monkeypatch):
     directory = str(tmp_path / "checkpoints")
     _save_two(directory)
-    array_file = _one(f"{directory}/4/state/**/d/*")
-    eio = OSError(errno.EIO, "Input/output error", array_file)
-    calls = _failing_reads(monkeypatch, 2, eio)
+    calls = _failing_reads(monkeypatch, 2, directory)
     ckpt = Checkpointer(directory, keep=5, retries=3, retry_wait_s=0.0)
-    assert ckpt.restore_latest(_target())[0] == 4  # read again: the bytes were fine
-    assert calls == [4, 4, 4]
+    step, state, _, _ = ckpt.restore_latest(_target())
+    assert step == 4 and calls == [4, 4, 4]  # read again: the bytes were fine
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.asarray(_state(4.0)["w"]))
     ckpt.close()
     before = _snapshot(directory)
-    _failing_reads(monkeypatch, 100, eio)
+    monkeypatch.undo()
+    _failing_reads(monkeypatch, 100, directory)
     ckpt = Checkpointer(directory, keep=5, retries=2, retry_wait_s=0.0)
     with pytest.raises(
         CheckpointError, match=r"checkpoint .*/4 cannot be read .*Input/output error.*nothing was moved"
