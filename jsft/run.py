@@ -435,9 +435,13 @@ class Run:
     def _best_checkpoint(self) -> tuple[str, int | None]:
         """(directory name, step) of the best checkpoint: the step the latest checkpoint's record names,
         kept in checkpoints/; or, for a workdir written before that, checkpoints_best/'s latest."""
-        step = checkpoint.best_step(f"{self.remote}/checkpoints")
+        ckpt = self.checkpointer("checkpoints", keep=1000)
+        try:
+            step = checkpoint.best_step(ckpt)
+            kept = step is not None and step in ckpt.all_steps()
+        finally:
+            ckpt.close()
         legacy = epath.Path(f"{self.remote}/checkpoints_best")
-        kept = step is not None and (epath.Path(f"{self.remote}/checkpoints") / str(step)).exists()
         if not kept and legacy.exists():
             return "checkpoints_best", None
         if step is None:

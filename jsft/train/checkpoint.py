@@ -379,17 +379,14 @@ class BestCheckpoint:
 BEST_JSON = "best.json"
 
 
-def best_step(directory: str) -> int | None:
+def best_step(ckpt: Checkpointer) -> int | None:
     """The best step of a checkpoint directory: the latest checkpoint's record, else best.json."""
-    ckpt = Checkpointer(directory, keep=1000)
     try:
         latest = ckpt.latest_step()
         record = (ckpt.read_meta(latest).get("best") or {}) if latest is not None else {}
     except Exception:  # noqa: BLE001 - a damaged meta: fall back to the copy
         record = {}
-    finally:
-        ckpt.close()
     if record.get("step") is None:
-        path = epath.Path(directory) / BEST_JSON
+        path = epath.Path(ckpt.directory) / BEST_JSON
         record = json.loads(path.read_text()) if path.exists() else {}
     return record.get("step")

@@ -141,7 +141,7 @@ def test_the_best_checkpoint_is_a_regular_one_kept_out_of_the_rotation(tmp_path)
     resumed.write_record()
     assert ckpt.all_steps() == [12]  # the old best leaves the rotation once a new one is saved
     assert json.loads((tmp_path / "checkpoints" / "best.json").read_text())["step"] == 12
-    assert best_step(str(tmp_path / "checkpoints")) == 12
+    assert best_step(ckpt) == 12
     ckpt.close()
 
 
