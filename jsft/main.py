@@ -205,7 +205,7 @@ def _run_mode(config, workdir: str) -> None:
     from jsft.parallel.mesh import initialize_distributed  # noqa: PLC0415
 
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from jsft.train import loop  # import jax-heavy modules only once flags are parsed
+    from jsft.modes import train as train_mode  # import jax-heavy modules only once flags are parsed
 
     if _MODE.value == "train":
         if "://" not in workdir and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
@@ -214,22 +214,22 @@ def _run_mode(config, workdir: str) -> None:
             import jax  # noqa: PLC0415
 
             jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
-        loop.train_and_evaluate(config, workdir)
+        train_mode.train_and_evaluate(config, workdir)
     elif _MODE.value == "export":
         if not _EXPORT_DIR.value:
             raise config_lib.ConfigError("--mode export needs --export_dir")
-        from jsft.interop.export import run_export  # noqa: PLC0415
+        from jsft.modes.export import run_export  # noqa: PLC0415
 
         run_export(
             config, workdir, _EXPORT_DIR.value, _EXPORT_STEP.value, _EXPORT_DTYPE.value, _EXPORT_ADAPTER.value
         )
     elif _MODE.value == "eval":
-        from jsft.evals.run import run_eval  # noqa: PLC0415
+        from jsft.modes.evaluate import run_eval  # noqa: PLC0415
 
         run_eval(config, workdir, _CHECKPOINT.value)
     elif _MODE.value == "generate":
         from jsft.evals import generate  # noqa: PLC0415
-        from jsft.evals.run import run_generate  # noqa: PLC0415
+        from jsft.modes.evaluate import run_generate  # noqa: PLC0415
 
         sampling = generate.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, config.seed)
         max_new = _MAX_NEW.value or config.eval.max_new_tokens
@@ -258,7 +258,7 @@ def _report(workdirs: list[str]) -> None:
 
 def _plan(config) -> None:
     """Memory plan on as many simulated CPU devices as the mesh names (set before JAX starts)."""
-    from jsft import plan  # noqa: PLC0415
+    from jsft.modes import plan  # noqa: PLC0415
 
     try:
         plan.simulate_devices(config)  # a plan takes the shapes from the config

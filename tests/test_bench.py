@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from jsft import bench_train
+from jsft.bench import train as bench_train
 from jsft.models.llama import LlamaConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -115,9 +115,9 @@ def _main(config_file, workdir, *flags, **kw):
 def test_a_gs_workdir_trains_resumes_bitwise_after_kill_9_keeps_the_best_and_exports(
     gcs, config_file, tmp_path
 ):
-    from jsft.evals.run import run_eval  # noqa: PLC0415
-    from jsft.interop.export import run_export  # noqa: PLC0415
-    from jsft.train.loop import train_and_evaluate  # noqa: PLC0415
+    from jsft.modes.evaluate import run_eval  # noqa: PLC0415
+    from jsft.modes.export import run_export  # noqa: PLC0415
+    from jsft.modes.train import train_and_evaluate  # noqa: PLC0415
 
     fs = _bucket(gcs)
     config = _config(config_file)
@@ -192,7 +192,7 @@ def get_sweep():
 
 @pytest.mark.slow
 def test_a_sweep_keeps_its_trials_workdirs_in_the_bucket(gcs, config_file, tmp_path):
-    from jsft import sweep_lib  # noqa: PLC0415
+    from jsft.sweep import lib as sweep_lib  # noqa: PLC0415
 
     sweep_file = tmp_path / "gcs_sweep.py"
     sweep_file.write_text(SWEEP.format(config=config_file, bucket=BUCKET))

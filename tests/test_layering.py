@@ -1,95 +1,54 @@
-"""Imports only run downward: a module never imports one from a higher layer (BUILD_NOTES.md, "Module
-map and layers"). Function-level imports count too."""
+"""Imports only run downward (BUILD_NOTES.md, "Module map and layers"): import-linter's contracts in
+setup.cfg ([importlinter]) hold on the tree, and they fail on a copy given an upward import, at module
+level or inside a function."""
 
-import ast
 import os
+import shutil
 import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# Bottom to top. The most specific prefix wins: `jsft.train.loop` is a mode, the rest of `jsft.train`
-# is the training core below it.
-LAYERS = {
-    "jsft.errors": 0,
-    "jsft.parallel": 1,
-    "jsft.data": 1,
-    "jsft.models": 2,
-    "jsft.interop": 3,  # Hugging Face weights and files: reads models and data only
-    "jsft.train": 4,  # losses, optimizer, state, step, checkpoints, guards
-    "jsft.evals": 5,
-    "jsft.run": 6,  # config + workdir -> everything a mode needs
-    "jsft.train.loop": 7,  # the modes
-    "jsft.evals.run": 7,
-    "jsft.interop.export": 7,
-    "jsft.plan": 7,
-    "jsft.config": 7,  # validation imports the choice lists of every layer (lazily)
-    "jsft.main": 8,  # the command lines
-    "jsft.bench": 8,
-    "jsft.bench_train": 8,
-    "jsft.bench_peft": 8,
-    "jsft.study": 8,  # research studies built from whole runs
-    "jsft.sweep": 8,  # sweeps of whole runs on an Optuna study
-    "jsft.sweep_report": 8,
-    "jsft.sweep_lib": 8,
-}
+CONTRACTS = [
+    "Layers: imports only run downward",
+    "Nothing imports an entry point (main, bench, sweep, study)",
+    "The modes do not import one another",
+    "Models read neither the config nor files",
+    "The ground floor (data, parallel) imports nothing of jsft above it",
+]
 
 
-def layer(module: str) -> int:
-    best = max((p for p in LAYERS if module == p or module.startswith(p + ".")), key=len, default=None)
-    assert best is not None, f"{module} is in no layer: add it to LAYERS (and BUILD_NOTES.md)"
-    return LAYERS[best]
+def lint_imports(root: str) -> subprocess.CompletedProcess:
+    """`lint-imports` as .ci/run runs it, from `root` (which holds setup.cfg and the jsft/ it checks)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "lint-imports")
+    exe = exe if os.path.exists(exe) else shutil.which("lint-imports") or "lint-imports"
+    env = dict(os.environ, PYTHONPATH=root)  # the copy's jsft, not the installed one
+    cmd = [exe, "--config", os.path.join(root, "setup.cfg"), "--no-cache", "--no-logo"]
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
 
 
-def imports_of(source: str, module: str) -> set[str]:
-    """Every jsft module `source` imports, at any depth (function-level imports included)."""
-    found = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.startswith("jsft")}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jsft"):
-            for a in node.names:  # `from jsft import config` names a module; `from jsft.x import y` may not
-                candidate = f"{node.module}.{a.name}"
-                found.add(candidate if _is_module(candidate) else node.module)
-    found.discard(module)
-    return found
+def test_the_tree_keeps_every_contract():
+    r = lint_imports(REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in CONTRACTS:
+        assert f"{name} KEPT" in r.stdout, r.stdout
 
 
-def _is_module(name: str) -> bool:
-    path = os.path.join(REPO, *name.split("."))
-    return os.path.exists(path + ".py") or os.path.isdir(path)
-
-
-def violations(sources: dict[str, str]) -> list[str]:
-    bad = []
-    for module, source in sorted(sources.items()):
-        for target in sorted(imports_of(source, module)):
-            if layer(target) > layer(module):
-                bad.append(f"{module} (layer {layer(module)}) imports {target} (layer {layer(target)})")
-    return bad
-
-
-def _package_sources() -> dict[str, str]:
-    out = {}
-    for root, _, files in os.walk(os.path.join(REPO, "jsft")):
-        for name in files:
-            if name.endswith(".py"):
-                path = os.path.join(root, name)
-                module = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".").removesuffix(".__init__")
-                with open(path) as f:
-                    out[module] = f.read()
-    return out
-
-
-def test_no_module_imports_a_higher_layer():
-    assert violations(_package_sources()) == []
-
-
-def test_the_check_sees_an_upward_import_even_inside_a_function():
-    source = "def f():\n    from jsft.interop import hf\n    return hf\n"
-    assert violations({"jsft.models.registry": source}) == [
-        "jsft.models.registry (layer 2) imports jsft.interop.hf (layer 3)"
-    ]
+def test_an_upward_import_breaks_the_contracts_even_inside_a_function(tmp_path):
+    no_cache = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(os.path.join(REPO, "jsft"), tmp_path / "jsft", ignore=no_cache)
+    shutil.copy(os.path.join(REPO, "setup.cfg"), tmp_path / "setup.cfg")
+    with open(tmp_path / "jsft" / "models" / "llama.py", "a") as f:
+        f.write("\nimport jsft.modes.train  # noqa: E402,F401 - a model reaching up to the training mode\n")
+    with open(tmp_path / "jsft" / "data" / "packing.py", "a") as f:
+        f.write("\n\ndef _lazy():\n    from jsft.run import Run  # noqa: PLC0415\n\n    return Run\n")
+    r = lint_imports(str(tmp_path))
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    for name in (CONTRACTS[0], CONTRACTS[3], CONTRACTS[4]):
+        assert f"{name} BROKEN" in out, out
+    assert f"{CONTRACTS[1]} KEPT" in out, out  # (the modes' independence breaks too: through the cycle)
+    assert "jsft.models.llama -> jsft.modes.train" in out, out
+    assert "jsft.data.packing -> jsft.run" in out, out  # the import inside a function counts
 
 
 def test_importing_the_config_helpers_loads_no_jax_or_datasets():

@@ -11,7 +11,7 @@ SCRIPT = r"""
 import json, sys
 sys.path.insert(0, "REPO")
 from configs import demo
-from jsft import plan
+from jsft.modes import plan
 config = demo.get_config()
 config.model.vocab_size = 512
 config.mesh.shape = (1, 4, 1)
@@ -65,8 +65,8 @@ def test_plan_mode_on_the_command_line_needs_no_workdir_and_refuses_minus_one():
 def test_the_plan_names_the_kernel_of_its_figures_and_what_each_accelerator_runs():
     import dataclasses  # noqa: PLC0415
 
-    from jsft import plan  # noqa: PLC0415
     from jsft.models.llama import LlamaConfig  # noqa: PLC0415
+    from jsft.modes import plan  # noqa: PLC0415
 
     arch = LlamaConfig.tiny(vocab_size=64)  # float32 compute: no cuDNN
     assert plan.attention_line("auto", arch) == (

@@ -71,7 +71,7 @@ def test_llama3_8b_eval_and_export_restore_the_parameters_alone(which, monkeypat
 
 @pytest.mark.slow
 def test_restored_parameters_equal_the_trained_ones(tiny_config, tmp_path):
-    from jsft.train.loop import train_and_evaluate
+    from jsft.modes.train import train_and_evaluate
 
     tiny_config.train.steps, tiny_config.train.eval_every_steps = 3, 0
     train_and_evaluate(tiny_config, str(tmp_path))

@@ -200,7 +200,7 @@ def test_the_cluster_launchers_dry_run_print_what_they_would_submit(tmp_path):
     ids=lambda n: n.removesuffix(".py"),
 )
 def test_every_shipped_sweep_file_passes_its_checks(name):
-    from jsft import sweep_lib  # noqa: PLC0415
+    from jsft.sweep import lib as sweep_lib  # noqa: PLC0415
 
     path = os.path.join(REPO, "configs", "sweeps", name)
     sweep = sweep_lib.load_sweep(path)

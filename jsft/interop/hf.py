@@ -10,6 +10,8 @@ the modules directly:
 - `hf_load`: import, safetensors -> params placed into their shardings tensor by tensor.
 - `hf_save`: export, params (sharded, multi-process) -> safetensors gathered tensor by tensor.
 - `safetensors_writer`: the streaming safetensors writer (files planned from shapes).
+- `hf_metadata`: what an export says besides the weights (special ids, generation config); not
+  re-exported here.
 """
 
 from __future__ import annotations

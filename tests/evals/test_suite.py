@@ -25,8 +25,8 @@ from jsft.evals.suite import (
 )
 from jsft.models.llama import LlamaConfig
 from jsft.models.registry import ModelDef, build_model
+from jsft.modes.train import train_and_evaluate
 from jsft.parallel.placement import BatchPlacement
-from jsft.train.loop import train_and_evaluate
 from tests.conftest import write_jsonl
 
 

@@ -204,7 +204,7 @@ def _llama_with_special_ids(directory):
 
 def test_export_carries_the_source_special_ids_context_length_and_generation_config(hf_dir, tmp_path):  # noqa: F811
     from jsft.data.tokenizer import load_tokenizer  # noqa: PLC0415
-    from jsft.interop.export import export_metadata  # noqa: PLC0415
+    from jsft.interop.hf_metadata import export_metadata  # noqa: PLC0415
     from tests import tiny_config  # noqa: PLC0415
 
     src, out = tmp_path / "src", tmp_path / "out"
@@ -235,7 +235,7 @@ def test_export_carries_the_source_special_ids_context_length_and_generation_con
 
 def test_export_of_a_model_trained_from_scratch_uses_the_tokenizer_and_seq_len(hf_dir, tmp_path):  # noqa: F811
     from jsft.data.tokenizer import load_tokenizer  # noqa: PLC0415
-    from jsft.interop.export import export_metadata  # noqa: PLC0415
+    from jsft.interop.hf_metadata import export_metadata  # noqa: PLC0415
     from tests import tiny_config  # noqa: PLC0415
 
     config = tiny_config.get_config(str(tmp_path))

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
+from jsft.modes.train import train_and_evaluate
 from jsft.train.checkpoint import Checkpointer
-from jsft.train.loop import train_and_evaluate
 
 
 def _metrics(workdir):

@@ -226,7 +226,7 @@ def test_bad_objective_settings_are_one_line(tiny_data_dir, tmp_path, overrides,
 
 @pytest.mark.slow
 def test_a_gem_run_logs_each_term_and_evaluates_plain_cross_entropy(tiny_config, tmp_path):
-    from jsft.train.loop import train_and_evaluate  # noqa: PLC0415
+    from jsft.modes.train import train_and_evaluate  # noqa: PLC0415
 
     tiny_config.loss.objective, tiny_config.loss.z_loss, tiny_config.loss.neftune_alpha = "gem", 1e-3, 5.0
     tiny_config.train.log_every_steps = 2

@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
+from jsft.modes.train import train_and_evaluate
 from jsft.run import Run
 from jsft.train import trainable
-from jsft.train.loop import train_and_evaluate
 from tests.train.test_loop import _losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -11,9 +11,9 @@ import time
 import pytest
 
 from jsft.evals import validation
+from jsft.modes.train import train_and_evaluate
 from jsft.train import nonfinite
 from jsft.train.checkpoint import Checkpointer
-from jsft.train.loop import train_and_evaluate
 from tests.conftest import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

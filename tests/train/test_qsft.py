@@ -125,8 +125,8 @@ def test_a_qsft_run_trains_and_resumes_bitwise_with_its_target_and_behaviour_cop
     config = _config(tmp_path, records)
     config.loss.objective, config.loss.qsft_gamma, config.loss.qsft_polyak = "qsft", 0.95, 0.05
     config.train.steps, config.train.checkpoint_every_steps, config.train.eval_every_steps = 8, 4, 4
+    from jsft.modes.train import train_and_evaluate  # noqa: PLC0415
     from jsft.run import Run  # noqa: PLC0415
-    from jsft.train.loop import train_and_evaluate  # noqa: PLC0415
     from tests.train.test_loop import _losses  # noqa: PLC0415
 
     train_and_evaluate(config, str(tmp_path / "full"))

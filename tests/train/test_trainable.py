@@ -11,9 +11,9 @@ import pytest
 
 from jsft.models.llama import LlamaConfig
 from jsft.models.registry import ModelDef
+from jsft.modes.train import train_and_evaluate
 from jsft.run import Run
 from jsft.train import optim, trainable
-from jsft.train.loop import train_and_evaluate
 from jsft.train.state import TrainState, init_fn
 from jsft.train.step import make_train_step
 from tests.train.test_loop import _losses

@@ -11,7 +11,7 @@ import struct
 import pytest
 
 from jsft.errors import ConfigError
-from jsft.train.loop import train_and_evaluate
+from jsft.modes.train import train_and_evaluate
 
 
 def _records(path: str) -> list:

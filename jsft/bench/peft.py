@@ -3,7 +3,7 @@
     python -m jsft.bench peft --config configs/llama3_8b_sft.py:gpu1 --peft_what plan
     python -m jsft.bench peft --config configs/demo.py --peft_what steps --steps 20
 
-`plan` runs the memory planner (jsft/plan.py: exact bytes of parameters, optimizer state and
+`plan` runs the memory planner (jsft/modes/plan.py: exact bytes of parameters, optimizer state and
 gradients; XLA's compiled temp for the rest) for each method on the config's mesh. `steps` times the
 train step of each method on this machine, on random packed rows of the config's batch shape, taking
 the steps round-robin (one of each method in turn) so that a noisy shared machine slows all alike;
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jsft import plan as plan_lib
+from jsft.modes import plan as plan_lib
 from jsft.run import Run
 from jsft.train.trainable import count
 

@@ -38,9 +38,8 @@ from jsft.models.llama import LlamaConfig
 from jsft.run import Run
 
 BENCH_DATA = os.environ.get("BENCH_DATA", "/tmp/jsft-bench/data")
-TORCH_PLAIN = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "bench"
-)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TORCH_PLAIN = os.path.join(REPO, "..", "shared", "bench")
 WARMUP = 10
 # Dense bf16 peak FLOP/s per device (vendor figures).
 PEAK_TFLOPS = {
@@ -250,3 +249,21 @@ def report(result: dict, torch: dict | None = None) -> str:
         f"jsft bench train: {result['mode']} rows, {steps} steps, {result['devices']} x {result['device']}"
     )
     return "\n".join([title] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+def train_table(
+    config: ml_collections.ConfigDict,
+    steps: int,
+    mode: str,
+    peak_tflops: float = 0.0,
+    compare: bool = False,
+    json_path: str = "",
+) -> str:
+    """`python -m jsft.bench train`: the table, with the torch reference run right after if `compare`,
+    and the result record (with the config) written to `json_path` if given."""
+    result = bench_train(config, steps, mode, peak_tflops)
+    torch = compare_torch(steps, mode) if compare else None
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"jsft": result, "torch": torch}, f, indent=1)
+    return report(result, torch)

@@ -54,8 +54,9 @@ from typing import Any
 import ml_collections
 from absl import app, flags
 
-from jsft import sweep_lib, sweep_report
 from jsft.errors import help_exits_zero
+from jsft.sweep import lib as sweep_lib
+from jsft.sweep import report as sweep_report
 
 _SWEEP = flags.DEFINE_string("sweep", None, "The sweep file (a Python file with get_sweep()).")
 _DIR = flags.DEFINE_string("dir", None, "The sweep directory: store, trials, report.")

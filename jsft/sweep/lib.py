@@ -1,6 +1,6 @@
-"""The sweep library behind `python -m jsft.sweep` (jsft/sweep.py has the user documentation): the
-sweep file and its checks, the planned trials, trial directories and commands, the Optuna study in
-its store, file locks, and choosing the next trial."""
+"""The sweep library behind `python -m jsft.sweep` (jsft/sweep/__main__.py has the user
+documentation): the sweep file and its checks, the planned trials, trial directories and commands, the
+Optuna study in its store, file locks, and choosing the next trial."""
 
 from __future__ import annotations
 

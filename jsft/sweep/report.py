@@ -11,7 +11,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jsft import sweep_lib
+from jsft.sweep import lib as sweep_lib
 from jsft.train import report
 
 
