@@ -71,6 +71,7 @@ class Trainer:
     # Opened by restore_or_initialise, once the checkpoint (and its best record) is known:
     best: BestCheckpoint | None = None
     writer: MetricWriter | None = None
+    live_report: report.LiveReport | None = None  # process 0's report.png
     base_id: dict | None = None  # LoRA/QLoRA: the base's source and content hash, kept in checkpoints
     saved_config: dict | None = None  # the workdir's config.json as an earlier run left it
 
@@ -261,6 +262,7 @@ def restore_or_initialise(t: Trainer) -> tuple[int, TrainState, bool]:
     failed = None
     try:
         t.writer = MetricWriter(t.run.workdir, is_main, _wandb_settings(config), resumed=restored is not None)
+        t.live_report = report.LiveReport(t.run.workdir) if is_main else None
     except ConfigError as e:  # W&B could not start (process 0): every process leaves, not only it
         failed = e
     if multihost.any_process(failed is not None):
@@ -428,12 +430,12 @@ def save(t: Trainer, step: int, state: TrainState, data_state: dict, pending: li
         t.best.write_record()
 
 
-def _write_report(t: Trainer) -> None:
+def _write_report(t: Trainer, final: bool = False) -> None:
     """WORKDIR/report.png from metrics.jsonl; a plotting failure is a warning, never a lost run."""
-    if not t.run.is_main or t.writer is None:
+    if t.live_report is None or t.writer is None:
         return
     try:
-        report.write_report([t.run.workdir], os.path.join(t.run.workdir, "report.png"))
+        t.live_report.update(final)
     except Exception as e:  # noqa: BLE001 - the report is a convenience
         logging.warning("Could not write report.png: %s", e)
 
@@ -482,7 +484,7 @@ def _train_metrics(
 def finish(t: Trainer, step: int, start_time: float) -> dict:
     """Wait for the last save and print the summary (final metrics, best checkpoint, where)."""
     t.ckpt.wait()
-    _write_report(t)
+    _write_report(t, final=True)
     summary = t.summary
     if t.best is not None and t.best.record["step"] is not None:
         summary.update(best_step=t.best.record["step"], best_value=t.best.record["value"])
