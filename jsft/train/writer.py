@@ -17,9 +17,8 @@ import math
 import numbers
 import os
 import secrets
-import sys
 
-from jsft.errors import ConfigError
+from jsft.errors import ConfigError, import_without
 
 WANDB_MODES = ("disabled", "offline", "online")
 
@@ -37,7 +36,9 @@ class MetricWriter:
             return
         if wandb_settings and wandb_settings.get("mode", "disabled") != "disabled":
             self._wandb = _start_wandb(workdir, wandb_settings, resumed)  # first: it may fail (one line)
-        SummaryWriter = _tensorboardx_writer()  # imported lazily: only process 0 writes
+        # Imported lazily (only process 0 writes), and without torch: tensorboardX tries it for torch
+        # tensors, ~2 s of every start where the hf extra is installed; jsft logs floats.
+        SummaryWriter = import_without("tensorboardX", ("torch",)).SummaryWriter
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
@@ -73,25 +74,6 @@ class MetricWriter:
                 except Exception as e:  # noqa: BLE001 - the run's own files are complete; W&B is a view
                     logging.warning("W&B did not finish cleanly: %s", e)
                 self._wandb = None
-
-
-def _tensorboardx_writer():
-    """tensorboardX's SummaryWriter, imported without torch.
-
-    tensorboardX tries `import torch` (to accept torch tensors), which costs ~2 s of every run's start
-    where the hf extra installed torch; jsft logs Python floats. Hiding torch while tensorboardX
-    loads makes that import fail fast, and tensorboardX falls back to numpy; torch itself stays
-    importable afterwards (nothing is cached for it). Where torch is already loaded, it is used."""
-    if "tensorboardX" in sys.modules or "torch" in sys.modules:
-        from tensorboardX import SummaryWriter  # noqa: PLC0415
-
-        return SummaryWriter
-    sys.modules["torch"] = None  # an import of torch now raises ImportError
-    try:
-        from tensorboardX import SummaryWriter  # noqa: PLC0415
-    finally:
-        del sys.modules["torch"]
-    return SummaryWriter
 
 
 def _start_wandb(workdir: str, settings: dict, resumed: bool):
