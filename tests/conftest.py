@@ -79,3 +79,9 @@ def tiny_config(tiny_data_dir):
     from tests import tiny_config as tiny  # noqa: PLC0415
 
     return tiny.get_config(str(tiny_data_dir))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow (end-to-end, multi-second) tests first, in their collected order: under pytest-xdist
+    the workers then finish together instead of one running a long test while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
