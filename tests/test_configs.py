@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from jsft import config as config_lib
+from tests.conftest import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(
@@ -144,11 +145,7 @@ def test_every_config_trains_evaluates_keeps_the_best_checkpoints_and_resumes(
     name, tiny_data_dir, tiny_hf_dir, tmp_path
 ):
     config = _module(name).get_config()
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        JAX_PLATFORMS="cpu",
-    )
+    env = cpu_env(8)
     wd = tmp_path / "wd"
     args = [f"--config={os.path.join(REPO, 'configs', name)}", f"--workdir={wd}"]
     args += _shrink(config, str(tiny_data_dir), tiny_hf_dir)
@@ -177,7 +174,7 @@ def test_raw_sharegpt_trains_through_hf_sft_with_no_format_or_fields_override(ti
 
     write_jsonl(tmp_path / "train.jsonl", [sharegpt(i, r) for i, r in enumerate(make_records(200, 0))])
     config = _module("hf_sft.py").get_config()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env(8)
     wd = tmp_path / "wd"
     args = [f"--config={os.path.join(REPO, 'configs', 'hf_sft.py')}", f"--workdir={wd}"]
     args += _shrink(config, str(tmp_path), tiny_hf_dir)

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from tests.conftest import cpu_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = r"""
@@ -22,7 +24,7 @@ print(json.dumps(rows))
 
 
 def test_plan_counts_sharded_state_exactly_and_names_the_accelerators():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = cpu_env(4)
     r = subprocess.run(
         [sys.executable, "-c", SCRIPT.replace("REPO", REPO)],
         cwd=REPO,

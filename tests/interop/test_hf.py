@@ -9,6 +9,8 @@ import jax
 import numpy as np
 import pytest
 
+from tests.conftest import cpu_env
+
 torch = pytest.importorskip("torch", reason="the hf extra (torch==2.13.0, transformers) is not installed")
 transformers = pytest.importorskip("transformers")
 
@@ -179,7 +181,7 @@ def test_weights_stream_into_their_shardings(tmp_path):
     import sys
 
     _save_tiny("qwen3", str(tmp_path))  # the placement code is family-independent
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = cpu_env(4)
     r = subprocess.run(
         [sys.executable, "-c", SHARDED_LOAD, str(tmp_path)],
         env=env,

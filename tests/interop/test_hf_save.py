@@ -12,7 +12,7 @@ import pytest
 
 from jsft.interop import hf, hf_save
 from jsft.models.registry import ModelDef
-from tests.conftest import free_port
+from tests.conftest import cpu_env, free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LLAMA = dict(
@@ -80,7 +80,7 @@ print(json.dumps({"sharded_export_s": sharded_s}))
 def sharded_export(tmp_path_factory):
     """One 8-device process: the same random params exported sharded (fsdp x tensor) and as numpy."""
     out = tmp_path_factory.mktemp("sharded_export")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env(8)
     r = subprocess.run(
         [sys.executable, "-c", SHARDED_EXPORT, str(out), json.dumps(LLAMA)],
         cwd=REPO,
@@ -167,7 +167,7 @@ def test_export_holds_at_most_one_tensor_on_the_host(tmp_path):
         pytest.skip("needs Linux's /proc/self/clear_refs to measure peak memory")
     # 48 layers of 1 MiB tensors (~190 MB in all): a whole-model gather would stand out by far.
     config = dict(LLAMA, hidden_size=256, intermediate_size=1024, num_hidden_layers=48, vocab_size=512)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env(8)
     r = subprocess.run(
         [sys.executable, "-c", PEAK_MEMORY, str(tmp_path), json.dumps(config)],
         cwd=REPO,
@@ -258,9 +258,7 @@ def test_two_processes_export_the_same_bytes_as_one(tmp_path):
     coordinator = f"127.0.0.1:{free_port()}"
 
     def start(out, n, i, devices):
-        env = dict(
-            os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu"
-        )
+        env = cpu_env(devices)
         args = [
             str(out),
             json.dumps(LLAMA),

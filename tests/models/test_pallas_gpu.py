@@ -14,6 +14,7 @@ import pytest
 from jax import export
 
 from jsft.models import attention, pallas_gpu
+from tests.conftest import cpu_env
 from tests.models.test_attention import _packed_segments, _qkv
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -143,7 +144,7 @@ print("same")
 
 @pytest.mark.parametrize("kernel", ["pallas_gpu", "splash"])
 def test_under_a_mesh_each_shard_runs_the_kernel_and_the_result_is_the_same(kernel):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = cpu_env(4)
     r = subprocess.run(
         [sys.executable, "-c", SHARDED.replace("KERNEL", kernel)],
         cwd=REPO,

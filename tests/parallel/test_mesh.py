@@ -12,6 +12,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import cpu_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "tests", "tiny_config.py")
 # Shapes chosen so most dimensions divide by 8 (real tensor/fsdp sharding) and kv_heads=4 does not
@@ -31,10 +33,7 @@ MODEL = [
 
 
 def _env(devices):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
+    return cpu_env(devices)
 
 
 def _train(data_dir, workdir, devices, *overrides):

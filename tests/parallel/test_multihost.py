@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import cpu_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "tests", "tiny_config.py")
 COMMON = [
@@ -51,7 +53,7 @@ def test_two_processes_checkpoint_resume_and_match_one_process(tiny_data_dir, tm
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
     assert "Resuming from the checkpoint at step 3" in second.stdout + second.stderr
 
-    single_env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    single_env = cpu_env(4)
     single = subprocess.run(
         [
             sys.executable,

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from jsft.train.step import split_micro_batches
+from tests.conftest import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -77,7 +78,7 @@ print("OK", sorted((str(k), v[0]) for k, v in results.items()))
 
 
 def test_accumulation_on_8_devices_equals_one_big_batch():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env(8)
     r = subprocess.run(
         [sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )

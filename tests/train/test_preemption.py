@@ -14,7 +14,7 @@ from jsft.evals import validation
 from jsft.modes.train import train_and_evaluate
 from jsft.train import nonfinite
 from jsft.train.checkpoint import Checkpointer
-from tests.conftest import free_port
+from tests.conftest import cpu_env, free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "tests", "tiny_config.py")
@@ -67,7 +67,7 @@ def test_sigterm_during_an_evaluation_saves_that_step_and_stops(tiny_config, tmp
 @pytest.mark.slow
 def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tiny_data_dir, tmp_path):
     port = free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = cpu_env(2)
     wd = tmp_path / "wd"
     procs = [
         subprocess.Popen(
