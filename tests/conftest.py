@@ -24,10 +24,10 @@ if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
 
 def cpu_env(devices: int, **extra: str) -> dict[str, str]:
     """The environment of a subprocess with `devices` simulated CPU devices (and the test session's
-    XLA flags), plus `extra` variables."""
+    XLA flags, set above), plus `extra` variables."""
     return dict(
         os.environ,
-        XLA_FLAGS=f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}",
         JAX_PLATFORMS="cpu",
         **extra,
     )
