@@ -3,7 +3,6 @@ dry run: both write what they promise, and every kernel agrees with the referenc
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 
 from jsft.bench import train as bench_train
 from jsft.models.llama import LlamaConfig
+from tests import zygote
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,7 +75,7 @@ def _bench(data_dir, tmp_path, name, *overrides):
         "--config.data.seq_len=64",
         *overrides,
     ]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    r = zygote.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "real tokens/s" in r.stdout
     return json.loads(out.read_text())["jsft"]
@@ -99,7 +99,7 @@ def test_bench_train_gives_the_reference_loss_curve_with_the_fast_kernels(tiny_w
 
 @pytest.mark.slow
 def test_the_accelerator_check_dry_run_writes_both_reports(tmp_path):
-    r = subprocess.run(
+    r = zygote.run(
         ["bash", "launch/gpu_check.sh", "--dry-run", str(tmp_path)],
         cwd=REPO,
         env=dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu"),

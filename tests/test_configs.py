@@ -5,12 +5,12 @@ import glob
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 from jsft import config as config_lib
+from tests import zygote
 from tests.conftest import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +52,7 @@ def test_config_loads_and_validates(name, arg):
 
 
 def _run(args, env=None, timeout=600):
-    return subprocess.run(
+    return zygote.run(
         [sys.executable, "-m", "jsft.main", *args],
         cwd=REPO,
         env=env or os.environ.copy(),

@@ -6,10 +6,11 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
+
+from tests import zygote
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "tests", "tiny_config.py")
@@ -17,7 +18,7 @@ QUICK = ["--config.train.eval_every_steps=0", "--config.train.log_every_steps=1"
 
 
 def _run(args, timeout=300):
-    return subprocess.run(
+    return zygote.run(
         [sys.executable, "-m", "jsft.main", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout
     )
 
@@ -75,7 +76,7 @@ def test_a_config_file_that_cannot_load_is_one_line_naming_it(body, expected, tm
 
 @pytest.mark.parametrize("module", ["jsft.main", "jsft.bench", "jsft.sweep", "jsft.study"])
 def test_help_of_every_entry_point_exits_zero(module):
-    r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO)
+    r = zygote.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, (module, r.stderr[-2000:])
     assert "--" in r.stdout + r.stderr  # it printed the flags
 

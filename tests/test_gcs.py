@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from tests import zygote
 from tests.gcs_emulator import GcsEmulator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,7 +109,7 @@ def _losses(workdir):
 
 def _main(config_file, workdir, *flags, **kw):
     cmd = [sys.executable, "-m", "jsft.main", f"--config={config_file}", f"--workdir={workdir}", *flags]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, **kw)
+    return zygote.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, **kw)
 
 
 @pytest.mark.slow
@@ -198,7 +199,7 @@ def test_a_sweep_keeps_its_trials_workdirs_in_the_bucket(gcs, config_file, tmp_p
     sweep_file.write_text(SWEEP.format(config=config_file, bucket=BUCKET))
     root = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "jsft.sweep", f"--sweep={sweep_file}", f"--dir={root}", "--workers=2"]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    r = zygote.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     import optuna  # noqa: PLC0415

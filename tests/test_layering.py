@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+from tests import zygote
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTRACTS = [
     "Layers: imports only run downward",
@@ -23,7 +25,7 @@ def lint_imports(root: str) -> subprocess.CompletedProcess:
     exe = exe if os.path.exists(exe) else shutil.which("lint-imports") or "lint-imports"
     env = dict(os.environ, PYTHONPATH=root)  # the copy's jsft, not the installed one
     cmd = [exe, "--config", os.path.join(root, "setup.cfg"), "--no-cache", "--no-logo"]
-    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    return zygote.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_the_tree_keeps_every_contract():
@@ -55,5 +57,5 @@ def test_importing_the_config_helpers_loads_no_jax_or_datasets():
     code = (
         "import sys, jsft.config; print(sorted(m for m in ('jax', 'flax', 'datasets') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    out = zygote.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

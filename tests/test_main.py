@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from tests import zygote
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "tests", "tiny_config.py")
 
@@ -25,7 +27,7 @@ def _cmd(data_dir, workdir, *overrides):
 
 
 def _run(*args, **kw):
-    return subprocess.run(*args, capture_output=True, text=True, cwd=REPO, timeout=300, **kw)
+    return zygote.run(*args, capture_output=True, text=True, cwd=REPO, timeout=300, **kw)
 
 
 @pytest.mark.slow

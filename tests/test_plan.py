@@ -2,9 +2,9 @@
 
 import json
 import os
-import subprocess
 import sys
 
+from tests import zygote
 from tests.conftest import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +25,7 @@ print(json.dumps(rows))
 
 def test_plan_counts_sharded_state_exactly_and_names_the_accelerators():
     env = cpu_env(4)
-    r = subprocess.run(
+    r = zygote.run(
         [sys.executable, "-c", SCRIPT.replace("REPO", REPO)],
         cwd=REPO,
         env=env,
@@ -49,7 +49,7 @@ def test_plan_counts_sharded_state_exactly_and_names_the_accelerators():
 
 def test_plan_mode_on_the_command_line_needs_no_workdir_and_refuses_minus_one():
     base = [sys.executable, "-m", "jsft.main", "--config=configs/demo.py", "--mode=plan"]
-    r = subprocess.run(
+    r = zygote.run(
         base + ["--config.model.vocab_size=512", "--config.mesh.shape=(2,1,1)"],
         cwd=REPO,
         capture_output=True,
@@ -58,7 +58,7 @@ def test_plan_mode_on_the_command_line_needs_no_workdir_and_refuses_minus_one():
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1} = 2 devices" in r.stdout
-    r = subprocess.run(
+    r = zygote.run(
         base + ["--config.model.vocab_size=512"], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert r.returncode != 0 and "needs explicit sizes, no -1" in r.stderr

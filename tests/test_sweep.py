@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from tests import zygote
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SWEEP = """
@@ -37,7 +39,7 @@ def _sweep_file(tmp_path, data_dir, space=SPACE, objective="eval/loss", name="sw
 
 def _sweep(sweep_file, root, *extra, **kw):
     cmd = [sys.executable, "-m", "jsft.sweep", f"--sweep={sweep_file}", f"--dir={root}", *extra]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, **kw)
+    return zygote.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, **kw)
 
 
 def _trials(root):
@@ -157,7 +159,7 @@ def test_a_pruner_on_a_train_metric_is_one_line(tiny_data_dir, tmp_path):
 def _bash(*args, **env):
     """A launch script's --dry-run, with only `env` (and PATH) set."""
     env = {"PATH": os.environ["PATH"], **env}
-    return subprocess.run(["bash", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    return zygote.run(["bash", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_the_cluster_launchers_dry_run_print_what_they_would_submit(tmp_path):
@@ -214,7 +216,7 @@ def test_every_shipped_sweep_file_passes_its_checks(name):
 
 def test_the_knowledge_data_regenerates_byte_for_byte(tmp_path):
     here = os.path.join(REPO, "data", "knowledge")
-    r = subprocess.run(
+    r = zygote.run(
         [sys.executable, os.path.join(here, "make_knowledge_data.py"), str(tmp_path)],
         capture_output=True,
         text=True,

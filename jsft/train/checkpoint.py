@@ -120,6 +120,13 @@ class Checkpointer:
         self.directory = directory
         self.retries, self.retry_wait_s = retries, retry_wait_s
         self._manager = ocp.CheckpointManager(directory, options=options)
+        # Orbax removes the leftovers in a background thread that it awaits only before a save. A run
+        # that fails at once (every checkpoint damaged) exited while that thread still ran, and the
+        # thread's traceback ("cannot schedule new futures after shutdown") reached the console; it
+        # also listed the directory while we did. Wait for it here: one listing of the directory.
+        await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
 
     def keep_step(self, step: int | None) -> None:
         """Keep `step` (the best checkpoint) out of the keep-N rotation; the step kept before may go."""

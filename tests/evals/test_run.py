@@ -2,11 +2,11 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
+from tests import zygote
 from tests.conftest import write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -14,7 +14,7 @@ TINY = os.path.join(REPO, "tests", "tiny_config.py")
 
 
 def _run(args, **kw):
-    return subprocess.run(
+    return zygote.run(
         [sys.executable, "-m", "jsft.main", *args],
         cwd=REPO,
         capture_output=True,

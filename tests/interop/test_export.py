@@ -1,10 +1,11 @@
 """`--mode export` from a multi-process run: every process gathers, process 0 writes the same files."""
 
 import os
-import subprocess
 import sys
 
 import pytest
+
+from tests import zygote
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "tests", "tiny_config.py")
@@ -18,7 +19,7 @@ def _files(directory):
 def test_a_two_process_export_writes_the_files_of_a_one_process_export(tiny_data_dir, tmp_path):
     base = [f"--config={TINY}:{tiny_data_dir}", f"--workdir={tmp_path / 'wd'}", "--config.train.steps=2"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    train = subprocess.run(
+    train = zygote.run(
         [sys.executable, "-m", "jsft.main", *base],
         cwd=REPO,
         env=env,
@@ -28,7 +29,7 @@ def test_a_two_process_export_writes_the_files_of_a_one_process_export(tiny_data
     )
     assert train.returncode == 0, train.stderr[-3000:]
     export = ["--mode=export", "--config.model.export_family=llama", "--config.mesh.shape=(1,-1,1)"]
-    one = subprocess.run(
+    one = zygote.run(
         [sys.executable, "-m", "jsft.main", *base, *export, f"--export_dir={tmp_path / 'one'}"],
         cwd=REPO,
         env=env,
@@ -38,7 +39,7 @@ def test_a_two_process_export_writes_the_files_of_a_one_process_export(tiny_data
     )
     assert one.returncode == 0, one.stderr[-3000:]
     launch = [os.path.join(REPO, "launch", "local_multihost.sh"), "2", *base, *export]
-    two = subprocess.run(
+    two = zygote.run(
         [*launch, f"--export_dir={tmp_path / 'two'}"],
         cwd=REPO,
         env=dict(env, PYTHON=sys.executable, LOCAL_DEVICES="2"),

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the hf extra (torch==2.13.0, transformers) is not installed")
 transformers = pytest.importorskip("transformers")
 
+from tests import zygote  # noqa: E402
 from tests.conftest import make_records, save_chatml_bpe_tokenizer, write_jsonl  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,7 +51,7 @@ def test_finetune_an_imported_model_export_and_load_in_transformers(tiny_data_di
         "--config.train.steps=8",
         "--config.optim.lr=0.003",
     ]
-    r = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=600)
+    r = zygote.run(base, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     losses = [
         json.loads(x)["train/loss"]
@@ -59,7 +59,7 @@ def test_finetune_an_imported_model_export_and_load_in_transformers(tiny_data_di
         if "train/loss" in x
     ]
     assert losses[-1] < losses[0]
-    r = subprocess.run(
+    r = zygote.run(
         base + ["--mode=export", f"--export_dir={out}", "--export_dtype=float32"],
         cwd=REPO,
         capture_output=True,

@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 from jsft.interop import hf  # noqa: E402
 from jsft.models import attention  # noqa: E402
 from jsft.models.registry import ModelDef  # noqa: E402
+from tests import zygote  # noqa: E402
 from tests.data.test_templates import hf_dir  # noqa: E402, F401  (the fixture)
 
 jax.config.update("jax_default_matmul_precision", "float32")
@@ -177,12 +178,11 @@ print("ok", len(jax.tree.leaves(sharded)))
 
 
 def test_weights_stream_into_their_shardings(tmp_path):
-    import subprocess
     import sys
 
     _save_tiny("qwen3", str(tmp_path))  # the placement code is family-independent
     env = cpu_env(4)
-    r = subprocess.run(
+    r = zygote.run(
         [sys.executable, "-c", SHARDED_LOAD, str(tmp_path)],
         env=env,
         capture_output=True,

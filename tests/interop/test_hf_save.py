@@ -12,6 +12,7 @@ import pytest
 
 from jsft.interop import hf, hf_save
 from jsft.models.registry import ModelDef
+from tests import zygote
 from tests.conftest import cpu_env, free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -81,7 +82,7 @@ def sharded_export(tmp_path_factory):
     """One 8-device process: the same random params exported sharded (fsdp x tensor) and as numpy."""
     out = tmp_path_factory.mktemp("sharded_export")
     env = cpu_env(8)
-    r = subprocess.run(
+    r = zygote.run(
         [sys.executable, "-c", SHARDED_EXPORT, str(out), json.dumps(LLAMA)],
         cwd=REPO,
         env=env,
@@ -168,7 +169,7 @@ def test_export_holds_at_most_one_tensor_on_the_host(tmp_path):
     # 48 layers of 1 MiB tensors (~190 MB in all): a whole-model gather would stand out by far.
     config = dict(LLAMA, hidden_size=256, intermediate_size=1024, num_hidden_layers=48, vocab_size=512)
     env = cpu_env(8)
-    r = subprocess.run(
+    r = zygote.run(
         [sys.executable, "-c", PEAK_MEMORY, str(tmp_path), json.dumps(config)],
         cwd=REPO,
         env=env,

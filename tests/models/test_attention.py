@@ -7,7 +7,6 @@ import dataclasses
 import glob
 import importlib.util
 import os
-import subprocess
 import sys
 
 import jax
@@ -19,6 +18,7 @@ from jsft.data import packing
 from jsft.models import attention
 from jsft.models.llama import LlamaConfig
 from jsft.models.registry import ModelDef, build_model
+from tests import zygote
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -232,7 +232,7 @@ def test_auto_gives_every_shipped_model_a_kernel_that_takes_it_on_every_platform
 
 
 def test_splash_off_a_tpu_is_one_error_line_from_the_command_line(tmp_path):
-    r = subprocess.run(
+    r = zygote.run(
         [
             sys.executable,
             "-m",

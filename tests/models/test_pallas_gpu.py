@@ -4,7 +4,6 @@ of the row and the head; float32 within 1e-5, bfloat16 within twice the bfloat16
 error; sharded over a mesh; and it lowers to Triton for CUDA."""
 
 import os
-import subprocess
 import sys
 
 import jax
@@ -14,6 +13,7 @@ import pytest
 from jax import export
 
 from jsft.models import attention, pallas_gpu
+from tests import zygote
 from tests.conftest import cpu_env
 from tests.models.test_attention import _packed_segments, _qkv
 
@@ -145,7 +145,7 @@ print("same")
 @pytest.mark.parametrize("kernel", ["pallas_gpu", "splash"])
 def test_under_a_mesh_each_shard_runs_the_kernel_and_the_result_is_the_same(kernel):
     env = cpu_env(4)
-    r = subprocess.run(
+    r = zygote.run(
         [sys.executable, "-c", SHARDED.replace("KERNEL", kernel)],
         cwd=REPO,
         env=env,

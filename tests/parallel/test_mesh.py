@@ -6,12 +6,12 @@ Each run is a subprocess: the device count is fixed when JAX starts
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from tests import zygote
 from tests.conftest import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,7 +46,7 @@ def _train(data_dir, workdir, devices, *overrides):
         *MODEL,
         *overrides,
     ]
-    r = subprocess.run(cmd, cwd=REPO, env=_env(devices), capture_output=True, text=True, timeout=600)
+    r = zygote.run(cmd, cwd=REPO, env=_env(devices), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout + r.stderr
 
@@ -119,7 +119,7 @@ print(json.dumps({"params": out, "dropped": [list(map(str, d)) for d in dropped]
 
 
 def test_parameters_land_with_the_shardings_the_rules_say():
-    r = subprocess.run(
+    r = zygote.run(
         [sys.executable, "-c", SHARDINGS_SCRIPT],
         cwd=REPO,
         env=_env(8),
@@ -146,7 +146,7 @@ def test_a_checkpoint_restores_onto_another_mesh_and_one_device(tiny_data_dir, t
     _train(tiny_data_dir, first, 8, "--config.mesh.shape=(1,8,1)", "--config.train.stop_after_steps=3")
     for name, devices, mesh in (("on_2x2x2", 8, "(2,2,2)"), ("on_1", 1, "(1,1,1)")):
         wd = tmp_path / name
-        subprocess.run(["cp", "-r", str(first), str(wd)], check=True)
+        zygote.run(["cp", "-r", str(first), str(wd)], check=True)
         out = _train(tiny_data_dir, wd, devices, f"--config.mesh.shape={mesh}")
         assert "Resuming from the checkpoint at step 3" in out
         losses = _losses(wd)

@@ -3,12 +3,12 @@ match one process with 4 devices on the same logical data shards."""
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from tests import zygote
 from tests.conftest import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,7 +39,7 @@ def test_two_processes_checkpoint_resume_and_match_one_process(tiny_data_dir, tm
         f"--workdir={tmp_path / 'multi'}",
         *COMMON,
     ]
-    first = subprocess.run(
+    first = zygote.run(
         launch + ["--config.train.stop_after_steps=3"],
         cwd=REPO,
         env=env,
@@ -49,12 +49,12 @@ def test_two_processes_checkpoint_resume_and_match_one_process(tiny_data_dir, tm
     )
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     assert "over 4 devices, 2 process(es)" in first.stdout + first.stderr
-    second = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    second = zygote.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
     assert "Resuming from the checkpoint at step 3" in second.stdout + second.stderr
 
     single_env = cpu_env(4)
-    single = subprocess.run(
+    single = zygote.run(
         [
             sys.executable,
             "-m",

@@ -1,13 +1,13 @@
 """A host batch every process holds whole lands on the mesh row by row, and comes back unchanged."""
 
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 from jsft.parallel.placement import BatchPlacement
+from tests import zygote
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,7 +48,7 @@ assert int(total) == 10 and total.sharding.is_fully_replicated
 print("ok")
 """
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    out = subprocess.run(
+    out = zygote.run(
         [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

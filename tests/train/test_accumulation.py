@@ -2,12 +2,12 @@
 equals one big batch (weighted records, both loss normalisations)."""
 
 import os
-import subprocess
 import sys
 
 import numpy as np
 
 from jsft.train.step import split_micro_batches
+from tests import zygote
 from tests.conftest import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -79,7 +79,7 @@ print("OK", sorted((str(k), v[0]) for k, v in results.items()))
 
 def test_accumulation_on_8_devices_equals_one_big_batch():
     env = cpu_env(8)
-    r = subprocess.run(
+    r = zygote.run(
         [sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]

@@ -4,7 +4,6 @@ checked on resume and restore, eval/generate/export of an adapter checkpoint, an
 
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -14,6 +13,7 @@ import pytest
 from jsft.modes.train import train_and_evaluate
 from jsft.run import Run
 from jsft.train import trainable
+from tests import zygote
 from tests.train.test_loop import _losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,7 +22,7 @@ TINY = os.path.join(REPO, "tests", "tiny_config.py")
 
 def _main(data_dir, workdir, *overrides, mode="train"):
     cmd = [sys.executable, "-m", "jsft.main", f"--config={TINY}:{data_dir}", f"--workdir={workdir}"]
-    r = subprocess.run(
+    r = zygote.run(
         [*cmd, f"--mode={mode}", *overrides], capture_output=True, text=True, cwd=REPO, timeout=600
     )
     return r

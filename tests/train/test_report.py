@@ -2,10 +2,10 @@
 
 import json
 import os
-import subprocess
 import sys
 
 from jsft.train import report
+from tests import zygote
 from tests.conftest import write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,10 +47,10 @@ def test_panels_and_an_overlaid_report(tmp_path):
 def test_mode_report_overlays_runs_without_a_config_and_names_a_missing_one(tmp_path):
     a, b = _run(tmp_path / "a", 1.0), _run(tmp_path / "b", 2.0)
     cmd = [sys.executable, "-m", "jsft.main", "--mode=report", f"--workdir={a}", f"--workdir={b}"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    r = zygote.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert os.path.getsize(os.path.join(a, "report_compare.png")) > 1000
-    r = subprocess.run(
+    r = zygote.run(
         [*cmd, f"--workdir={tmp_path / 'nothing'}"], capture_output=True, text=True, cwd=REPO, timeout=120
     )
     assert r.returncode == 1 and "Traceback" not in r.stderr

@@ -2,7 +2,6 @@
 their updates equal those of full fine-tuning when nothing couples them (no clipping)."""
 
 import os
-import subprocess
 import sys
 
 import jax
@@ -16,6 +15,7 @@ from jsft.run import Run
 from jsft.train import optim, trainable
 from jsft.train.state import TrainState, init_fn
 from jsft.train.step import make_train_step
+from tests import zygote
 from tests.train.test_loop import _losses
 from tests.train.test_step import _examples, _optim_cfg, _padded
 
@@ -100,7 +100,7 @@ def test_trainable_updates_equal_full_fine_tuning_without_clipping(model):
 
 
 def test_a_pattern_matching_nothing_is_one_error_line(tiny_data_dir, tmp_path):
-    r = subprocess.run(
+    r = zygote.run(
         [
             sys.executable,
             "-m",
