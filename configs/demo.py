@@ -57,6 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     # Sources by name; add more (each with a weight) for a mixture. Formats: auto, prompt_response,
     # alpaca, chat, text. Files: .jsonl, .json, .parquet, .csv, .arrow, save_to_disk directories.
+    # A source's `tools` (source(..., tools="tools.json")) names a JSON list of tool schemas for the
+    # records that carry no `tools` of their own (jsft/data/formats.py: tool calls and reasoning).
     config.data.sources = ml_collections.ConfigDict()
     config.data.sources.demo = source(
         os.path.join(DATA_DIR, "train.jsonl"), os.path.join(DATA_DIR, "val.jsonl")
@@ -73,6 +75,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.template = "plain"  # plain | chatml | llama3 | hf (the tokenizer's chat_template)
     config.data.separator = "\n"  # plain template: between prompt and response
     config.data.train_on = "all_assistant"  # or last_assistant
+    # Assistants' thinking (`reasoning_content`, or `<think>...</think>` before the reply): True trains
+    # it with the reply; False removes it before templating, so the model learns to answer without it.
+    config.data.train_reasoning = True
     config.data.seq_len = 128
     config.data.overlong = "truncate"  # truncate | truncate_prompt | drop
     config.data.packing = "best_fit"  # best_fit | pad (one example per row)

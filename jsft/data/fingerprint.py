@@ -26,9 +26,10 @@ STREAM_FIELDS = (
     "separator",
     "train_on",
     "overlong",
+    "train_reasoning",
 )
 # Validation files are not part of the training stream; val_fraction is (it decides the held-out rows).
-SOURCE_FIELDS = ("path", "format", "fields", "weight", "split", "val_fraction")
+SOURCE_FIELDS = ("path", "format", "fields", "weight", "split", "val_fraction", "tools")
 
 
 def stream_fingerprint(
@@ -41,7 +42,7 @@ def stream_fingerprint(
     """`source_counts`: per source (in `config.data.sources` order), records/examples/tokens over all
     processes. Values are JSON-able and compared with ==."""
     out: dict[str, object] = {"seed": seed, "data.num_shards": num_shards, "tokenizer": tokenizer_id}
-    out.update({f"data.{k}": data_cfg[k] for k in STREAM_FIELDS})
+    out.update({f"data.{k}": data_cfg.get(k) for k in STREAM_FIELDS})
     for (name, src), counts in zip(sorted(data_cfg.sources.items()), source_counts, strict=True):
         for k in SOURCE_FIELDS:
             value = src.get(k)

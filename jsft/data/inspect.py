@@ -5,7 +5,8 @@
 Per source (training and validation) it reports records and tokens, bad records by reason with
 their locations, prompt/response length percentiles, truncations and drops under the overlong
 policy, exact duplicates, packing efficiency for `best_fit` and `pad`, the share of tokens in the
-loss, and three decoded examples with every trained run of tokens in [[ ]]. The text goes to stdout
+loss, how many examples hold tools, tool calls, tool results and reasoning, and three decoded examples
+(plus the first of each of those kinds) with every trained run of tokens in [[ ]]. The text goes to stdout
 and DIR/inspect_report.txt; a histogram of example lengths goes to DIR/inspect_lengths.png.
 
 Bad records never stop the report: the data is read with on_bad_record='skip' (the report says
@@ -21,7 +22,7 @@ import os
 import ml_collections
 import numpy as np
 
-from jsft.data import packing
+from jsft.data import formats, packing
 from jsft.data.examples import TokenizedSource
 from jsft.data.pipeline import Data, build_data
 from jsft.data.tokenizer import Tokenizer
@@ -158,9 +159,32 @@ def _packing_lines(src: TokenizedSource, seq_len: int, chunk: int) -> list[str]:
     return lines
 
 
-def _rendered_lines(src: TokenizedSource, tok: Tokenizer) -> list[str]:
+def part_examples(src: TokenizedSource) -> dict[str, np.ndarray]:
+    """For each of formats.CHAT_PARTS, the (sorted) kept examples that hold it."""
+    import pyarrow.compute as pc  # noqa: PLC0415
+
+    column = src.table.with_format("arrow")[:].column("parts").combine_chunks()
+    values = column.values.to_numpy(zero_copy_only=False).astype(str)
+    rows = pc.list_parent_indices(column).to_numpy()
+    example = np.full(len(column), -1)
+    example[src.kept] = np.arange(len(src.kept))
+    held = {p: example[rows[values == p]] for p in formats.CHAT_PARTS}
+    return {p: np.unique(x[x >= 0]) for p, x in held.items()}
+
+
+def _parts_lines(parts: dict[str, np.ndarray], count: int) -> list[str]:
+    found = ", ".join(f"{len(x):,} with {p.replace('_', ' ')}" for p, x in parts.items() if len(x))
+    return [f"tool calling and reasoning: {found} (of {count:,} examples)"] if found else []
+
+
+def _rendered_lines(src: TokenizedSource, tok: Tokenizer, parts: dict[str, np.ndarray]) -> list[str]:
+    """The first RENDERED examples, then the first holding each of CHAT_PARTS not yet shown."""
+    shown = list(range(min(RENDERED, len(src))))
+    for held in parts.values():
+        if len(held) and not np.isin(shown, held).any():
+            shown.append(int(held[0]))
     lines = ["rendered examples ([[ ]] marks trained tokens):"]
-    for i in range(min(RENDERED, len(src))):
+    for i in shown:
         ex = src.example(i)
         lines.append(f"  {_where(src, i)} ({len(ex.ids)} tokens, {int(ex.mask.sum())} trained)")
         lines.append(_indent(render_example(ex.ids, ex.mask, tok), "    "))
@@ -183,10 +207,12 @@ def source_report(
     ]
     if not len(src):
         return "\n".join([*lines, "no examples"])
+    parts = part_examples(src)
+    lines += _parts_lines(parts, len(src))
     lines += _duplicate_lines(src)
     lines += _length_lines(lengths)
     lines += _packing_lines(src, data_cfg.seq_len, chunk)
-    lines += _rendered_lines(src, tok)
+    lines += _rendered_lines(src, tok, parts)
     return "\n".join(lines)
 
 

@@ -80,7 +80,8 @@ def build_data(
     host_srcs, host_rows = _select_shards(raw_srcs, num_shards, my_shards)
     # ---- tokenize, validate
     train_srcs, val_srcs = _tokenize_sources(host_srcs, template, tok, data_cfg, cache_dir)
-    prompts = _eval_prompts(host_srcs, template, tok, eval_prompt_limit)
+    train_reasoning = bool(data_cfg.get("train_reasoning", True))
+    prompts = _eval_prompts(host_srcs, template, tok, eval_prompt_limit, train_reasoning)
     # ---- mixture and packing, one stream per logical shard
     streams, probs = _shard_streams(
         train_srcs, host_rows, my_shards, [s.weight for s in specs], data_cfg, seed
@@ -143,6 +144,8 @@ def _tokenize_sources(
             data_cfg.seq_len,
             data_cfg.overlong,
             bool(data_cfg.get("rewards", False)),
+            bool(data_cfg.get("train_reasoning", True)),
+            src.tools,
         )
         train = tokenized(i, src, src.train, src.spec.path, spec)
         if not len(train):
@@ -156,15 +159,19 @@ def _tokenize_sources(
 
 
 def _eval_prompts(
-    raw_srcs: list[raw.RawSource], template: object, tok: Tokenizer, limit: int
+    raw_srcs: list[raw.RawSource], template: object, tok: Tokenizer, limit: int, train_reasoning: bool = True
 ) -> list[eval_data.EvalPrompt]:
     """Up to ceil(limit / sources) generation prompts from each source's validation conversations
-    (plain-text raw_srcs have no reply to generate)."""
+    (plain-text raw_srcs have no reply to generate), with their thinking removed where training
+    removes it."""
     prompts = []
     for i, src in enumerate(raw_srcs):
         if limit and src.val is not None and src.fmt != "text":
             per_source = -(-limit // len(raw_srcs))
-            convs = raw.conversations(src.val, src.val_path, src.fmt, dict(src.spec.fields), per_source)
+            convs = raw.conversations(
+                src.val, src.val_path, src.fmt, dict(src.spec.fields), per_source, src.tools
+            )
+            convs = convs if train_reasoning else [c.without_reasoning() for c in convs]
             prompts += eval_data.eval_prompts(convs, template, tok, i)
     return prompts
 

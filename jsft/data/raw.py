@@ -10,6 +10,7 @@ key to change.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import datasets
 import ml_collections
@@ -27,6 +28,7 @@ class RawSource:
     train: datasets.Dataset
     val: datasets.Dataset | None  # None: the source has no validation records
     val_path: str  # where the validation records come from ("" without any)
+    tools: tuple = ()  # the source's tool schemas (config.data.sources.<name>.tools), for records without
 
 
 def source_specs(data_cfg: ml_collections.ConfigDict) -> list[sources.SourceSpec]:
@@ -93,7 +95,7 @@ def _check_format(spec: sources.SourceSpec, fmt: str, table: datasets.Dataset, p
 
 
 def conversations(
-    table: datasets.Dataset, path: str, fmt: str, fields: dict, limit: int
+    table: datasets.Dataset, path: str, fmt: str, fields: dict, limit: int, tools: tuple = ()
 ) -> list[formats.Conversation]:
     """Up to `limit` parsed conversations (bad records skipped: they are reported elsewhere; a
     pre-tokenized source has none)."""
@@ -105,7 +107,7 @@ def conversations(
             break
         if why is None:
             try:
-                out.append(formats.to_conversation(record, fmt, fields))
+                out.append(formats.to_conversation(record, fmt, fields, tools))
             except formats.BadRecord:
                 continue
     return out
@@ -139,10 +141,31 @@ def _read_tables(spec: sources.SourceSpec, seed: int, cache_dir: str):
     return train, None, ""
 
 
+def read_tools(spec: sources.SourceSpec) -> tuple:
+    """The source's tool schemas: the JSON file `config.data.sources.<name>.tools` names (a list of
+    schemas, as a record's `tools`), () when unset."""
+    if not spec.tools:
+        return ()
+    key = f"config.data.sources.{spec.name}.tools={spec.tools!r}"
+    try:
+        with open(spec.tools, encoding="utf-8") as f:
+            return formats.check_tools(json.load(f), "the file")
+    except OSError as e:
+        raise sources.DataError(f"{key}: cannot read it ({e.strerror})") from e
+    except (json.JSONDecodeError, formats.BadRecord) as e:
+        why = f"not JSON ({e})" if isinstance(e, json.JSONDecodeError) else str(e)
+        raise sources.DataError(
+            f"{key}: {why}; write a JSON list of tool schemas there, e.g. "
+            '[{"type": "function", "function": {"name": "get_weather", "parameters": {...}}}]'
+        ) from e
+
+
 def read_source(spec: sources.SourceSpec, seed: int, cache_dir: str) -> RawSource:
-    """The source's tables, each checked to hold a record that parses in the source's format."""
+    """The source's tables, each checked to hold a record that parses in the source's format, and
+    its tool schemas."""
+    tools = read_tools(spec)
     train, val, val_path = _read_tables(spec, seed, cache_dir)
     fmt = _check_format(spec, spec.format, train, spec.path)
     if val is not None:
         _check_format(spec, fmt, val, val_path)
-    return RawSource(spec, fmt, train, val, val_path)
+    return RawSource(spec, fmt, train, val, val_path, tools)

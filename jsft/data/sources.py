@@ -52,6 +52,7 @@ class SourceSpec:
     val_path: str = ""
     val_split: str = ""
     val_fraction: float = 0.0  # held out from `path` with a fixed seed when no val_path/val_split
+    tools: str = ""  # a JSON file holding a list of tool schemas, for records without their own `tools`
 
 
 def _row(where: str, line: str = "", bad: formats.BadRecord | None = None) -> dict[str, str]:

@@ -2,34 +2,72 @@
 
 A template renders a conversation as *segments*, each a piece of text (or literal ids such as BOS)
 that is either trained or not. Segments are tokenized one by one and concatenated, so the mask is
-exact by construction: no decoding, no re-tokenizing, no searching for the reply in the text.
-Trained segments are the assistant replies *including* their end-of-turn token (or EOS), so the model
-learns to stop.
+exact by construction: no decoding, no re-tokenizing. Trained segments are the assistant replies
+(their reasoning, content and tool calls) *including* their end-of-turn token (or EOS), so the model
+learns to stop; tool results are never trained.
 
-  plain   `<bos> prompt + separator` then `reply <eos>` (multi-turn: turns joined the same way)
-  chatml  `<|im_start|>role\\ncontent<|im_end|>\\n` per message (Qwen and many others)
-  llama3  `<|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>`
-  hf      the Jinja2 `chat_template` of a Hugging Face tokenizer; stock templates have no
-          `{% generation %}` markers, so replies are located by rendering growing prefixes of the
-          conversation (with and without the generation prompt) and taking the differences. A
-          reply's trained span ends at the first special token after its content (its end-of-turn
-          token, e.g. `<|im_end|>`); what the template writes after that (a newline) is not trained,
-          exactly as in the built-in templates.
+  plain   `<bos> prompt + separator` then `reply <eos>` (multi-turn: turns joined the same way); it
+          has no way to write tools or tool calls and refuses records that carry them
+  chatml  `<|im_start|>role\ncontent<|im_end|>\n` per message (Qwen and many others); tools are listed
+          in the system turn inside `<tools></tools>`, calls written as `<tool_call>\n{"name": ...,
+          "arguments": ...}\n</tool_call>` after the content, tool results as `tool` turns
+  llama3  `<|begin_of_text|><|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>`; tools in
+          the system turn, calls as Llama 3.1's `{"name": ..., "parameters": ...}`, results as
+          `ipython` turns
+  hf      the Jinja2 `chat_template` of a Hugging Face tokenizer, rendered as `transformers` renders
+          it; trained spans from its `{% generation %}` markers, else located (jinja_template.py)
+
+The built-in templates write an assistant's reasoning as `<think>\nreasoning\n</think>\n\n` before its
+content in every turn (and train it); thinking already inline in the content is written as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import hashlib
+import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from jsft.data.formats import BadRecord, Conversation, Message
+from jsft.data.formats import BadRecord, Conversation, Message, tool_call_parts
+from jsft.data.jinja_template import JinjaTemplate, Segment, detect_end_of_turn
 from jsft.data.sources import DataError
 from jsft.data.tokenizer import CHAT_TEMPLATE_FILES, Tokenizer
 
-Segment = tuple[str | list[int], bool]  # (text or literal ids, trained)
 TRAIN_ON = ("all_assistant", "last_assistant")
+CHATML_TOOLS = (
+    "# Tools\n\nYou may call the functions whose signatures are listed within <tools></tools>:\n<tools>\n"
+    "{tools}\n</tools>\n\nTo call one, write a JSON object with its name and arguments within "
+    '<tool_call></tool_call> tags:\n<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}'
+    "\n</tool_call>"
+)
+LLAMA3_TOOLS = (
+    "You have access to the following functions. To call one, reply with a JSON object of the form "
+    '{{"name": function name, "parameters": dictionary of argument name and its value}}.\n\n{tools}'
+)
+
+
+def _thinking(m: Message) -> str:
+    """An assistant's reasoning as the built-in templates write it before the content."""
+    return "" if m.reasoning is None else f"<think>\n{m.reasoning.strip(chr(10))}\n</think>\n\n"
+
+
+def _call_json(call: Mapping[str, Any], arguments_key: str) -> str:
+    name, arguments = tool_call_parts(call)
+    return json.dumps({"name": name, arguments_key: arguments}, ensure_ascii=False)
+
+
+def _tools_json(tools: Sequence[Mapping[str, Any]], separator: str) -> str:
+    return separator.join(json.dumps(t, ensure_ascii=False) for t in tools)
+
+
+def _system_with_tools(conv: Conversation, tools_text: str) -> tuple[str | None, tuple[Message, ...]]:
+    """(system text with the tools appended, or None without either; the other messages)."""
+    msgs = conv.messages
+    system = msgs[0].content if msgs and msgs[0].role == "system" else None
+    rest = msgs[1:] if system is not None else msgs
+    if conv.tools:
+        system = f"{system.strip()}\n\n{tools_text}" if system and system.strip() else tools_text
+    return system, rest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +77,15 @@ class PlainTemplate:
     end_of_turn: str | None = None  # EOS ends a reply
 
     def segments(self, conv: Conversation, tok: Tokenizer, generation_prompt: bool = False) -> list[Segment]:
+        if conv.tools or any(m.tool_calls for m in conv.messages):
+            raise BadRecord(
+                "the record has tools or tool calls, which config.data.template='plain' cannot write; set "
+                "config.data.template to 'chatml', 'llama3' or 'hf' (the tokenizer's own chat template)"
+            )
         segs: list[Segment] = [([tok.bos_id], False)] if tok.bos_id is not None else []
         for m in conv.messages:
             if m.role == "assistant":
-                segs += [(m.content, True), ([tok.eos_id], True)]
+                segs += [(_thinking(m) + m.content, True), ([tok.eos_id], True)]
             else:
                 segs.append((m.content + self.separator, False))
         return segs
@@ -54,11 +97,15 @@ class ChatMLTemplate:
     end_of_turn: str | None = "<|im_end|>"
 
     def segments(self, conv: Conversation, tok: Tokenizer, generation_prompt: bool = False) -> list[Segment]:
-        segs: list[Segment] = []
-        for m in conv.messages:
+        system, msgs = _system_with_tools(conv, CHATML_TOOLS.format(tools=_tools_json(conv.tools, "\n")))
+        segs: list[Segment] = [] if system is None else [("<|im_start|>system\n", False)]
+        segs += [] if system is None else [(system + "<|im_end|>\n", False)]
+        for m in msgs:
             segs.append((f"<|im_start|>{m.role}\n", False))
             if m.role == "assistant":
-                segs += [(m.content + "<|im_end|>", True), ("\n", False)]
+                calls = [f"<tool_call>\n{_call_json(c, 'arguments')}\n</tool_call>" for c in m.tool_calls]
+                reply = "\n".join(([m.content] if m.content else []) + calls)
+                segs += [(_thinking(m) + reply + "<|im_end|>", True), ("\n", False)]
             else:
                 segs.append((m.content + "<|im_end|>\n", False))
         if generation_prompt:
@@ -77,127 +124,27 @@ class Llama3Template:
     end_of_turn: str | None = "<|eot_id|>"
 
     def segments(self, conv: Conversation, tok: Tokenizer, generation_prompt: bool = False) -> list[Segment]:
+        system, msgs = _system_with_tools(conv, LLAMA3_TOOLS.format(tools=_tools_json(conv.tools, "\n\n")))
         segs: list[Segment] = [("<|begin_of_text|>", False)]
-        for m in conv.messages:
-            segs.append((f"<|start_header_id|>{m.role}<|end_header_id|>\n\n", False))
-            segs.append((m.content.strip() + "<|eot_id|>", m.role == "assistant"))
+        if system is not None:
+            segs.append(("<|start_header_id|>system<|end_header_id|>\n\n", False))
+            segs.append((system.strip() + "<|eot_id|>", False))
+        for m in msgs:
+            role = "ipython" if m.role == "tool" else m.role  # Llama 3.1's name for a tool's output
+            segs.append((f"<|start_header_id|>{role}<|end_header_id|>\n\n", False))
+            if m.role == "assistant":
+                calls = [_call_json(c, "parameters") for c in m.tool_calls]
+                reply = "\n".join(([m.content.strip()] if m.content.strip() else []) + calls)
+                segs.append((_thinking(m) + reply + "<|eot_id|>", True))
+            else:
+                segs.append((m.content.strip() + "<|eot_id|>", False))
         if generation_prompt:
             segs.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", False))
         return segs
 
 
-class JinjaTemplate:
-    """A Hugging Face `chat_template` (Jinja2, sandboxed, as `transformers` renders it).
-
-    `end_tokens` are the tokens a reply can end with (the tokenizer's special tokens); EOS and
-    `end_of_turn` always count.
-    """
-
-    special_tokens: tuple[str, ...] = ()
-
-    def __init__(
-        self,
-        source: str,
-        bos_token: str = "",
-        eos_token: str = "",
-        end_of_turn: str | None = None,
-        end_tokens: tuple[str, ...] = (),
-    ):
-        import jinja2.sandbox  # noqa: PLC0415  (only HF templates need jinja2)
-
-        def raise_exception(message):
-            raise BadRecord(f"chat template refused the conversation: {message}")
-
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
-        env.filters["tojson"] = lambda x, indent=None, **kw: __import__("json").dumps(
-            x, indent=indent, ensure_ascii=False
-        )
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-        self.source = source
-        self._template = env.from_string(source)
-        self.bos_token, self.eos_token, self.end_of_turn = bos_token, eos_token, end_of_turn
-        self.end_tokens = tuple(end_tokens)
-
-    def __getstate__(self):  # compiled Jinja templates do not pickle; worker processes recompile
-        return (self.source, self.bos_token, self.eos_token, self.end_of_turn, self.end_tokens)
-
-    def __setstate__(self, state):
-        self.__init__(*state)
-
-    def __repr__(self):  # part of the tokenized-data cache key: names the template by its content
-        digest = hashlib.sha256(self.source.encode()).hexdigest()[:16]
-        return (
-            f"JinjaTemplate(sha256={digest}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
-            f"end_of_turn={self.end_of_turn!r}, end_tokens={self.end_tokens!r})"
-        )
-
-    def render_text(self, messages: list[Message], add_generation_prompt: bool) -> str:
-        return self._template.render(
-            messages=[{"role": m.role, "content": m.content} for m in messages],
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
-        )
-
-    def reply_end(self, reply: str, content: str) -> int:
-        """Where the trained part of a rendered reply ends: just after the first end token that
-        follows the content (the whole reply if the template closes it with no such token)."""
-        ends = {t for t in (self.end_of_turn, self.eos_token, *self.end_tokens) if t}
-        # Search after the content (as written, or trimmed as many templates do), so a reply that
-        # quotes a special token is not cut short.
-        text = next((c for c in (content, content.strip()) if c and c in reply), "")
-        start = reply.rfind(text) + len(text) if text else 0
-        found = [(reply.find(t, start), t) for t in ends if reply.find(t, start) >= 0]
-        if not found:
-            return len(reply)
-        pos, token = min(found, key=lambda x: (x[0], -len(x[1])))
-        return pos + len(token)
-
-    def segments(self, conv: Conversation, tok: Tokenizer, generation_prompt: bool = False) -> list[Segment]:
-        msgs, segs, done = list(conv.messages), [], ""
-        for i, m in enumerate(msgs):
-            if m.role != "assistant":
-                continue
-            prompt = self.render_text(msgs[:i], add_generation_prompt=True)
-            with_reply = self.render_text(msgs[: i + 1], add_generation_prompt=False)
-            if not prompt.startswith(done) or not with_reply.startswith(prompt):
-                raise BadRecord(
-                    "the chat template renders earlier turns differently once later turns follow, so "
-                    "replies cannot be located by prefix; use a built-in template (data.template)"
-                )
-            reply = with_reply[len(prompt) :]
-            cut = self.reply_end(reply, m.content)
-            segs += [(prompt[len(done) :], False), (reply[:cut], True), (reply[cut:], False)]
-            done = with_reply
-        full = self.render_text(msgs, add_generation_prompt=generation_prompt)
-        if not full.startswith(done):
-            raise BadRecord("the chat template is not prefix-stable for this conversation")
-        segs.append((full[len(done) :], False))
-        return [(text, trained) for text, trained in segs if text]
-
-
 # What build_template returns; render, prompt_ids and stop_ids take any of them.
 Template = PlainTemplate | ChatMLTemplate | Llama3Template | JinjaTemplate
-
-
-def _detect_end_of_turn(template: JinjaTemplate) -> str | None:
-    """The token that closes an assistant turn in `template` (found by rendering a probe), so that
-    generation stops there and choice scores leave it out; None if the probe cannot tell."""
-    probe = Conversation((Message("user", "Hi"), Message("assistant", "Hello")))
-    try:
-        prompt = template.render_text(list(probe.messages[:1]), add_generation_prompt=True)
-        full = template.render_text(list(probe.messages), add_generation_prompt=False)
-    except Exception:  # noqa: BLE001  (a template may refuse a bare probe; generation then stops at EOS)
-        return None
-    if not full.startswith(prompt):
-        return None
-    reply = full[len(prompt) :]
-    trained = reply[: template.reply_end(reply, "Hello")]
-    ends = [t for t in (template.eos_token, *template.end_tokens) if t and trained.endswith(t)]
-    return max(ends, key=len) if ends else None
 
 
 def _encode(tok: Tokenizer, piece: str | list[int]) -> list[int]:
@@ -205,9 +152,17 @@ def _encode(tok: Tokenizer, piece: str | list[int]) -> list[int]:
 
 
 def render(
-    template: Template, tok: Tokenizer, conv: Conversation, train_on: str = "all_assistant"
+    template: Template,
+    tok: Tokenizer,
+    conv: Conversation,
+    train_on: str = "all_assistant",
+    train_reasoning: bool = True,
 ) -> tuple[list[int], list[bool]]:
-    """(ids, mask): mask[i] says whether ids[i] is trained. Raises BadRecord if nothing is trained."""
+    """(ids, mask): mask[i] says whether ids[i] is trained. Raises BadRecord if nothing is trained.
+    `train_reasoning=False` removes the assistants' thinking before templating (see
+    Conversation.without_reasoning): the model learns to reply without it."""
+    if not train_reasoning:
+        conv = conv.without_reasoning()
     if conv.is_text:
         segs: list[Segment] = [([tok.bos_id], False)] if tok.bos_id is not None else []
         segs += [(conv.messages[0].content, True), ([tok.eos_id], True)]
@@ -271,6 +226,6 @@ def build_template(name: str, separator: str = "\n", tokenizer: Any = None) -> T
             tokenizer.end_of_turn,
             getattr(tokenizer, "special_tokens", ()),
         )
-        template.end_of_turn = tokenizer.end_of_turn or _detect_end_of_turn(template)
+        template.end_of_turn = tokenizer.end_of_turn or detect_end_of_turn(template)
         return template
     raise ValueError(f"config.data.template={name!r} is not one of {sorted(BUILTIN) + ['hf']}")

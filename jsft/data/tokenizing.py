@@ -30,9 +30,10 @@ TOKENIZED_FEATURES = datasets.Features(
         "full_length": datasets.Value("int32"),  # tokens before the overlong policy
         "weight": datasets.Value("float32"),  # the record's `weight` field (1 when absent)
         "reward": datasets.Sequence(datasets.Value("float32")),  # Q-SFT: per token ([] without)
+        "parts": datasets.Sequence(datasets.Value("string")),  # formats.CHAT_PARTS the record holds
     }
 )
-TOKENIZED_VERSION = "4"  # bump when TOKENIZED_FEATURES or their meaning change: old caches are stale
+TOKENIZED_VERSION = "5"  # bump when TOKENIZED_FEATURES or their meaning change: old caches are stale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,8 @@ class TokenizeSpec:
     seq_len: int
     overlong: str
     rewards: bool = False  # Q-SFT: read each assistant turn's reward and place it on the turn's end
+    train_reasoning: bool = True  # False: assistants' thinking is removed before templating
+    tools: tuple = ()  # the source's tool schemas, for records without their own `tools`
 
     def cache_key(self, data_fingerprint: str) -> str:
         parts = [
@@ -60,6 +63,8 @@ class TokenizeSpec:
             str(self.seq_len),
             self.overlong,
             str(self.rewards),
+            str(self.train_reasoning),
+            json.dumps(list(self.tools), sort_keys=True),
         ]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
@@ -68,7 +73,7 @@ def _tokenize_batch(batch: dict, indices: list[int], *, spec: TokenizeSpec, path
     out = {k: [] for k in TOKENIZED_FEATURES}
     for j, index in enumerate(indices):
         where, record, bad = sources.read_row({k: v[j] for k, v in batch.items()}, index, path)
-        ids, mask, truncated, full_length, weight, rewards = [], [], False, 0, 1.0, None
+        ids, mask, truncated, full_length, weight, rewards, parts = [], [], False, 0, 1.0, None, []
         if bad is None:
             try:
                 weight = formats.record_weight(record, spec.fields)
@@ -77,8 +82,11 @@ def _tokenize_batch(batch: dict, indices: list[int], *, spec: TokenizeSpec, path
                 if spec.fmt in formats.TOKEN_FORMATS:  # ids as they are: no template, no tokenizer
                     ids, mask = formats.token_ids(record, spec.fmt, spec.fields, spec.tokenizer.vocab_size)
                 else:
-                    conv = formats.to_conversation(record, spec.fmt, spec.fields)
-                    ids, mask = templates.render(spec.template, spec.tokenizer, conv, spec.train_on)
+                    conv = formats.to_conversation(record, spec.fmt, spec.fields, spec.tools)
+                    parts = conv.parts()
+                    ids, mask = templates.render(
+                        spec.template, spec.tokenizer, conv, spec.train_on, spec.train_reasoning
+                    )
                 full_length = len(ids)
                 ids, mask, truncated = packing.fit_ids(ids, mask, spec.seq_len, spec.overlong)
             except formats.BadRecord as e:
@@ -92,6 +100,7 @@ def _tokenize_batch(batch: dict, indices: list[int], *, spec: TokenizeSpec, path
         out["dropped"].append(bad is None and not ids)
         out["full_length"].append(full_length)
         out["weight"].append(weight)
+        out["parts"].append(parts)
         out["reward"].append(
             place_rewards(mask, rewards, spec.train_on) if rewards is not None and ids else []
         )

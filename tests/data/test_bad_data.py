@@ -187,3 +187,26 @@ def test_example_weights_come_from_the_weight_field_and_bad_ones_name_the_line(t
     assert len(src) == 28 and src.stats["bad_by_reason"] == {"bad_weight": 2}
     kept = [r["weight"] for i, r in enumerate(records) if i not in (7, 9)]
     assert [ex.weight for ex in src.examples()] == [float(w) for w in kept]
+
+
+def test_a_sources_tools_file_reaches_its_records_and_a_bad_one_names_the_key(tmp_path):
+    chat = {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}
+    train = write_jsonl(tmp_path / "chat.jsonl", [chat] * 20)
+    tools = tmp_path / "tools.json"
+    config = _config(tmp_path, train, template="chatml", seq_len=512)
+    config.data.sources.demo.tools = str(tools)
+    key = f"config.data.sources.demo.tools={str(tools)!r}"
+    assert _build_error(config, tmp_path / "wd") == f"{key}: cannot read it (No such file or directory)"
+    tools.write_text('{"name": "f"}')
+    assert _build_error(config, tmp_path / "wd").startswith(
+        f"{key}: the file must be a list of tool schemas, got a JSON object; write a JSON list of tool "
+        'schemas there, e.g. [{"type": "function", "function": {"name": "get_weather"'
+    )
+    tools.write_text('[{"name": "f"')
+    assert _build_error(config, tmp_path / "wd").startswith(f"{key}: not JSON (Expecting ")
+    tools.write_text(json.dumps([{"type": "function", "function": {"name": "lookup_word"}}]))
+    data = build_data(config.data, 0, str(tmp_path / "wd"))
+    text = data.tokenizer.decode(data.train_sources[0].example(0).ids)
+    assert '<tools>\n{"type": "function", "function": {"name": "lookup_word"}}\n</tools>' in text.replace(
+        "\n ", "\n"
+    )

@@ -80,3 +80,66 @@ def test_the_header_names_the_tokenizers_real_source(tiny_set, tmp_path):
         f"pieces, the checkpoint's tokenizer.json {checkpoint / 'tokenizer.json'} (config.model.hf_path), "
         "tokenized as transformers' Qwen2Tokenizer\n"
     ) in report
+
+
+def _tool_chat(city, thinking=True):
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+    return {
+        "messages": [
+            {"role": "user", "content": f"weather in {city}?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "name": "get_weather", "content": "sunny"},
+            {
+                "role": "assistant",
+                "content": f"sunny in {city}",
+                **({"reasoning_content": "it said so"} if thinking else {}),
+            },
+        ]
+    }
+
+
+def test_tool_calls_and_thinking_are_counted_rendered_and_malformed_ones_listed(tmp_path):
+    # The source's tools go to every record without its own `tools`; these plain chats have none.
+    plain = [
+        {
+            "tools": [],
+            "messages": [{"role": "user", "content": w}, {"role": "assistant", "content": w.upper()}],
+        }
+        for w in WORDS
+    ]
+    bad_call = _tool_chat("rome")
+    bad_call["messages"][1]["tool_calls"][0]["function"]["arguments"] = "{city: rome}"
+    nameless = _tool_chat("oslo")
+    del nameless["messages"][1]["tool_calls"][0]["function"]["name"]
+    wizard = _tool_chat("nice")
+    wizard["messages"][2]["role"] = "wizard"
+    records = plain + [_tool_chat("paris"), _tool_chat("lima", thinking=False), bad_call, nameless, wizard]
+    train = _write(tmp_path / "chat.jsonl", records)
+    tools = tmp_path / "tools.json"
+    schema = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    tools.write_text(json.dumps([schema]))
+    config = demo.get_config("smoke")
+    config.data.sources.demo = demo.source(train, tools=str(tools))
+    config.data.update(on_bad_record="skip", seq_len=1024, vocab_size=300, template="chatml")
+    report = run_inspect(config, str(tmp_path / "wd"))
+
+    section = _section(report, "train 'demo'")
+    counts = "2 with tools, 2 with tool calls, 2 with tool results, 1 with reasoning (of 14 examples)"
+    assert f"\ntool calling and reasoning: {counts}\n" in section
+    bad = (
+        rf"bad_tool_call: 2\n +{re.escape(train)}:15: message 1 tool call 0 \(get_weather\): arguments are "
+        rf"not JSON \(Expecting property name .*\)\n +{re.escape(train)}:16: message 1 tool call 0 has no "
+        rf"function name .*\n  bad_role: 1\n +{re.escape(train)}:17: message 2 has role 'wizard'"
+    )
+    assert re.search(bad, section)
+    # The first three examples, then the first with tools (line 13, which also shows tool calls,
+    # results and thinking): rendered by the chatml template, the replies trained.
+    shown = re.findall(rf"  ({re.escape(train)}:\d+) \(", section)
+    assert shown == [f"{train}:1", f"{train}:2", f"{train}:3", f"{train}:13"]
+    rendered = "\n".join(line[4:] for line in section.split(f"{train}:13 (")[1].split("\n")[1:])
+    assert rendered.startswith("<|im_start|>system\n # Tools") and json.dumps(schema) in rendered
+    call = '{"name": "get_weather", "arguments": {"city": "paris"}}'
+    assert (
+        f"assistant\n[[<tool_call>\n{call}\n</tool_call><|im_end|>]]\n <|im_start|>tool\n sunny" in rendered
+    )
+    assert "assistant\n[[<think>\nit said so\n</think>\n\nsunny in paris<|im_end|>]]" in rendered

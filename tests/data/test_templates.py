@@ -3,7 +3,7 @@ import json
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from jsft.data.formats import BadRecord, Conversation, Message
+from jsft.data.formats import BadRecord, Conversation, Message, to_conversation
 from jsft.data.sources import DataError
 from jsft.data.templates import JinjaTemplate, build_template, prompt_ids, render, stop_ids
 from jsft.data.tokenizer import HFTokenizer, load_tokenizer, train_sentencepiece
@@ -193,3 +193,73 @@ def test_text_records_train_every_token(sp_chat_tokenizer):
     )
     assert ids[0] == tok.bos_id and not mask[0] and all(mask[1:])
     assert tok.decode(ids[1:-1]) == "hello world" and ids[-1] == tok.eos_id
+
+
+TOOL_CHAT = {
+    "tools": [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}],
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 2?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "reasoning_content": "Use the tool.",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}
+            ],
+        },
+        {"role": "tool", "content": "4"},
+        {"role": "assistant", "content": "4", "reasoning_content": "The tool said 4."},
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "name,trained,tool_turn,system",
+    [
+        (
+            "chatml",
+            [
+                "<think>\nUse the tool.\n</think>\n\n<tool_call>\n"
+                '{"name": "add", "arguments": {"a": 2, "b": 2}}\n</tool_call><|im_end|>',
+                "<think>\nThe tool said 4.\n</think>\n\n4<|im_end|>",
+            ],
+            "<|im_start|>tool\n4<|im_end|>",
+            "<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call the functions",
+        ),
+        (
+            "llama3",
+            [
+                "<think>\nUse the tool.\n</think>\n\n"
+                '{"name": "add", "parameters": {"a": 2, "b": 2}}<|eot_id|>',
+                "<think>\nThe tool said 4.\n</think>\n\n4<|eot_id|>",
+            ],
+            "<|start_header_id|>ipython<|end_header_id|>\n\n4<|eot_id|>",
+            "<|start_header_id|>system<|end_header_id|>\n\nBe brief.\n\nYou have access to the following",
+        ),
+    ],
+)
+def test_builtin_templates_write_tools_calls_and_thinking_and_train_the_replies(
+    hf_dir, name, trained, tool_turn, system
+):
+    tok, template = load_tokenizer(str(hf_dir)), build_template(name)
+    conv = to_conversation(TOOL_CHAT, "chat", {})
+    ids, mask = render(template, tok, conv)
+    assert [tok.decode(r) for r in trained_runs(ids, mask)] == trained
+    text = tok.decode(ids)
+    assert tool_turn in text and system in text and json.dumps(TOOL_CHAT["tools"][0]) in text
+    # train_reasoning=False: the thinking is gone from the text, not only from the loss.
+    ids, mask = render(template, tok, conv, train_reasoning=False)
+    assert "<think>" not in tok.decode(ids) and [tok.decode(r) for r in trained_runs(ids, mask)] == [
+        t.split("</think>\n\n")[1] for t in trained
+    ]
+
+
+def test_plain_refuses_tools_naming_the_setting_and_writes_thinking(sp_chat_tokenizer):
+    with pytest.raises(
+        BadRecord, match=r"config.data.template='plain' cannot write; set config.data.template"
+    ):
+        render(build_template("plain"), sp_chat_tokenizer, to_conversation(TOOL_CHAT, "chat", {}))
+    conv = Conversation((Message("user", "2 + 2?"), Message("assistant", "4", reasoning="two and two")))
+    ids, mask = render(build_template("plain"), sp_chat_tokenizer, conv)
+    assert sp_chat_tokenizer.decode(trained_runs(ids, mask)[0][:-1]) == "<think>\ntwo and two\n</think>\n\n4"
