@@ -97,6 +97,10 @@ def template_message(m: Message) -> dict[str, Any]:
     return out
 
 
+def _digest(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
 def _needles(m: Message) -> list[str]:
     """Texts of an assistant message that a template writes into its reply (when it writes them)."""
     reasoning, reply = split_think(m.content)
@@ -124,7 +128,8 @@ class JinjaTemplate:
     """A Hugging Face `chat_template` (Jinja2, sandboxed, as `transformers` renders it).
 
     `end_tokens` are the tokens a reply can end with (the tokenizer's special tokens); EOS and
-    `end_of_turn` always count.
+    `end_of_turn` always count. `tool_use_source`: the tokenizer's named `tool_use` template, which
+    transformers renders instead of `source` for a conversation with tools.
     """
 
     special_tokens: tuple[str, ...] = ()
@@ -136,25 +141,29 @@ class JinjaTemplate:
         eos_token: str = "",
         end_of_turn: str | None = None,
         end_tokens: tuple[str, ...] = (),
+        tool_use_source: str | None = None,
     ):
         env, self._tracker = _environment()
-        self.source = source
+        self.source, self.tool_use_source = source, tool_use_source
         self._template = env.from_string(source)
+        self._tool_use = env.from_string(tool_use_source) if tool_use_source else self._template
         self.has_markers = bool(GENERATION_TAG.search(source))
+        self._tool_use_markers = bool(GENERATION_TAG.search(tool_use_source or source))
         self.bos_token, self.eos_token, self.end_of_turn = bos_token, eos_token, end_of_turn
         self.end_tokens = tuple(end_tokens)
 
     def __getstate__(self):  # compiled Jinja templates do not pickle; worker processes recompile
-        return (self.source, self.bos_token, self.eos_token, self.end_of_turn, self.end_tokens)
+        state = (self.source, self.bos_token, self.eos_token, self.end_of_turn, self.end_tokens)
+        return (*state, self.tool_use_source)
 
     def __setstate__(self, state):
         self.__init__(*state)
 
     def __repr__(self):  # part of the tokenized-data cache key: names the template by its content
-        digest = hashlib.sha256(self.source.encode()).hexdigest()[:16]
+        tool_use = f", tool_use_sha256={_digest(self.tool_use_source)}" if self.tool_use_source else ""
         return (
-            f"JinjaTemplate(sha256={digest}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
-            f"end_of_turn={self.end_of_turn!r}, end_tokens={self.end_tokens!r})"
+            f"JinjaTemplate(sha256={_digest(self.source)}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
+            f"end_of_turn={self.end_of_turn!r}, end_tokens={self.end_tokens!r}{tool_use})"
         )
 
     # ------------------------------------------------------------------ rendering
@@ -182,9 +191,10 @@ class JinjaTemplate:
         import jinja2  # noqa: PLC0415
 
         variables = self._variables(messages, add_generation_prompt, tools)
+        template = self._tool_use if tools else self._template
         self._tracker.blocks, self._tracker.spans = [], []
         try:
-            for block in self._template.generate(**variables):
+            for block in template.generate(**variables):
                 self._tracker.blocks.append(block)
             return "".join(self._tracker.blocks), list(self._tracker.spans)
         except BadRecord:
@@ -199,7 +209,7 @@ class JinjaTemplate:
     def segments(self, conv: Conversation, tok: Tokenizer, generation_prompt: bool = False) -> list[Segment]:
         msgs = list(conv.messages)
         full, spans = self.render_spans(msgs, generation_prompt, conv.tools)
-        if self.has_markers:
+        if self._tool_use_markers if conv.tools else self.has_markers:
             return _split(full, spans)
         spans, cursor = [], 0
         for i, m in enumerate(msgs):

@@ -225,6 +225,7 @@ def build_template(name: str, separator: str = "\n", tokenizer: Any = None) -> T
             tokenizer.eos_token or "",
             tokenizer.end_of_turn,
             getattr(tokenizer, "special_tokens", ()),
+            getattr(tokenizer, "tool_use_template", None),
         )
         template.end_of_turn = tokenizer.end_of_turn or detect_end_of_turn(template)
         return template

@@ -46,6 +46,7 @@ class SentencePieceTokenizer:
     """A SentencePiece `.model` file; special ids are read from the model itself."""
 
     chat_template = None
+    tool_use_template = None
     end_of_turn = None
 
     def __init__(self, path: str, source: str = ""):
@@ -132,6 +133,32 @@ def read_chat_template(directory: str) -> str | None:
     return None
 
 
+def read_tool_use_template(directory: str) -> str | None:
+    """The named `tool_use` template that transformers renders instead of the default one when tools
+    are passed: additional_chat_templates/tool_use.jinja, or, in a directory without .jinja templates
+    (they replace tokenizer_config.json's), tokenizer_config.json's template named "tool_use"."""
+    jinja = os.path.join(directory, "additional_chat_templates", "tool_use.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read()
+    extra = os.path.join(directory, "additional_chat_templates")
+    has_jinja = os.path.isfile(os.path.join(directory, "chat_template.jinja")) or (
+        os.path.isdir(extra) and any(n.endswith(".jinja") for n in os.listdir(extra))
+    )
+    config = os.path.join(directory, "tokenizer_config.json")
+    if has_jinja or not os.path.isfile(config):
+        return None
+    with open(config, encoding="utf-8") as f:
+        try:
+            value = json.load(f).get("chat_template")
+        except (json.JSONDecodeError, AttributeError):
+            return None  # read_chat_template names the broken file
+    if isinstance(value, list):
+        value = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+    template = value.get("tool_use") if isinstance(value, dict) else None
+    return template if isinstance(template, str) and template else None
+
+
 def _json_file(path: str, what: str) -> dict:
     """A JSON object file of a tokenizer directory ({} when absent); `what` names it in errors."""
     if not os.path.exists(path):
@@ -169,6 +196,7 @@ class HFTokenizer:
         kind = "the checkpoint's tokenizer.json" if key == "config.model.hf_path" else "tokenizer.json"
         self.source = f"{kind} {file} ({key}), tokenized as transformers' {self.transformers_class}"
         self.chat_template = read_chat_template(directory)
+        self.tool_use_template = read_tool_use_template(directory)
         # Added tokens marked special (<|im_end|>, <|eot_id|>, ...): where a templated reply can end.
         self.special_tokens = tuple(
             t.content for _, t in sorted(self._tok.get_added_tokens_decoder().items()) if t.special
@@ -280,6 +308,7 @@ def load_tokenizer(path: str, key: str = "config.data.tokenizer") -> Tokenizer:
             model = os.path.join(path, "tokenizer.model")
             tok = SentencePieceTokenizer(model, f"SentencePiece model {model} ({key})")
             tok.chat_template = read_chat_template(path)
+            tok.tool_use_template = read_tool_use_template(path)
             return tok
         raise DataError(
             f"{key}={path!r}: the directory has neither tokenizer.json (Hugging Face) nor "

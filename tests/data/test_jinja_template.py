@@ -325,8 +325,7 @@ def test_without_generation_markers_replies_are_located_as_the_markers_place_the
         for train_reasoning in (True, False):
             ours = render(unmarked, tok, conv, train_reasoning=train_reasoning)
             assert ours == render(marked, tok, conv, train_reasoning=train_reasoning)
-            for train_on in ("last_assistant",):
-                assert render(unmarked, tok, conv, train_on) == render(marked, tok, conv, train_on)
+        assert render(unmarked, tok, conv, "last_assistant") == render(marked, tok, conv, "last_assistant")
 
 
 def test_the_generation_prompt_ends_where_the_reply_starts(tokenizer_dirs):
@@ -353,3 +352,30 @@ def test_a_template_that_refuses_a_record_makes_it_a_bad_record(tokenizer_dirs):
     broken = JinjaTemplate("{{ messages[0].content.nope() }}")
     with pytest.raises(BadRecord, match="the chat template failed on this record"):
         render(broken, tok, Conversation(to_conversation(record, "chat", {}).messages))
+
+
+@pytest.mark.parametrize("layout", ["tokenizer_config", "jinja_files"])
+def test_a_named_tool_use_template_renders_the_records_with_tools(tokenizer_dirs, tmp_path, layout):
+    # As transformers: a tokenizer with named templates renders "tool_use" when tools are passed.
+    default = "{{- 'Default. ' }}" + QWEN3_STYLE
+    (tmp_path / "tokenizer.json").write_text((tokenizer_dirs["qwen3"] / "tokenizer.json").read_text())
+    config = json.loads((tokenizer_dirs["qwen3"] / "tokenizer_config.json").read_text())
+    if layout == "tokenizer_config":
+        config["chat_template"] = [
+            {"name": "default", "template": default},
+            {"name": "tool_use", "template": QWEN3_STYLE},
+        ]
+    else:
+        del config["chat_template"]
+        (tmp_path / "chat_template.jinja").write_text(default)
+        (tmp_path / "additional_chat_templates").mkdir()
+        (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text(QWEN3_STYLE)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    record = RECORDS["two_calls_in_one_turn_string_arguments"]
+    (ids, mask), tok, template = _ours(tmp_path, record)
+    assert (ids, mask) == _theirs(tmp_path, record) and "Default." not in tok.decode(ids)
+    without_tools = {"messages": record["messages"], "tools": []}
+    (ids, mask), tok, _ = _ours(tmp_path, without_tools)
+    assert (ids, mask) == _theirs(tmp_path, {"messages": record["messages"]})
+    assert tok.decode(ids).startswith("Default. ")
+    assert template.tool_use_source == QWEN3_STYLE and "tool_use_sha256=" in repr(template)
