@@ -49,6 +49,10 @@ and a detail for the listing that names its file and line:
 
 Any format may carry `weight` (a number >= 0, default 1): the example's weight in the loss
 (jsft/train/losses.py: the loss is the weighted mean over trained tokens).
+
+At ~500 lines this is one piece, the one record schema: every format's parsing shares BadRecord, the
+field renames and the chat checks. The seam, when it grows, is the pre-tokenized formats and the
+per-record fields (weight, Q-SFT's reward), which only read records.
 """
 
 from __future__ import annotations
