@@ -222,8 +222,9 @@ def _header(config: ml_collections.ConfigDict, data: Data) -> str:
     return "\n".join(
         [
             "jsft data report",
-            f"seq_len {d.seq_len} | template {d.template!r} | train_on {d.train_on!r} | overlong "
-            f"{d.overlong!r} | packing {d.packing!r} | on_bad_record {d.on_bad_record!r}",
+            f"seq_len {d.seq_len} | template {d.template!r} | train_on {d.train_on!r} | train_reasoning "
+            f"{d.get('train_reasoning', True)} | overlong {d.overlong!r} | packing {d.packing!r} | "
+            f"on_bad_record {d.on_bad_record!r}",
             f"tokenizer: {data.tokenizer.vocab_size:,} pieces, {data.tokenizer.source}",
             f"mixture ({d.mixture!r}): {mixture}",
         ]
