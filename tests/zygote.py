@@ -242,8 +242,15 @@ def _child(args, cwd, env, out, err, inp, added) -> None:
 def _serve(fd: int) -> None:
     import importlib  # noqa: PLC0415
 
+    from jsft.errors import import_without  # noqa: PLC0415
+
     start = dict(os.environ)
     for name in _PRELOAD:
+        importlib.import_module(name)
+    # What a run imports later, the way jsft imports it (torch and scipy.stats hidden; ~1 s a run).
+    import_without("tensorboardX", ("torch",))
+    import_without("rouge_score.rouge_scorer", ("scipy.stats",))
+    for name in ("sacrebleu", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         importlib.import_module(name)
     conn = Connection(fd)
     added = {k: v for k, v in os.environ.items() if k not in start}
