@@ -2,13 +2,15 @@
 
 Supported families: Llama (2, 3, 3.1/3.2 with `llama3` RoPE scaling and tied embeddings), Mistral
 (sliding window), Qwen2/2.5 (q/k/v biases), Qwen3 (q/k norms), Gemma 2 (norm offset, embedding scale,
-attention and final logit soft-capping, sandwich norms, GeLU, alternating sliding-window layers).
+attention and final logit soft-capping, sandwich norms, GeLU, alternating sliding-window layers); RoPE
+scalings linear, llama3, yarn and dynamic (jsft/models/rope.py).
 Anything in a config that would change the math and that jsft does not implement is refused by name.
 """
 
 from __future__ import annotations
 
 from jsft.models.llama import LlamaConfig
+from jsft.models.rope import rope_scaling_problems
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 
@@ -22,19 +24,35 @@ class UnsupportedCheckpoint(ValueError):
 
 def _rope(hf: dict) -> tuple[float, tuple]:
     """(theta, scaling pairs) from either transformers 4 (`rope_theta`, `rope_scaling`) or 5
-    (`rope_parameters`) config layouts."""
+    (`rope_parameters`) config layouts, with transformers' fallbacks filled in (so an export writes
+    them out); a type or field jsft does not compute is refused by name."""
     params = dict(hf.get("rope_parameters") or {})
     theta = float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0)
-    scaling = dict(hf.get("rope_scaling") or {}) or {k: v for k, v in params.items() if k != "rope_theta"}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
+    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    scaling = dict(hf.get("rope_scaling") or {}) or params
+    scaling.pop("rope_theta", None)
+    legacy = scaling.pop("type", None)  # transformers 4's older name for rope_type
+    kind = scaling.pop("rope_type", None) or legacy or "default"
+    if kind == "default":  # transformers' default RoPE reads nothing else
         return theta, ()
-    if kind == "linear":
-        return theta, (("rope_type", "linear"), ("factor", float(scaling["factor"])))
-    if kind == "llama3":
-        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        return theta, (("rope_type", "llama3"), *((k, float(scaling[k])) for k in keys))
-    raise UnsupportedCheckpoint(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+    rotary = scaling.pop("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if rotary not in (None, 1, 1.0):
+        raise UnsupportedCheckpoint(f"partial_rotary_factor={rotary} (jsft rotates whole heads)")
+    if kind == "dynamic":  # transformers reads the top-level max_position_embeddings, never one here
+        if "max_position_embeddings" in scaling:
+            raise UnsupportedCheckpoint(f"{field}: 'max_position_embeddings' is not a field of dynamic")
+        scaling["max_position_embeddings"] = hf.get("max_position_embeddings")
+    if kind in ("llama3", "yarn") and scaling.get("original_max_position_embeddings") is None:
+        scaling["original_max_position_embeddings"] = hf.get("max_position_embeddings")  # as transformers
+    if kind == "yarn" and scaling.get("factor") is None and hf.get("max_position_embeddings"):
+        scaling["factor"] = hf["max_position_embeddings"] / scaling["original_max_position_embeddings"]
+    if kind in ("linear", "llama3"):  # as jsft always wrote them back
+        scaling = {k: float(v) if isinstance(v, int | float) else v for k, v in scaling.items()}
+    pairs = (("rope_type", kind), *scaling.items())
+    problems = rope_scaling_problems(pairs)
+    if problems:
+        raise UnsupportedCheckpoint(f"{field}: {'; '.join(problems)}")
+    return theta, pairs
 
 
 def config_from_hf(hf: dict, **numerics: str) -> LlamaConfig:
@@ -119,7 +137,8 @@ def config_to_hf(
     """The config.json `transformers` needs to rebuild `cfg` as `family`.
 
     `eos_id` may list several ids (Llama 3: end of text and end of turn); `max_position_embeddings`
-    should be the source checkpoint's, or the sequence length a model was trained at from scratch.
+    should be the source checkpoint's, or the sequence length a model was trained at from scratch
+    (with `dynamic` RoPE scaling, the scaling's own is written: the math depends on it).
     """
     if family not in FAMILIES:
         raise UnsupportedCheckpoint(f"cannot export as {family!r}; jsft exports {FAMILIES}")
@@ -140,6 +159,8 @@ def config_to_hf(
         "gemma2": "Gemma2ForCausalLM",
     }[family]
     rope = {"rope_type": "default", **dict(cfg.rope_scaling)}
+    if rope["rope_type"] == "dynamic":  # its math reads the top-level field, so that one is its own
+        max_position_embeddings = rope.pop("max_position_embeddings")
     out = {
         "architectures": [arch],
         "model_type": family,

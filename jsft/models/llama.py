@@ -1,4 +1,4 @@
-"""A Llama-family decoder in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+"""A Llama-family decoder in Flax NNX: RMSNorm, RoPE (rope.py), grouped-query attention, SwiGLU.
 
 One implementation serves every family jsft supports; differences between families are fields of
 `LlamaConfig`, never forks of this file (which is why it is one file of about 400 lines). Layers are
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jsft.models import attention, lora, quant
+from jsft.models.rope import apply_rope, rope_scaling_problems, rope_tables
 from jsft.parallel.sharding import constrain
 
 # Logical axis names used on parameters; config.mesh.rules (jsft/parallel/sharding.py) map them to mesh axes.
@@ -53,7 +54,8 @@ class LlamaConfig:
     qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on queries and keys, before RoPE
     sliding_window: int = 0  # Mistral: a query sees at most this many keys back (0: unlimited)
-    # RoPE frequency scaling as (key, value) pairs, e.g. (("rope_type", "llama3"), ("factor", 8.0), ...)
+    # RoPE frequency scaling as (key, value) pairs named as in HF's `rope_scaling`, e.g.
+    # (("rope_type", "yarn"), ("factor", 4.0), ...): default, linear, llama3, yarn, dynamic (rope.py)
     rope_scaling: tuple = ()
     # Gemma 2: RMSNorm scales by (norm_offset + w); embeddings scaled by sqrt(d_model); tanh soft-caps
     # on attention and final logits; queries scaled by query_scale**-0.5 instead of head_dim**-0.5;
@@ -118,9 +120,9 @@ class LlamaConfig:
             raise ValueError(f"quant={self.quant!r} is not one of {('none', *quant.FORMATS)}")
         if self.lora_targets and self.lora_rank < 1:
             raise ValueError(f"lora_rank={self.lora_rank} must be >= 1 with LoRA targets")
-        rope_type = dict(self.rope_scaling).get("rope_type", "default")
-        if rope_type not in ("default", "linear", "llama3"):
-            raise ValueError(f"rope_scaling type {rope_type!r} is not supported (default, linear, llama3)")
+        problems = rope_scaling_problems(self.rope_scaling)
+        if problems:
+            raise ValueError(f"rope_scaling: {'; '.join(problems)}")
 
     @classmethod
     def tiny(cls, vocab_size: int = 256, **overrides: Any) -> LlamaConfig:
@@ -204,42 +206,6 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (x32 * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
-
-
-def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()) -> jnp.ndarray:
-    """Inverse frequencies [H/2], with Hugging Face's `linear` or `llama3` scaling when given."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    s = dict(scaling)
-    kind = s.get("rope_type", "default")
-    if kind == "linear":
-        return inv_freq / s["factor"]
-    if kind == "llama3":
-        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
-        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-        old = s["original_max_position_embeddings"]
-        wavelen = 2 * jnp.pi / inv_freq
-        scaled = jnp.where(wavelen > old / low, inv_freq / factor, inv_freq)
-        smooth = (old / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old / high) & (wavelen <= old / low)
-        return jnp.where(medium, smoothed, scaled)
-    return inv_freq
-
-
-def rope_tables(
-    positions_bt: jax.Array, head_dim: int, theta: float, scaling: tuple = ()
-) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables [B, T, H/2] for the 'rotate half' layout used by Llama and HF checkpoints."""
-    inv_freq = rope_frequencies(head_dim, theta, scaling)
-    angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax.Array:
-    x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
-    cos, sin = cos_bth[:, :, None, :], sin_bth[:, :, None, :]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_btnh.dtype)
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
@@ -453,8 +419,9 @@ class Llama(nnx.Module):
             x_btd = self._neftune(x_btd, segment_ids_bt, jax.random.fold_in(rng, cfg.n_layers))
         if rng is not None and cfg.dropout_embed > 0:
             x_btd = dropout(x_btd, cfg.dropout_embed, jax.random.fold_in(rng, cfg.n_layers + 1))
-        cos, sin = rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         start_bt = attention.Mask.from_segments(segment_ids_bt).start_bt
+        # Each example's own length drives `dynamic` RoPE scaling (rope.py), packed or not.
+        cos, sin = rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, start_bt)
         windowed = bool(cfg.layer_windows or cfg.sliding_window)
         windows = jnp.asarray(cfg.layer_windows or (cfg.sliding_window,) * cfg.n_layers, jnp.int32)
 
@@ -533,7 +500,10 @@ class Llama(nnx.Module):
         key_slots_s = jnp.arange(valid_bs.shape[1])
         distance_bts = slots_bt[:, :, None] - key_slots_s[None, None, :]
         mask_bts = valid_bs[:, None, :] & (distance_bts >= 0)
-        cos, sin = rope_tables(slots_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        # `dynamic` RoPE scaling: a row's real tokens take the length max slot + 1 (a prefill: the
+        # prompt's length, padding aside; a decode step: its position + 1), as transformers for one row.
+        start_bt = attention.Mask.from_segments(is_token_bt.astype(jnp.int32)).start_bt
+        cos, sin = rope_tables(slots_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, start_bt)
         windows = jnp.asarray(cfg.layer_windows or (cfg.sliding_window,) * cfg.n_layers, jnp.int32)
         layers_def, layers_state = nnx.split(self.layers)
 

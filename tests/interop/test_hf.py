@@ -143,9 +143,9 @@ def test_unsupported_architectures_and_pickle_checkpoints_are_refused(tmp_path):
     cfg = dict(model_type="llama", hidden_act="gelu", mlp_bias=True, **COMMON)
     with pytest.raises(hf.UnsupportedCheckpoint, match=r"hidden_act='gelu'.*mlp_bias=true"):
         hf.config_from_hf(cfg)
-    with pytest.raises(hf.UnsupportedCheckpoint, match="rope scaling type 'yarn'"):
+    with pytest.raises(hf.UnsupportedCheckpoint, match="rope_type='longrope' is not supported"):
         hf.config_from_hf(
-            dict(model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 4.0}, **COMMON)
+            dict(model_type="llama", rope_scaling={"rope_type": "longrope", "factor": 4.0}, **COMMON)
         )
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(hf.UnsupportedCheckpoint, match=r"only pickle weights .*safetensors only"):
