@@ -150,10 +150,12 @@ def run(
     cmd = [str(c) for c in cmd]
     env = dict(os.environ if env is None else env)
     forkable = cmd[0] == sys.executable and len(cmd) > 1 and capture_output and not kw
-    if forkable and os.environ.get("JSFT_TEST_NO_ZYGOTE") != "1" and not cmd[1].startswith("-X"):
+    # `-m MODULE`, `-c CODE` or a script; interpreter options (-X importtime, ...) need a real one.
+    forkable = forkable and (cmd[1] in ("-m", "-c") or not cmd[1].startswith("-"))
+    if forkable and os.environ.get("JSFT_TEST_NO_ZYGOTE") != "1":
         if _zygote is None:
             _zygote = _Zygote()
-        if _zygote.can_run(env) and (cmd[1] in ("-m", "-c") or not cmd[1].startswith("-")):
+        if _zygote.can_run(env):
             data = input.encode() if isinstance(input, str) else input
             cwd = os.path.abspath(cwd or os.getcwd())
             code, out, err, timed_out = _zygote.run(cmd[1:], cwd, env, data, timeout)

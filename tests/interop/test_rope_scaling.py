@@ -18,19 +18,11 @@ from jsft.interop import hf  # noqa: E402
 from jsft.models.llama import LlamaConfig  # noqa: E402
 from jsft.models.registry import ModelDef  # noqa: E402
 from jsft.models.rope import rope_frequencies  # noqa: E402
+from tests.interop.test_hf import COMMON as HF_COMMON  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "float32")
 
-COMMON = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=112,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-6,
-)
+COMMON = dict(HF_COMMON, num_hidden_layers=2)
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 DYNAMIC = {"rope_type": "dynamic", "factor": 3.0}
