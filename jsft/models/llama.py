@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jsft.models import attention, lora, quant
 from jsft.models.rope import apply_rope, rope_scaling_problems, rope_tables
@@ -29,11 +30,33 @@ LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "heads", "kv_heads", "head_dim",
 ACTIVATION_AXES = ("batch", "seq", "embed")  # the residual stream between blocks
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
+# What a layer keeps for the backward (`model.remat`). The projections and the attention kernel's output
+# are named (`checkpoint_name`: q_proj ... down_proj, attention_out), so a policy can keep exactly them.
+_POLICIES = jax.checkpoint_policies
+ATTENTION_SAVES = ("q_proj", "k_proj", "v_proj", "attention_out", "o_proj")
+MLP_SAVES = ("gate_proj", "up_proj", "down_proj")
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: keep every activation (fastest, most memory)
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _POLICIES.nothing_saveable,  # keep only each layer's input; recompute the layer
+    # Keep every projection's output and the attention output: the backward recomputes only norms,
+    # RoPE and elementwise ops (the attention itself is never recomputed).
+    "save_dots": _POLICIES.save_only_these_names(*ATTENTION_SAVES, *MLP_SAVES),
+    # As save_dots, but the MLP (the widest activations, [B, T, mlp_dim] x 3) is recomputed.
+    "save_dots_except_mlp": _POLICIES.save_only_these_names(*ATTENTION_SAVES),
+    # Keep only what is costly to recompute at long context: the attention output.
+    "save_attention_out": _POLICIES.save_only_these_names("attention_out"),
+    # save_dots' residuals, moved to host memory after the forward and back for the backward
+    # (needs a `pinned_host` memory space: GPUs and TPUs have one, and so does XLA's CPU client).
+    "offload": _POLICIES.save_and_offload_only_these_names(
+        names_which_can_be_saved=(),
+        names_which_can_be_offloaded=(*ATTENTION_SAVES, *MLP_SAVES),
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
+    # JAX's own dot policies, by their earlier jsft names: every matmul output (attention's QK^T and
+    # PV included, [B, N, T, S]), or those without batch dimensions (the projections).
+    "dots": _POLICIES.dots_saveable,
+    "dots_no_batch": _POLICIES.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -234,7 +257,7 @@ def _projector(module: nnx.Module, rng: jax.Array | None):
 
     def proj(name, spec, x):
         key = None if rng is None else jax.random.fold_in(rng, next(counter))
-        return lora.project(module, name, spec, x, module.cfg, key)
+        return checkpoint_name(lora.project(module, name, spec, x, module.cfg, key), name)
 
     return proj
 
@@ -299,6 +322,7 @@ class Attention(nnx.Module):
                 cfg.attention_chunk,
                 cfg.sliding_window,
             )
+            out_btnh = checkpoint_name(out_btnh, "attention_out")
             return proj("o_proj", "BTNH,NHD->BTD", out_btnh), None
         k_lbskh, v_lbskh, layer, slots_bt = kv_cache
         rows_b1 = jnp.arange(x_btd.shape[0])[:, None]
