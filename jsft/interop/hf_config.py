@@ -65,40 +65,10 @@ def config_from_hf(hf: dict, **numerics: str) -> LlamaConfig:
     family = hf.get("model_type")
     if family not in FAMILIES:
         raise UnsupportedCheckpoint(f"model_type {family!r} is not supported; jsft imports {FAMILIES}")
-    if family == "gemma3":  # image-text: the language model alone (hf_keys.language_model_names)
+    if family == "gemma3":  # image-text: the language model alone (hf_keys.checkpoint_layout)
         hf = gemma3_text_config(hf)
         family = "gemma3_text"
-    refuse = []
-    act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
-    if family in GEMMAS:
-        if act not in GEMMA_ACTIVATIONS:
-            refuse.append(f"hidden_activation={act!r} (only gelu_pytorch_tanh)")
-        if hf.get("use_bidirectional_attention"):
-            refuse.append("use_bidirectional_attention=true")
-        refuse += [
-            f"layer_types entry {t!r}"
-            for t in sorted(set(hf.get("layer_types") or ()))
-            if t not in LAYER_TYPES
-        ]
-    if family == "gemma3_text":
-        if hf.get("attn_logit_softcapping") is not None:  # stored, but never applied by transformers 5.24
-            refuse.append(
-                f"attn_logit_softcapping={hf['attn_logit_softcapping']} (Gemma 3 attention has none)"
-            )
-        if hf.get("sliding_window") is None and "sliding_attention" in _gemma_layer_types(hf):
-            refuse.append("sliding_window=null with sliding_attention layers")
-    elif act != "silu":
-        refuse.append(f"hidden_act={act!r} (only silu)")
-    if hf.get("mlp_bias"):
-        refuse.append("mlp_bias=true")
-    if hf.get("attention_bias") and family not in ("qwen2",):
-        refuse.append("attention_bias=true")
-    if family == "qwen2" and hf.get("use_sliding_window"):
-        refuse.append("use_sliding_window=true")
-    if family == "qwen3" and hf.get("use_sliding_window"):
-        refuse.append("use_sliding_window=true")
-    if "quantization_config" in hf:
-        refuse.append("quantization_config (quantized weights)")
+    refuse = _refusals(family, hf)
     if refuse:
         raise UnsupportedCheckpoint(f"{family} config fields jsft does not implement: {', '.join(refuse)}")
     theta, scaling = _rope(hf) if family != "gemma3_text" else _gemma3_rope(hf)["full_attention"]
@@ -123,6 +93,41 @@ def config_from_hf(hf: dict, **numerics: str) -> LlamaConfig:
         **numerics,
     )
     return cfg
+
+
+def _refusals(family: str, hf: dict) -> list[str]:
+    """The fields of `hf` (a `family` config.json) that would change the math in a way jsft does not."""
+    refuse = []
+    default_act = "gelu_pytorch_tanh" if family in GEMMAS else "silu"  # transformers' defaults
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or default_act
+    if family in GEMMAS:
+        if act not in GEMMA_ACTIVATIONS:
+            refuse.append(f"hidden_activation={act!r} (only gelu_pytorch_tanh)")
+        if hf.get("use_bidirectional_attention"):
+            refuse.append("use_bidirectional_attention=true")
+        types = sorted(set(hf.get("layer_types") or ()) - set(LAYER_TYPES))
+        refuse += [f"layer_types entry {t!r}" for t in types]
+    elif act != "silu":
+        refuse.append(f"hidden_act={act!r} (only silu)")
+    if family == "gemma3_text":
+        if hf.get("attn_logit_softcapping") is not None:  # stored, but never applied by transformers 5.24
+            refuse.append(
+                f"attn_logit_softcapping={hf['attn_logit_softcapping']} (Gemma 3 attention has none)"
+            )
+        legacy = hf.get("rope_scaling") or {}
+        if "type" in legacy and "rope_type" not in legacy:  # transformers 4 applied it, 5.24 ignores it
+            refuse.append("rope_scaling with 'type' and no 'rope_type' (ambiguous: call it rope_type)")
+        if hf.get("sliding_window") is None and "sliding_attention" in _gemma_layer_types(hf):
+            refuse.append("sliding_window=null with sliding_attention layers")
+    if hf.get("mlp_bias"):
+        refuse.append("mlp_bias=true")
+    if hf.get("attention_bias") and family not in ("qwen2",):
+        refuse.append("attention_bias=true")
+    if family in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+        refuse.append("use_sliding_window=true")
+    if "quantization_config" in hf:
+        refuse.append("quantization_config (quantized weights)")
+    return refuse
 
 
 def gemma3_text_config(hf: dict) -> dict:
