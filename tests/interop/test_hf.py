@@ -122,6 +122,20 @@ def test_logits_match_transformers(family, kernel):
     assert err < 1e-4
 
 
+def test_gemma3_logits_match_transformers_with_the_gpu_kernel_interpreted(tmp_path):
+    """pallas_gpu (Pallas interpret mode here) with Gemma 3's per-layer windows and two RoPE bases;
+    the other families' GPU-kernel equivalence is tests/models/test_attention.py's."""
+    model = _save_tiny("gemma3_text", str(tmp_path))
+    cfg = hf.config_from_hf(hf.read_config(str(tmp_path)))
+    ids = np.random.default_rng(0).integers(0, 96, (2, 20))
+    gpu_kernel = ModelDef.create(dataclasses.replace(cfg, attention="pallas_gpu"))
+    err = np.abs(
+        np.asarray(gpu_kernel.apply(hf.load_params(str(tmp_path), cfg), ids)) - _hf_logits(model, ids)
+    ).max()
+    print(f"gemma3_text (pallas_gpu, interpreted): max abs logit error {err:.2e}")
+    assert err < 1e-4
+
+
 def test_a_packed_row_matches_each_example_alone(family):
     _, _, model, cfg, params = family
     rng = np.random.default_rng(1)
