@@ -63,7 +63,7 @@ def load_params(
             set_path(params, (*spec.path[:-1], name), leaf)
     vision = [k for k in files if k.startswith(unread)]
     if vision:
-        logging.info(
+        logging.warning(  # a warning, so it shows: an export of this model will have no vision tower
             "%s: an image-text checkpoint; its language model is imported, its vision tower and projector "
             "(%d tensors) are not",
             directory,
