@@ -130,6 +130,40 @@ def test_gemma_writes_gemmas_turns_with_the_system_prompt_in_the_first_user_turn
         render(template, tok, to_conversation(TOOL_CHAT, "chat", {}))
 
 
+# The string-content path of Gemma's tokenizer chat template (Gemma 2, 3), restated: BOS, no system
+# role (its text and a blank line open the first user turn), `model` for the assistant, trimmed turns.
+GEMMA_JINJA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{% set prefix = messages[0]['content'] + '\\n\\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for m in turns %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + (prefix if loop.first else '') + m['content'] | trim }}"
+    "{{ '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
+def test_hf_template_trains_exactly_what_builtin_gemma_trains(tmp_path):
+    from tests.conftest import save_chatml_bpe_tokenizer  # noqa: PLC0415
+
+    save_chatml_bpe_tokenizer(tmp_path, ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"))
+    config = {
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": GEMMA_JINJA,
+    }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(str(tmp_path))
+    hf_template, gemma = build_template("hf", tokenizer=tok), build_template("gemma")
+    assert hf_template.end_of_turn == "<end_of_turn>" and tok.bos_id == tok.token_id("<bos>")
+    for train_on in ("all_assistant", "last_assistant"):
+        assert render(hf_template, tok, CHAT, train_on) == render(gemma, tok, CHAT, train_on)
+    context, _ = CHAT.split_last_turn()
+    assert prompt_ids(hf_template, tok, context) == prompt_ids(gemma, tok, context)
+    assert stop_ids(hf_template, tok) == stop_ids(gemma, tok)
+
+
 def test_hf_jinja_template_masks_on_ids_and_matches_the_plain_render(hf_dir):
     tok = load_tokenizer(str(hf_dir))
     assert isinstance(tok, HFTokenizer) and tok.eos_token == "<|im_end|>" and tok.bos_id is None
