@@ -288,6 +288,14 @@ def test_gemma3_fields_jsft_does_not_implement_are_refused_by_name():
         hf.config_from_hf({**saved, "rope_scaling": {"rope_type": "longrope", "factor": 4.0}})
     with pytest.raises(hf.UnsupportedCheckpoint, match="without text_config"):
         hf.config_from_hf({"model_type": "gemma3"})
+    # Export: a model whose math the written config would not give is refused, naming why.
+    cfg = hf.config_from_hf(saved)
+    with pytest.raises(hf.UnsupportedCheckpoint, match="attn_softcap=50.0 cannot be exported as gemma3_text"):
+        hf.config_to_hf(dataclasses.replace(cfg, attn_softcap=50.0), "gemma3_text", "float32", 2, 1)
+    with pytest.raises(hf.UnsupportedCheckpoint, match="local_rope_theta=10.0.*is not a gemma2"):
+        hf.config_to_hf(dataclasses.replace(cfg, qk_norm=False), "gemma2", "float32", 2, 1)
+    with pytest.raises(ValueError, match="layer_windows has none"):
+        dataclasses.replace(cfg, layer_windows=(0, 0, 0))
 
 
 SHARDED_LOAD = r"""
