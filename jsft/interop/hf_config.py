@@ -17,6 +17,24 @@ from jsft.models.rope import rope_scaling_problems
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3")
 GEMMAS = ("gemma2", "gemma3_text")
+# transformers 5.24's Gemma3TextConfig defaults, for the fields a config.json may leave out (the
+# `text_config` of google/gemma-3-4b-it names six); RoPE's are in _gemma3_rope, the layer pattern's in
+# _gemma_layer_types.
+GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262_208,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    hidden_activation="gelu_pytorch_tanh",
+    max_position_embeddings=131_072,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    query_pre_attn_scalar=256,
+    sliding_window=4096,
+)
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
@@ -68,6 +86,8 @@ def config_from_hf(hf: dict, **numerics: str) -> LlamaConfig:
     if family == "gemma3":  # image-text: the language model alone (hf_keys.checkpoint_layout)
         hf = gemma3_text_config(hf)
         family = "gemma3_text"
+    if family == "gemma3_text":  # the Hub's image-text configs write only what differs from these
+        hf = {**GEMMA3_TEXT_DEFAULTS, **hf}
     refuse = _refusals(family, hf)
     if refuse:
         raise UnsupportedCheckpoint(f"{family} config fields jsft does not implement: {', '.join(refuse)}")

@@ -270,6 +270,24 @@ def test_gemma3_configs_in_older_layouts_give_the_same_model(tmp_path):
     )
 
 
+def test_a_gemma3_config_that_names_only_what_differs_reads_with_transformers_defaults():
+    """The Hub's image-text configs (google/gemma-3-4b-it) write a short `text_config` and leave the
+    rest to Gemma3TextConfig's defaults; jsft fills in the same values transformers does."""
+    short = {
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 34,
+    }
+    short.update(rope_scaling={"factor": 8.0, "rope_type": "linear"}, sliding_window=1024)
+    ours = hf.config_from_hf({"model_type": "gemma3", "text_config": short})
+    full = transformers.Gemma3Config(text_config=dict(short)).to_dict()
+    assert ours == hf.config_from_hf(full)
+    assert (ours.vocab_size, ours.head_dim, ours.query_scale, ours.n_kv_heads) == (262_208, 256, 256.0, 4)
+    assert ours.layer_windows == tuple(0 if (i + 1) % 6 == 0 else 1024 for i in range(34))
+    assert (ours.rope_theta, ours.local_rope_theta, dict(ours.rope_scaling)["factor"]) == (1e6, 1e4, 8.0)
+
+
 def test_gemma3_fields_jsft_does_not_implement_are_refused_by_name():
     saved = dict(model_type="gemma3_text", **COMMON, **GEMMA3)
     for field, value, match in [
