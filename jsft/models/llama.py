@@ -91,6 +91,10 @@ class LlamaConfig:
     activation: str = "silu"
     post_norms: bool = False
     layer_windows: tuple = ()  # per-layer sliding window (0: global); overrides sliding_window
+    # Gemma 3: the layers with a window (layer_windows) rotate with their own RoPE base and scaling;
+    # the others keep rope_theta/rope_scaling (0: every layer uses those).
+    local_rope_theta: float = 0.0
+    local_rope_scaling: tuple = ()
     init_std: float = 0.02
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
@@ -143,9 +147,14 @@ class LlamaConfig:
             raise ValueError(f"quant={self.quant!r} is not one of {('none', *quant.FORMATS)}")
         if self.lora_targets and self.lora_rank < 1:
             raise ValueError(f"lora_rank={self.lora_rank} must be >= 1 with LoRA targets")
-        problems = rope_scaling_problems(self.rope_scaling)
-        if problems:
-            raise ValueError(f"rope_scaling: {'; '.join(problems)}")
+        for name in ("rope_scaling", "local_rope_scaling"):
+            problems = rope_scaling_problems(getattr(self, name))
+            if problems:
+                raise ValueError(f"{name}: {'; '.join(problems)}")
+        if self.local_rope_theta and not any(self.layer_windows):
+            raise ValueError(
+                "local_rope_theta is the RoPE base of windowed layers, but layer_windows has none"
+            )
 
     @classmethod
     def tiny(cls, vocab_size: int = 256, **overrides: Any) -> LlamaConfig:
@@ -321,6 +330,7 @@ class Attention(nnx.Module):
                 cfg.attn_softcap,
                 cfg.attention_chunk,
                 cfg.sliding_window,
+                cfg.layer_windows,
             )
             out_btnh = checkpoint_name(out_btnh, "attention_out")
             return proj("o_proj", "BTNH,NHD->BTD", out_btnh), None
@@ -445,7 +455,7 @@ class Llama(nnx.Module):
             x_btd = dropout(x_btd, cfg.dropout_embed, jax.random.fold_in(rng, cfg.n_layers + 1))
         start_bt = attention.Mask.from_segments(segment_ids_bt).start_bt
         # Each example's own length drives `dynamic` RoPE scaling (rope.py), packed or not.
-        cos, sin = rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, start_bt)
+        rope_for = self._rope(positions_bt, start_bt)
         windowed = bool(cfg.layer_windows or cfg.sliding_window)
         windows = jnp.asarray(cfg.layer_windows or (cfg.sliding_window,) * cfg.n_layers, jnp.int32)
 
@@ -456,7 +466,7 @@ class Llama(nnx.Module):
             # A layer with a window (0: none) sees only the last `window` keys.
             mask = attention.Mask(start_bt, window if windowed else 0, packed)
             block = nnx.merge(layers_def, layer_state)
-            x_btd, _ = block(x_btd, cos, sin, mask, rng=layer_rng)
+            x_btd, _ = block(x_btd, *rope_for(window), mask, rng=layer_rng)
             return constrain(x_btd, ACTIVATION_AXES), None
 
         policy = REMAT_POLICIES[cfg.remat]
@@ -465,6 +475,19 @@ class Llama(nnx.Module):
         layer_rngs = None if rng is None else jax.random.split(rng, cfg.n_layers)
         x_btd, _ = jax.lax.scan(one_layer, x_btd, (layers_state, windows, layer_rngs))
         return self.final_norm(x_btd)
+
+    def _rope(self, positions_bt: jax.Array, start_bt: jax.Array):
+        """window -> the (cos, sin) tables [B, T, H/2] of a layer with that window (a traced scalar
+        under the scan over layers): the local tables for a windowed layer when the model has them
+        (Gemma 3), else the global ones. Both sets are computed once, outside the scan."""
+        cfg = self.cfg
+        tables = rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, start_bt)
+        if not cfg.local_rope_theta:
+            return lambda window: tables
+        local = rope_tables(
+            positions_bt, cfg.head_dim, cfg.local_rope_theta, cfg.local_rope_scaling, start_bt
+        )
+        return lambda window: tuple(jnp.where(window > 0, a, b) for a, b in zip(local, tables, strict=True))
 
     def _embed(self, tokens_bt):
         dt = jnp.dtype(self.cfg.compute_dtype)
@@ -527,7 +550,7 @@ class Llama(nnx.Module):
         # `dynamic` RoPE scaling: a row's real tokens take the length max slot + 1 (a prefill: the
         # prompt's length, padding aside; a decode step: its position + 1), as transformers for one row.
         start_bt = attention.Mask.from_segments(is_token_bt.astype(jnp.int32)).start_bt
-        cos, sin = rope_tables(slots_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, start_bt)
+        rope_for = self._rope(slots_bt, start_bt)
         windows = jnp.asarray(cfg.layer_windows or (cfg.sliding_window,) * cfg.n_layers, jnp.int32)
         layers_def, layers_state = nnx.split(self.layers)
 
@@ -537,7 +560,7 @@ class Llama(nnx.Module):
             layer_mask = mask_bts & ((window == 0) | (distance_bts < window))
             block = nnx.merge(layers_def, layer_state)
             x_btd, (k_lbskh, v_lbskh) = block(
-                x_btd, cos, sin, layer_mask, (k_lbskh, v_lbskh, index, slots_bt)
+                x_btd, *rope_for(window), layer_mask, (k_lbskh, v_lbskh, index, slots_bt)
             )
             return (x_btd, k_lbskh, v_lbskh), None
 
