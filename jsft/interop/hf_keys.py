@@ -9,7 +9,7 @@ table, so a family's key map is written once.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from jsft.models.llama import LlamaConfig
@@ -142,7 +142,7 @@ VISION_PREFIXES = (
 )
 
 
-def checkpoint_layout(names) -> tuple[Callable[[str], str], tuple[str, ...]]:
+def checkpoint_layout(names: Iterable[str]) -> tuple[Callable[[str], str], tuple[str, ...]]:
     """(spec name -> the name in a checkpoint with tensors `names`, prefixes of tensors to leave
     unread): the identity and none for a plain causal LM; for an image-text Gemma 3 checkpoint, its
     language model's prefix and the vision tower's prefixes."""

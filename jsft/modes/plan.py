@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jsft.models import attention
+from jsft.models.llama import LlamaConfig
 from jsft.parallel import sharding
 from jsft.parallel.mesh import resolve_shape
 from jsft.run import Run
@@ -114,7 +115,7 @@ def _compile_step(run: Run, model, tx, schedule, state, state_sharding):
         return step.lower(state, batch).compile().memory_analysis()
 
 
-def offloaded_bytes(cfg, tokens: int, devices: int) -> int:
+def offloaded_bytes(cfg: LlamaConfig, tokens: int, devices: int) -> int:
     """Per-device bytes that `model.remat=offload` keeps in host memory for one micro-batch of
     `tokens` tokens: the activations save_dots keeps (the projections' outputs but down_proj's, and the
     attention output: tests/models/test_llama.py checks that set), counted from their shapes, spread over
