@@ -250,6 +250,16 @@ def check_format(spec: sources.SourceSpec, planned: list[shards.Shard], reader: 
     fmt = spec.format
     if fmt != "auto" and fmt not in formats.FORMATS:
         raise sources.DataError(f"{key}.format={fmt!r} is not one of {('auto',) + formats.FORMATS}")
+    if fmt != "auto" and planned[0].kind == "parquet":  # named columns: checked before any row is read
+        import pyarrow.parquet as pq  # noqa: PLC0415
+
+        columns = pq.ParquetFile(spec.path).schema_arrow.names
+        missing = [c for c in (spec.fields.get(n, n) for n in formats.FORMAT_FIELDS[fmt]) if c not in columns]
+        if missing:
+            raise sources.DataError(
+                f"source {spec.name!r} ({spec.path}): format {fmt!r} needs the column(s) {missing}, but the "
+                f"table has {columns}; name the columns to read with {key}.fields or set {key}.format"
+            )
     bad, count = [], 0
     for where, record, why in records(planned, reader):
         count += 1

@@ -216,3 +216,28 @@ def test_bad_records_name_file_and_line_and_are_counted_across_hosts(tmp_path):
         _global(hosts)
     bad = sum(sh["bad"][0] for sh in merge_states([h.train.state() for h in hosts])["shards"].values())
     assert bad >= 2 and bad % 2 == 0  # both bad lines, once per epoch, over both hosts
+
+
+def test_settings_the_stream_cannot_honour_are_refused_by_name(stream_sources, tmp_path):
+    config = _stream_config(stream_sources)
+    config.data.sources.chat.val_fraction = 0.1
+    with pytest.raises(DataError, match=r"sources\.chat\.val_fraction.*give a val_path"):
+        build_data(config.data, 0, str(tmp_path / "v"))
+    config = _stream_config(stream_sources)
+    config.data.sources.chat.format = "prompt_response"  # the Parquet file holds `messages`
+    with pytest.raises(DataError, match=r"needs the column\(s\) \['prompt', 'response'\]"):
+        build_data(config.data, 0, str(tmp_path / "c"))
+
+
+def test_mixture_rules_weigh_the_streamed_sources_by_their_records(stream_sources, tmp_path):
+    capped = build_data(
+        _stream_config(stream_sources, mixture="examples", mixture_cap=60).data, 0, str(tmp_path)
+    )
+    assert capped.mixture == pytest.approx({"pr": 0.5, "chat": 0.5})  # 160 records capped at 60, and 60
+    hot = build_data(
+        _stream_config(stream_sources, mixture="temperature", mixture_temperature=2.0).data, 0, str(tmp_path)
+    )
+    assert hot.mixture["pr"] == pytest.approx(160**0.5 / (160**0.5 + 60**0.5))
+    rows = np.concatenate([next(capped.train)["source_ids"] for _ in range(30)])
+    share = (rows == 2).sum() / (rows > 0).sum()  # source_ids: 1 + index in name order (chat, pr)
+    assert 0.3 < share < 0.8
