@@ -8,7 +8,7 @@ the data steps, each in its own module, and returns them as one `Data`.
 That is config.data.engine="table" (the default). engine="stream" never reads a whole source: it
 plans shards (shards.plan: JSONL byte ranges, Parquet row groups), deals them to the logical streams,
 indexes only this process's streams' shards and reads, tokenizes and packs on demand in grain workers
-(stream.py); see BUILD_NOTES.md, "Streaming data engine".
+(streamed.py, stream.py); see BUILD_NOTES.md, "Streaming data engine".
 """
 
 from __future__ import annotations
@@ -19,22 +19,9 @@ import os
 import ml_collections
 import numpy as np
 
-from jsft.data import (
-    batches,
-    eval_data,
-    examples,
-    formats,
-    mixture,
-    packing,
-    raw,
-    shards,
-    sources,
-    stream,
-    templates,
-    tokenizing,
-)
+from jsft.data import batches, eval_data, examples, formats, mixture, packing, raw, templates, tokenizing
 from jsft.data.tokenizer import Tokenizer
-from jsft.data.tokenizer_choice import TEXT_CONVERSATIONS, build_tokenizer, conversation_texts, training_texts
+from jsft.data.tokenizer_choice import build_tokenizer, training_texts
 from jsft.errors import DataError
 
 ENGINES = ("table", "stream")
@@ -80,7 +67,9 @@ def build_data(
     """Read, validate, tokenize and mix the configured sources; nothing is written to checkpoints."""
     engine = data_cfg.get("engine", "table")
     if engine == "stream":
-        return _build_streamed(
+        from jsft.data import streamed  # noqa: PLC0415  (it builds a Data: imports this module)
+
+        return streamed.build(
             data_cfg, seed, workdir, process_index, process_count, eval_prompt_limit, hf_path
         )
     if engine != "table":
@@ -151,7 +140,9 @@ def _tokenize_sources(
     """(training raw_srcs, validation raw_srcs), each checked: bad records fail under
     on_bad_record='error', and a training source must keep at least one example."""
 
-    def tokenized(i: int, src: raw.RawSource, table, path: str, spec) -> examples.TokenizedSource:
+    def tokenized(
+        i: int, src: raw.RawSource, table: object, path: str, spec: tokenizing.TokenizeSpec
+    ) -> examples.TokenizedSource:
         return _tokenized(i, src.spec.name, table, path, spec, data_cfg, cache_dir)
 
     train_srcs, val_srcs = [], []
@@ -242,138 +233,3 @@ def _shard_streams(
             train_srcs, sampler, data_cfg.seq_len, data_cfg.packing, data_cfg.pack_chunk_examples, first
         )
     return streams, probs
-
-
-# ---------------------------------------------------------------------- the streaming engine
-
-
-@dataclasses.dataclass
-class StreamedSource:
-    """A streamed training source: what is known before any record is parsed (this process's part)."""
-
-    name: str
-    index: int
-    stats: dict  # records (indexed in this process's streams), shards
-
-
-def _build_streamed(
-    data_cfg: ml_collections.ConfigDict,
-    seed: int,
-    workdir: str,
-    process_index: int,
-    process_count: int,
-    eval_prompt_limit: int,
-    hf_path: str,
-) -> Data:
-    """engine="stream": shards planned from sizes and metadata, this process's streams indexed, and
-    records read, tokenized and packed only when drawn (stream.GrainStream)."""
-    cache_dir = data_cfg.cache_dir or os.path.join(workdir, "cache")
-    if process_count > 1:  # validation tables and "table"-kind shards are cached per process
-        cache_dir = os.path.join(cache_dir, f"process_{process_index}")
-    specs = raw.source_specs(data_cfg)
-    for spec in specs:
-        for key in ("val_fraction", "val_split"):
-            if getattr(spec, key):
-                raise sources.DataError(
-                    f"config.data.sources.{spec.name}.{key}: holding out validation records needs the whole "
-                    "source (config.data.engine='table'); with engine='stream' give a val_path"
-                )
-    # ---- plan (sizes and metadata only), check formats from each file's first records
-    reader = shards.Reader(cache_dir)
-    planned, fmts, tools = [], [], []
-    for spec in specs:
-        try:
-            planned.append(shards.plan(spec.path, int(data_cfg.get("shard_bytes", 64 << 20))))
-        except sources.DataError as e:
-            raise sources.DataError(
-                f"source {spec.name!r} (config.data.sources.{spec.name}.path): {e}"
-            ) from e
-        tools.append(raw.read_tools(spec))
-        fmts.append(stream.check_format(spec, planned[-1], reader))
-    pretokenized = [s.name for s, f in zip(specs, fmts, strict=True) if f in formats.TOKEN_FORMATS]
-    if pretokenized and not (data_cfg.tokenizer or hf_path):
-        raise DataError(
-            f"source(s) {pretokenized} hold token ids: set config.data.tokenizer (or config.model.hf_path)"
-        )
-
-    def texts():
-        for k, spec in enumerate(specs):
-            convs = stream.conversations(spec, fmts[k], planned[k], reader, TEXT_CONVERSATIONS, tools[k])
-            yield from conversation_texts(convs)
-
-    tok = build_tokenizer(data_cfg, workdir, data_cfg.template, texts, hf_path)
-    template = templates.build_template(data_cfg.template, data_cfg.separator, tok)
-    tok_specs = tuple(
-        _tokenize_spec(f, s, template, tok, data_cfg, t) for s, f, t in zip(specs, fmts, tools, strict=True)
-    )
-    # ---- this process's streams: index their shards, mix, stream
-    num_shards = data_cfg.num_shards or process_count
-    dealt = [shards.deal(p, num_shards, seed, k) for k, p in enumerate(planned)]
-    streams, probs, records = {}, None, [0] * len(specs)
-    for s in batches.process_shards(num_shards, process_index, process_count):
-        srcs = tuple(stream.StreamSource.index(dealt[k][s], reader) for k in range(len(specs)))
-        sizes = [len(x) for x in srcs]
-        if not sum(sizes):
-            raise DataError(
-                f"data stream {s} of {num_shards} holds no shard of any source: lower "
-                "config.data.num_shards or config.data.shard_bytes (JSONL files are cut into shard_bytes "
-                "ranges, Parquet files by row group)"
-            )
-        records = [a + b for a, b in zip(records, sizes, strict=True)]
-        p = mixture.mixture_probabilities(
-            sizes,
-            [x.weight for x in specs],
-            data_cfg.mixture,
-            data_cfg.mixture_cap,
-            data_cfg.mixture_temperature,
-        )
-        probs = p if probs is None else probs
-        spec = stream.StreamSpec(
-            srcs, tok_specs, tuple(float(x) for x in p), seed, s, int(data_cfg.get("shuffle_window", 0)),
-            data_cfg.pack_chunk_examples, data_cfg.seq_len, data_cfg.packing, cache_dir,
-        )  # fmt: skip
-        streams[s] = stream.GrainStream(
-            spec, int(data_cfg.get("workers", 0)), data_cfg.on_bad_record, [x.name for x in specs]
-        )
-    # ---- validation (whole val_path tables: small by assumption) and generation prompts
-    val_srcs, raw_vals = [], []
-    for k, spec in enumerate(specs):
-        if spec.val_path:
-            try:
-                table = sources.read_table(spec.val_path, spec.split, cache_dir)
-            except sources.DataError as e:
-                raise sources.DataError(
-                    f"source {spec.name!r} (config.data.sources.{spec.name}.val_path): {e}"
-                ) from e
-            rs = raw.RawSource(spec, fmts[k], None, table, spec.val_path, tools[k])
-            raw_vals.append(rs)
-            val_srcs.append(
-                _tokenized(
-                    k,
-                    spec.name,
-                    table,
-                    spec.val_path,
-                    dataclasses.replace(tok_specs[k], rewards=False),
-                    data_cfg,
-                    cache_dir,
-                )
-            )
-    prompts = _eval_prompts(
-        raw_vals, template, tok, eval_prompt_limit, bool(data_cfg.get("train_reasoning", True))
-    )
-    stats = [
-        {"records": n, "shards": sum(len(d[s]) for s in streams)} for n, d in zip(records, dealt, strict=True)
-    ]
-    return Data(
-        tokenizer=tok,
-        template=template,
-        source_names=[s.name for s in specs],
-        train=batches.TrainBatches(streams, data_cfg.batch_size, seed, num_shards),
-        train_sources=[
-            StreamedSource(s.name, k, st) for k, (s, st) in enumerate(zip(specs, stats, strict=True))
-        ],
-        val_sources=val_srcs,
-        eval_prompts=prompts[:eval_prompt_limit],
-        stop_ids=templates.stop_ids(template, tok),
-        mixture={s.name: float(p) for s, p in zip(specs, probs, strict=True)},
-    )

@@ -17,6 +17,7 @@ restoring rebuilds that chunk, so a resumed run is bitwise the uninterrupted one
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import grain
 import numpy as np
@@ -230,7 +231,9 @@ class GrainStream:
             it.close()
 
 
-def records(shard_list: list[shards.Shard], reader: shards.Reader):
+def records(
+    shard_list: list[shards.Shard], reader: shards.Reader
+) -> Iterator[tuple[str, dict | None, object]]:
     """(where, record, why bad or None) of every record of the shards, in order (blank lines left out)."""
     for shard in shard_list:
         if shard.kind == "jsonl":
@@ -287,8 +290,13 @@ def check_format(spec: sources.SourceSpec, planned: list[shards.Shard], reader: 
 
 
 def conversations(
-    spec: sources.SourceSpec, fmt: str, planned: list[shards.Shard], reader: shards.Reader, limit: int, tools
-):
+    spec: sources.SourceSpec,
+    fmt: str,
+    planned: list[shards.Shard],
+    reader: shards.Reader,
+    limit: int,
+    tools: tuple,
+) -> Iterator[formats.Conversation]:
     """Up to `limit` conversations from the start of the source (file order: the same on every
     process), bad records skipped."""
     if fmt in formats.TOKEN_FORMATS:
