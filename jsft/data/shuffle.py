@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from grain import experimental as grain_experimental
 
 ROUNDS = 4
 # grain's index_shuffle walks cycles over a domain of at least ~2**16: measured 4.3 ms a call for 10
@@ -34,6 +33,10 @@ def permuted(i: int, n: int, seed: int) -> int:
     """Item at position i of a keyed permutation of range(n)."""
     if n < SMALL:
         return int(_small_permutation(n, seed)[i])
+    # Imported here: grain takes ~1.7 s to import, and the table engine's sampler (which imports this
+    # module) never shuffles by window.
+    from grain import experimental as grain_experimental  # noqa: PLC0415
+
     return grain_experimental.index_shuffle(i, max_index=n - 1, seed=seed, rounds=ROUNDS)
 
 

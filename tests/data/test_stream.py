@@ -241,3 +241,9 @@ def test_mixture_rules_weigh_the_streamed_sources_by_their_records(stream_source
     rows = np.concatenate([next(capped.train)["source_ids"] for _ in range(30)])
     share = (rows == 2).sum() / (rows > 0).sum()  # source_ids: 1 + index in name order (chat, pr)
     assert 0.3 < share < 0.8
+
+
+def test_large_ranges_shuffle_with_grains_index_shuffle_as_a_permutation():
+    n = shuffle.SMALL + 1000  # above SMALL: grain's index_shuffle, O(1) memory
+    order = np.array([shuffle.windowed_index(p, n, 0, (3, 1, 0, 0)) for p in range(n)])
+    assert np.array_equal(np.sort(order), np.arange(n)) and not np.array_equal(order, np.arange(n))
