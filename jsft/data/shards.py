@@ -9,7 +9,8 @@ of a stream's shards indexed and read one at a time (the streaming engine's file
 A source's shards are permuted with the seed and dealt strided to the streams (stream s gets shards
 s, s + S, s + 2S, ... of the permutation), so every stream samples the whole file, not a contiguous
 slice of a sorted one. A process indexes only its own streams' shards: for JSONL the byte offset of
-each record (8 bytes per record, the only per-record memory), found with numpy in 8 MB blocks.
+each record (8 bytes per record, the only per-record memory), found with numpy in 8 MB blocks and
+cached on disk (`cached_offsets`), so a restarted run does not scan again.
 A bad record's `file:line` is computed when it is met, by counting the newlines before it.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 
 import numpy as np
@@ -97,6 +99,25 @@ def jsonl_offsets(shard: Shard) -> np.ndarray:
             out.append(starts[~blank] + pos)
             pos += n
     return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+def cached_offsets(shard: Shard, cache_dir: str | None) -> np.ndarray:
+    """`jsonl_offsets`, kept in `cache_dir/index/` under the file's path, size, mtime and the range, so
+    a restart (a resume) skips the scan; loaded memory-mapped."""
+    if not cache_dir:
+        return jsonl_offsets(shard)
+    st = os.stat(shard.path)
+    key = f"{os.path.abspath(shard.path)}|{st.st_size}|{st.st_mtime_ns}|{shard.start}|{shard.end}"
+    path = os.path.join(cache_dir, "index", hashlib.sha256(key.encode()).hexdigest()[:24] + ".npy")
+    if os.path.exists(path):
+        return np.load(path, mmap_mode="r")
+    offsets = jsonl_offsets(shard)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, offsets)
+    os.replace(tmp, path)  # whole or absent: a concurrent or interrupted writer leaves no half file
+    return offsets
 
 
 class Reader:

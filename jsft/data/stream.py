@@ -41,7 +41,9 @@ class StreamSource:
 
     @classmethod
     def index(cls, shard_list: list[shards.Shard], reader: shards.Reader) -> StreamSource:
-        offsets = [shards.jsonl_offsets(s) if s.kind == "jsonl" else None for s in shard_list]
+        offsets = [
+            shards.cached_offsets(s, reader.cache_dir) if s.kind == "jsonl" else None for s in shard_list
+        ]
         counts = [
             len(o) if o is not None else reader.count(s) for s, o in zip(shard_list, offsets, strict=True)
         ]

@@ -247,3 +247,17 @@ def test_large_ranges_shuffle_with_grains_index_shuffle_as_a_permutation():
     n = shuffle.SMALL + 1000  # above SMALL: grain's index_shuffle, O(1) memory
     order = np.array([shuffle.windowed_index(p, n, 0, (3, 1, 0, 0)) for p in range(n)])
     assert np.array_equal(np.sort(order), np.arange(n)) and not np.array_equal(order, np.arange(n))
+
+
+def test_the_record_index_is_cached_and_a_changed_file_is_indexed_again(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", make_records(30, 0))
+    (shard,) = shards.plan(str(tmp_path / "a.jsonl"), 1 << 20)
+    cache = str(tmp_path / "cache")
+    first = shards.cached_offsets(shard, cache)
+    assert len(list((tmp_path / "cache" / "index").iterdir())) == 1
+    np.testing.assert_array_equal(shards.cached_offsets(shard, cache), first)
+    with open(tmp_path / "a.jsonl", "a") as f:
+        f.write(json.dumps(make_records(1, 1)[0]) + "\n")
+    (grown,) = shards.plan(str(tmp_path / "a.jsonl"), 1 << 20)
+    assert len(shards.cached_offsets(grown, cache)) == 31
+    assert len(list((tmp_path / "cache" / "index").iterdir())) == 2
