@@ -87,6 +87,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.num_shards = 0  # logical data shards (the batches depend on this); 0: one per process
     config.data.num_proc = 0  # tokenization processes; 0: by data size
     config.data.cache_dir = ""  # tokenization cache; empty: WORKDIR/cache
+    # table: read, tokenize and cache every source whole (in memory-mapped Arrow) before training;
+    # stream: cut sources into shards, each process indexes only its own and reads, tokenizes and
+    # packs records when they are drawn, in grain workers (BUILD_NOTES, "Streaming data engine")
+    config.data.engine = "table"
+    config.data.workers = 0  # stream: grain worker processes per logical stream (0: in the trainer)
+    config.data.shuffle_window = 16384  # stream: records shuffled together (0: the whole stream)
+    config.data.shard_bytes = 64 << 20  # stream: JSONL byte range per shard (Parquet: row groups)
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "llama"

@@ -114,7 +114,7 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
     """Every named choice against its list. The lists live with the code that implements them; they
     are imported here, when a config is validated, so that `import jsft.config` (configs do it) stays
     free of JAX and datasets."""
-    from jsft.data import examples, mixture, packing, templates  # noqa: PLC0415
+    from jsft.data import examples, mixture, packing, pipeline, templates  # noqa: PLC0415
     from jsft.models.llama import REMAT_POLICIES  # noqa: PLC0415
     from jsft.train.losses import IMPLEMENTATIONS, NORMALIZATIONS  # noqa: PLC0415
     from jsft.train.optim import DECAYS  # noqa: PLC0415
@@ -129,6 +129,7 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
     _choice(config, "data.overlong", packing.OVERLONG_POLICIES)
     _choice(config, "data.on_bad_record", examples.ON_BAD_RECORD)
     _choice(config, "data.mixture", mixture.RULES)
+    _choice(config, "data.engine", pipeline.ENGINES)
     _choice(config, "train.on_nonfinite", ON_NONFINITE)
     _choice(config, "data.on_changed_data", ON_CHANGED_DATA)
     _check_peft(config)
@@ -224,6 +225,7 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
         "eval.batch_size",
         "eval.max_new_tokens",
         "data.pack_chunk_examples",
+        "data.shard_bytes",
     ):
         _positive(config, key)
     for key in (
@@ -237,6 +239,8 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
         "optim.weight_decay",
         "optim.clip_norm",
         "train.max_skipped_steps",
+        "data.workers",
+        "data.shuffle_window",
     ):
         _positive(config, key, allow_zero=True)
     if config.data.batch_size % config.optim.grad_accum_steps:

@@ -113,3 +113,21 @@ def test_the_accelerator_check_dry_run_writes_both_reports(tmp_path):
     assert all(row["ok"] for row in check["results"])
     bench = json.loads((tmp_path / "bench_llama1b.json").read_text())["jsft"]
     assert bench["mode"] == "synthetic" and bench["steps"] == 12
+
+
+@pytest.mark.slow  # ~20 s: writes data, trains a tokenizer, starts a benchmark process
+def test_bench_data_at_scale_writes_both_formats_and_measures_each_process(tmp_path):
+    from configs import demo
+    from jsft.bench import data_scale
+
+    table = data_scale.bench_scale(demo.get_config().data.to_dict(), [0.004], [1], [0], 1.0, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.glob("synthetic_*")) == [
+        "synthetic_0.004gb.jsonl",
+        "synthetic_0.004gb.parquet",
+    ]
+    assert 2e6 <= (tmp_path / "synthetic_0.004gb.jsonl").stat().st_size < 3e6  # half of the bytes
+    row = table.splitlines()[-1].split()
+    size, procs, workers, records, tokens, first, rss = row[:7]
+    assert (size, procs, workers) == ("0.004", "1", "0") and row[-1] == "100.0%"
+    assert float(records.replace(",", "")) > 0 and float(tokens.replace(",", "")) > 0
+    assert 0 < float(first) < 60 and 100 < float(rss.replace(",", "")) < 4000

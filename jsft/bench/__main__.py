@@ -1,6 +1,7 @@
 """Benchmarks: is the input pipeline fast enough to keep the train step busy? How fast do we decode?
 
     python -m jsft.bench data --config configs/demo.py [--config.data.seq_len=256] [--seconds 10]
+    python -m jsft.bench data --config configs/demo.py --sizes_gb=0.05,0.2 --processes=1,2,4 --workers=0,2
     python -m jsft.bench generate --config configs/demo.py
     python -m jsft.bench train --config configs/bench_workload.py [--compare torch] [--json OUT]
     python -m jsft.bench peft --config configs/llama3_8b_sft.py:gpu1 --peft_what plan
@@ -15,7 +16,9 @@ shared peer workload (jsft/bench/train.py). `peft` compares full fine-tuning, a 
 and QLoRA: planner bytes, or step times on this machine (jsft/bench/peft.py). `best` measures how
 long a new best evaluation stalls the train loop, on the configured model's full train state (weights
 and AdamW moments): the former second, synchronous save against keeping the regular checkpoint
-(jsft/bench/checkpoint.py). `data` is jsft/bench/data.py, `generate` jsft/bench/decode.py.
+(jsft/bench/checkpoint.py). `data` is jsft/bench/data.py, `generate` jsft/bench/decode.py; `data` with
+`--sizes_gb` is the streaming engine at scale (jsft/bench/data_scale.py): synthetic JSONL and Parquet
+of each size, read by 1, 2, 4 local processes with K grain workers each.
 
 This file only parses the flags and dispatches; each benchmark is imported once the flags are parsed
 (`--help` loads no JAX).
@@ -49,6 +52,14 @@ _JSON = flags.DEFINE_string("json", "", "train: write the result record (with th
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "train: the device's peak TFLOP/s for MFU (0: known devices).")
 _WORKDIR = flags.DEFINE_string("workdir", "", "best: where to write the checkpoints (default: a temp dir).")
 _PEFT_WHAT = flags.DEFINE_enum("peft_what", "plan", ["plan", "steps"], "peft: planner bytes or step times.")
+_SIZES = flags.DEFINE_list(
+    "sizes_gb", [], "data: synthetic data sizes (GB) for the streaming engine at scale."
+)
+_PROCESSES = flags.DEFINE_list("processes", ["1", "2", "4"], "data --sizes_gb: local process counts.")
+_WORKERS = flags.DEFINE_list("workers", ["0", "2"], "data --sizes_gb: grain workers per stream.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "", "data --sizes_gb: where the synthetic files go (default: temp)."
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -72,7 +83,21 @@ def main(argv: list[str]) -> None:
     try:
         # train, peft: no data or checkpoint needed
         config_lib.validate(config, "plan" if argv[1] in ("train", "peft", "best") else "train")
-        if argv[1] == "data":
+        if argv[1] == "data" and _SIZES.value:
+            from jsft.bench import data_scale  # noqa: PLC0415
+
+            sizes, procs, workers = ([float(x) for x in f.value] for f in (_SIZES, _PROCESSES, _WORKERS))
+            print(
+                data_scale.bench_scale(
+                    config.data.to_dict(),
+                    sizes,
+                    [int(p) for p in procs],
+                    [int(k) for k in workers],
+                    _SECONDS.value,
+                    _DATA_DIR.value,
+                )  # fmt: skip
+            )
+        elif argv[1] == "data":
             from jsft.bench import data  # noqa: PLC0415
 
             print(data.bench_data(config, _SECONDS.value, _STEPS.value))

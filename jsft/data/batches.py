@@ -114,6 +114,12 @@ class TrainBatches:
         for s, stream in self.streams.items():
             stream.restore(state["shards"][str(s)])
 
+    def close(self) -> None:
+        """Stop any worker processes the streams hold (the streaming engine's grain workers)."""
+        for stream in self.streams.values():
+            if hasattr(stream, "close"):
+                stream.close()
+
 
 def merge_states(states: list[dict]) -> dict:
     """One data state from every process's own (they differ only in their shards)."""

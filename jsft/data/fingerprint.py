@@ -27,6 +27,9 @@ STREAM_FIELDS = (
     "train_on",
     "overlong",
     "train_reasoning",
+    "engine",
+    "shuffle_window",
+    "shard_bytes",
 )
 # Validation files are not part of the training stream; val_fraction is (it decides the held-out rows).
 SOURCE_FIELDS = ("path", "format", "fields", "weight", "split", "val_fraction", "tools")

@@ -260,9 +260,13 @@ def _origin(spec: ml_collections.ConfigDict, split: str) -> str:
 
 
 def inspect_config(data_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The data section as inspect reads it: bad records are reported, not fatal."""
+    """The data section as inspect reads it: bad records are reported, not fatal, and every source is
+    read whole (engine "table": the report counts every record; the streaming engine parses only
+    what it draws)."""
     data_cfg = data_cfg.copy_and_resolve_references()
     data_cfg.on_bad_record = "skip"
+    if "engine" in data_cfg:
+        data_cfg.engine = "table"
     return data_cfg
 
 

@@ -8,12 +8,15 @@ Rules for turning sources into probabilities (config.data.mixture):
 
 The sampler's whole state is a draw counter and, per source, (epoch, position): source choices for
 draw k come from a generator seeded by (seed, k // CHUNK), and each source walks a permutation seeded
-by (seed, source, epoch). Any state can be rebuilt from those integers alone.
+by (seed, source, epoch) (or, with a `window`, the windowed shuffle of shuffle.py, which needs no
+permutation in memory). Any state can be rebuilt from those integers alone.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from jsft.data import shuffle
 
 RULES = ("weights", "examples", "temperature")
 CHUNK = 4096
@@ -44,9 +47,14 @@ def mixture_probabilities(
 class MixtureSampler:
     """Draws (source index, example index) pairs; every source is walked epoch by epoch."""
 
-    def __init__(self, sizes: list[int], probs: np.ndarray, seed: int, stream: int = 0):
-        """`stream`: which logical data shard this sampler serves (each draws independently)."""
+    def __init__(
+        self, sizes: list[int], probs: np.ndarray, seed: int, stream: int = 0, window: int | None = None
+    ):
+        """`stream`: which logical data shard this sampler serves (each draws independently);
+        `window`: None walks a whole-source permutation per epoch, else the windowed shuffle
+        (0: one window of the whole source)."""
         self.sizes, self.probs, self.seed, self.stream = list(sizes), np.asarray(probs), seed, stream
+        self.window = window
         self.draws = 0
         self.positions = [[0, 0] for _ in sizes]  # per source: [epoch, index in that epoch's order]
         self._choices_chunk, self._choices = None, None
@@ -70,12 +78,23 @@ class MixtureSampler:
         return self._orders[key]
 
     def next(self) -> tuple[int, int]:
+        source, epoch, pos = self._step()
+        if self.window is None:
+            return source, int(self._order(source, epoch)[pos])
+        parts = (self.seed, self.stream, source, epoch)
+        return source, shuffle.windowed_index(pos, self.sizes[source], self.window, parts)
+
+    def advance(self, n: int) -> None:
+        """Skip n draws (counters only: nothing is looked up)."""
+        for _ in range(n):
+            self._step()
+
+    def _step(self) -> tuple[int, int, int]:
         source = self._source_at(self.draws)
         self.draws += 1
         epoch, pos = self.positions[source]
-        index = int(self._order(source, epoch)[pos])
         self.positions[source] = [epoch + 1, 0] if pos + 1 == self.sizes[source] else [epoch, pos + 1]
-        return source, index
+        return source, epoch, pos
 
     def state(self) -> dict:
         return {"draws": self.draws, "positions": [list(p) for p in self.positions]}

@@ -5,6 +5,10 @@ the data steps, each in its own module, and returns them as one `Data`.
   ─► this process's shards (batches.shard_bounds) ─► tokenizing.tokenize_table (cached on disk)
   ─► examples.collect ─► mixture.MixtureSampler ─► batches.PackedStream ─► batches.TrainBatches
 
+That is config.data.engine="table" (the default). engine="stream" never reads a whole source: it
+plans shards (shards.plan: JSONL byte ranges, Parquet row groups), deals them to the logical streams,
+indexes only this process's streams' shards and reads, tokenizes and packs on demand in grain workers
+(streamed.py, stream.py); see BUILD_NOTES.md, "Streaming data engine".
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from jsft.data.tokenizer import Tokenizer
 from jsft.data.tokenizer_choice import build_tokenizer, training_texts
 from jsft.errors import DataError
 
+ENGINES = ("table", "stream")
+
 
 @dataclasses.dataclass
 class Data:
@@ -27,7 +33,7 @@ class Data:
     template: object
     source_names: list[str]
     train: batches.TrainBatches
-    train_sources: list[examples.TokenizedSource]
+    train_sources: list  # examples.TokenizedSource (table engine) or StreamedSource (stream engine)
     val_sources: list[examples.TokenizedSource]
     eval_prompts: list[eval_data.EvalPrompt]
     stop_ids: list[int]
@@ -59,6 +65,15 @@ def build_data(
     hf_path: str = "",
 ) -> Data:
     """Read, validate, tokenize and mix the configured sources; nothing is written to checkpoints."""
+    engine = data_cfg.get("engine", "table")
+    if engine == "stream":
+        from jsft.data import streamed  # noqa: PLC0415  (it builds a Data: imports this module)
+
+        return streamed.build(
+            data_cfg, seed, workdir, process_index, process_count, eval_prompt_limit, hf_path
+        )
+    if engine != "table":
+        raise ValueError(f"config.data.engine={engine!r} is not one of {ENGINES}")
     cache_dir = data_cfg.cache_dir or os.path.join(workdir, "cache")
     if process_count > 1:  # processes tokenize different shards; keep their cache writers apart
         cache_dir = os.path.join(cache_dir, f"process_{process_index}")
@@ -125,28 +140,14 @@ def _tokenize_sources(
     """(training raw_srcs, validation raw_srcs), each checked: bad records fail under
     on_bad_record='error', and a training source must keep at least one example."""
 
-    def tokenized(i: int, src: raw.RawSource, table, path: str, spec) -> examples.TokenizedSource:
-        out = examples.collect(
-            src.spec.name, i, tokenizing.tokenize_table(table, path, spec, cache_dir, data_cfg.num_proc)
-        )
-        if out.bad and data_cfg.on_bad_record == "error":
-            raise examples.bad_records_error(out)
-        return out
+    def tokenized(
+        i: int, src: raw.RawSource, table: object, path: str, spec: tokenizing.TokenizeSpec
+    ) -> examples.TokenizedSource:
+        return _tokenized(i, src.spec.name, table, path, spec, data_cfg, cache_dir)
 
     train_srcs, val_srcs = [], []
     for i, src in enumerate(raw_srcs):
-        spec = tokenizing.TokenizeSpec(
-            src.fmt,
-            dict(src.spec.fields),
-            template,
-            tok,
-            data_cfg.train_on,
-            data_cfg.seq_len,
-            data_cfg.overlong,
-            bool(data_cfg.get("rewards", False)),
-            bool(data_cfg.get("train_reasoning", True)),
-            src.tools,
-        )
+        spec = _tokenize_spec(src.fmt, src.spec, template, tok, data_cfg, src.tools)
         train = tokenized(i, src, src.train, src.spec.path, spec)
         if not len(train):
             raise examples.no_examples_error(train, src.spec.path, data_cfg.seq_len, data_cfg.overlong)
@@ -156,6 +157,35 @@ def _tokenize_sources(
                 tokenized(i, src, src.val, src.val_path, dataclasses.replace(spec, rewards=False))
             )
     return train_srcs, val_srcs
+
+
+def _tokenize_spec(
+    fmt: str, spec, template, tok: Tokenizer, data_cfg, tools: tuple
+) -> tokenizing.TokenizeSpec:
+    return tokenizing.TokenizeSpec(
+        fmt,
+        dict(spec.fields),
+        template,
+        tok,
+        data_cfg.train_on,
+        data_cfg.seq_len,
+        data_cfg.overlong,
+        bool(data_cfg.get("rewards", False)),
+        bool(data_cfg.get("train_reasoning", True)),
+        tools,
+    )
+
+
+def _tokenized(
+    i: int, name: str, table, path: str, spec, data_cfg, cache_dir: str
+) -> examples.TokenizedSource:
+    """A whole table tokenized (cached) and collected; bad records fail under on_bad_record='error'."""
+    out = examples.collect(
+        name, i, tokenizing.tokenize_table(table, path, spec, cache_dir, data_cfg.num_proc)
+    )
+    if out.bad and data_cfg.on_bad_record == "error":
+        raise examples.bad_records_error(out)
+    return out
 
 
 def _eval_prompts(

@@ -103,24 +103,37 @@ def _json_array(path: str) -> Iterator[dict[str, str]]:
 def _json_lines(path: str) -> Iterator[dict[str, str]]:
     # A JSON array on a line is a bad record like any other non-object, with a hint at the likely
     # cause: a JSON-array file named .jsonl (only .json files may hold an array).
-    hint = "; a .jsonl file holds one object per line: name a JSON-array file .json"
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield _row(where, bad=_not_utf8(e))
-                continue
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line.rstrip("\r\n"))  # without the newline, columns point into the line
-            except json.JSONDecodeError as e:
-                reason = f"invalid JSON ({e.msg}: column {e.colno})"
-                yield _row(where, bad=formats.BadRecord(reason, code="invalid_json"))
-                continue
-            yield _object_row(where, line, value, hint if isinstance(value, list) else "")
+            record, line, bad = parse_json_line(raw)
+            if bad is not None:
+                yield _row(where, bad=bad)
+            elif record is not None:
+                yield _row(where, line)
+
+
+def parse_json_line(raw: bytes) -> tuple[dict | None, str, formats.BadRecord | None]:
+    """(record, its text, why it is bad or None) for one JSONL line; (None, "", None) for a blank one."""
+    # A JSON array on a line is a bad record like any other non-object, with a hint at the likely
+    # cause: a JSON-array file named .jsonl (only .json files may hold an array).
+    hint = "; a .jsonl file holds one object per line: name a JSON-array file .json"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, "", _not_utf8(e)
+    if not line.strip():
+        return None, "", None
+    try:
+        value = json.loads(line.rstrip("\r\n"))  # without the newline, columns point into the line
+    except json.JSONDecodeError as e:
+        return None, "", formats.BadRecord(f"invalid JSON ({e.msg}: column {e.colno})", code="invalid_json")
+    if isinstance(value, dict):
+        return value, line, None
+    bad = formats.not_an_object(value)
+    if isinstance(value, list):
+        bad = formats.BadRecord(f"{bad}{hint}", code=bad.code)
+    return None, "", bad
 
 
 def _holds_no_records(path: str, ext: str) -> bool:

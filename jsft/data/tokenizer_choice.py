@@ -51,10 +51,17 @@ def training_texts(raw_sources: list[raw.RawSource]) -> Iterator[str]:
     """The text a tokenizer is trained on: each message of the sources' first conversations."""
     for r in raw_sources:
         fields = dict(r.spec.fields)
-        for conv in raw.conversations(r.train, r.spec.path, r.fmt, fields, TEXT_CONVERSATIONS, r.tools):
-            # Role names appear in chat templates' headers: let them become pieces too.
-            yield from (f"{m.role}\n{m.content}" for m in conv.messages)
-            # What the templates write of reasoning, tool calls and tools.
-            yield from (m.reasoning for m in conv.messages if m.reasoning)
-            yield from (json.dumps(c, ensure_ascii=False) for m in conv.messages for c in m.tool_calls)
-            yield from (json.dumps(t, ensure_ascii=False) for t in conv.tools)
+        yield from conversation_texts(
+            raw.conversations(r.train, r.spec.path, r.fmt, fields, TEXT_CONVERSATIONS, r.tools)
+        )
+
+
+def conversation_texts(convs: Iterable) -> Iterator[str]:
+    """Each conversation's messages, reasoning, tool calls and tools as tokenizer training text."""
+    for conv in convs:
+        # Role names appear in chat templates' headers: let them become pieces too.
+        yield from (f"{m.role}\n{m.content}" for m in conv.messages)
+        # What the templates write of reasoning, tool calls and tools.
+        yield from (m.reasoning for m in conv.messages if m.reasoning)
+        yield from (json.dumps(c, ensure_ascii=False) for m in conv.messages for c in m.tool_calls)
+        yield from (json.dumps(t, ensure_ascii=False) for t in conv.tools)

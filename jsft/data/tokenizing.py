@@ -76,19 +76,7 @@ def _tokenize_batch(batch: dict, indices: list[int], *, spec: TokenizeSpec, path
         ids, mask, truncated, full_length, weight, rewards, parts = [], [], False, 0, 1.0, None, []
         if bad is None:
             try:
-                weight = formats.record_weight(record, spec.fields)
-                if spec.rewards:
-                    rewards = formats.record_rewards(record, spec.fmt, spec.fields)
-                if spec.fmt in formats.TOKEN_FORMATS:  # ids as they are: no template, no tokenizer
-                    ids, mask = formats.token_ids(record, spec.fmt, spec.fields, spec.tokenizer.vocab_size)
-                else:
-                    conv = formats.to_conversation(record, spec.fmt, spec.fields, spec.tools)
-                    parts = conv.parts()
-                    ids, mask = templates.render(
-                        spec.template, spec.tokenizer, conv, spec.train_on, spec.train_reasoning
-                    )
-                full_length = len(ids)
-                ids, mask, truncated = packing.fit_ids(ids, mask, spec.seq_len, spec.overlong)
+                ids, mask, truncated, full_length, weight, rewards, parts = encode_record(record, spec)
             except formats.BadRecord as e:
                 bad = e
         out["ids"].append(ids)
@@ -105,6 +93,24 @@ def _tokenize_batch(batch: dict, indices: list[int], *, spec: TokenizeSpec, path
             place_rewards(mask, rewards, spec.train_on) if rewards is not None and ids else []
         )
     return out
+
+
+def encode_record(record: dict, spec: TokenizeSpec) -> tuple:
+    """(ids, mask, truncated, full_length, weight, rewards or None, parts) of one readable record,
+    fitted to seq_len + 1 tokens (ids empty when dropped); a `formats.BadRecord` when it is bad."""
+    rewards, parts = None, []
+    weight = formats.record_weight(record, spec.fields)
+    if spec.rewards:
+        rewards = formats.record_rewards(record, spec.fmt, spec.fields)
+    if spec.fmt in formats.TOKEN_FORMATS:  # ids as they are: no template, no tokenizer
+        ids, mask = formats.token_ids(record, spec.fmt, spec.fields, spec.tokenizer.vocab_size)
+    else:
+        conv = formats.to_conversation(record, spec.fmt, spec.fields, spec.tools)
+        parts = conv.parts()
+        ids, mask = templates.render(spec.template, spec.tokenizer, conv, spec.train_on, spec.train_reasoning)
+    full_length = len(ids)
+    ids, mask, truncated = packing.fit_ids(ids, mask, spec.seq_len, spec.overlong)
+    return ids, mask, truncated, full_length, weight, rewards, parts
 
 
 def place_rewards(mask: list[bool], rewards: list[float], train_on: str) -> list[float]:

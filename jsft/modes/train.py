@@ -196,6 +196,14 @@ def _report_data(config: ml_collections.ConfigDict, data: Data, is_main: bool) -
     data_metrics = {}
     for src in data.train_sources:
         st = src.stats
+        if "examples" not in st:  # streamed: records are parsed only when drawn
+            _print(
+                is_main,
+                f"Data {src.name!r} (streamed{', this process' if jax.process_count() > 1 else ''}): "
+                f"{st['records']:,} records in {st['shards']} shard(s); mixture weight "
+                f"{data.mixture[src.name]:.3f}; bad records are found and counted as they are drawn",
+            )
+            continue
         data_metrics.update(
             {
                 f"data/{src.name}/skipped_records": st["bad"],
@@ -217,7 +225,8 @@ def _report_data(config: ml_collections.ConfigDict, data: Data, is_main: bool) -
 
 def _data_fingerprint(config: ml_collections.ConfigDict, data: Data) -> dict:
     """The stream's fingerprint, with per-source counts summed over every process's shards."""
-    counts = [{k: src.stats[k] for k in ("records", "examples", "tokens")} for src in data.train_sources]
+    keys = ("records", "examples", "tokens")
+    counts = [{k: src.stats[k] for k in keys if k in src.stats} for src in data.train_sources]
     gathered = multihost.allgather_json(counts)
     totals = [{k: sum(p[i][k] for p in gathered) for k in counts[i]} for i in range(len(counts))]
     return fingerprint.stream_fingerprint(
@@ -334,6 +343,7 @@ def train(t: Trainer, start_step: int, state: TrainState, scope: contextlib.Exit
     pbar = tqdm(total=total_steps, initial=start_step, desc="train", disable=not is_main, mininterval=1.0)
     scope.callback(pbar.close)
     batches = Prefetcher(t.data.train, config.data.prefetch)  # packs ahead while the step runs
+    scope.callback(t.data.train.close)  # runs after the prefetcher's close (callbacks unwind in reverse)
     scope.callback(batches.close)
     pending, last_time = [], time.time()
     # stop_after_steps ends this invocation early (a time-limited job) without changing the schedule.
@@ -376,6 +386,10 @@ def log(t: Trainer, step: int, pending: list, since: float, data_state: dict, pb
     elapsed = time.time() - since
     skipped = t.guard.check([s for s, _ in pending], [bool(m["nonfinite"]) for m in fetched])
     logged = _train_metrics(fetched, elapsed, t.config.data, t.data, data_state)
+    if t.config.data.get("engine") == "stream":  # bad records met so far, over every process's streams
+        shards = _global_data_state(data_state)["shards"].values()
+        for k, name in enumerate(t.data.source_names):
+            logged[f"data/{name}/bad_records"] = float(sum(sh["bad"][k] for sh in shards))
     logged["train/skipped_steps"] = float(skipped)
     t.writer.write(step, logged)
     t.summary["train/loss"] = logged["train/loss"]

@@ -143,3 +143,12 @@ def test_tool_calls_and_thinking_are_counted_rendered_and_malformed_ones_listed(
         f"assistant\n[[<tool_call>\n{call}\n</tool_call><|im_end|>]]\n <|im_start|>tool\n sunny" in rendered
     )
     assert "assistant\n[[<think>\nit said so\n</think>\n\nsunny in paris<|im_end|>]]" in rendered
+
+
+def test_inspect_reads_every_record_even_for_a_streamed_config():
+    from jsft.data.inspect import inspect_config
+    from tests import tiny_config
+
+    config = tiny_config.get_config("/nonexistent")
+    config.data.engine = "stream"
+    assert inspect_config(config.data).engine == "table" and config.data.engine == "stream"

@@ -81,3 +81,45 @@ def test_two_processes_checkpoint_resume_and_match_one_process(tiny_data_dir, tm
         )
     assert sorted(_by_step(multi, "train/loss")) == list(range(1, 7))
     assert not os.path.exists(tmp_path / "multi" / "process_1" / "metrics.jsonl")  # process 0 writes
+
+
+@pytest.mark.slow
+def test_a_streamed_run_checkpointed_on_two_processes_resumes_on_one_and_back(tiny_data_dir, tmp_path):
+    # Elastic resume (engine="stream"): the two logical streams move whole between processes, so
+    # 2 -> 1 and 1 -> 2 resumes log the losses of an uninterrupted one-process run.
+    stream = ["--config.data.engine=stream", "--config.data.num_shards=2", "--config.data.shard_bytes=512"]
+    env2 = dict(os.environ, PYTHON=sys.executable, LOCAL_DEVICES="2", JAX_PLATFORMS="cpu")
+
+    def two(workdir, *extra):
+        cmd = [os.path.join(REPO, "launch", "local_multihost.sh"), "2", f"--config={TINY}:{tiny_data_dir}"]
+        cmd += [f"--workdir={workdir}", *COMMON, *stream, *extra]
+        out = zygote.run(cmd, cwd=REPO, env=env2, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        return out.stdout + out.stderr
+
+    def one(workdir, *extra):
+        cmd = [sys.executable, "-m", "jsft.main", f"--config={TINY}:{tiny_data_dir}", f"--workdir={workdir}"]
+        out = zygote.run(
+            cmd + [*COMMON, *stream, *extra],
+            cwd=REPO,
+            env=cpu_env(4),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout + out.stderr
+
+    one(tmp_path / "whole")
+    two(tmp_path / "down", "--config.train.stop_after_steps=3")
+    assert "Resuming from the checkpoint at step 3" in one(tmp_path / "down")
+    one(tmp_path / "up", "--config.train.stop_after_steps=3")
+    assert "Resuming from the checkpoint at step 3" in two(tmp_path / "up")
+    whole = _by_step(_metrics(tmp_path / "whole"), "train/loss")
+    assert sorted(whole) == list(range(1, 7))
+    for name in ("down", "up"):
+        resumed = _by_step(_metrics(tmp_path / name), "train/loss")
+        assert sorted(resumed) == sorted(whole), name
+        np.testing.assert_allclose(
+            [resumed[s] for s in whole], [whole[s] for s in whole], rtol=1e-5, err_msg=name
+        )

@@ -19,8 +19,12 @@ def _losses(workdir):
 
 
 @pytest.mark.slow
-def test_interrupted_run_reproduces_the_uninterrupted_loss_curve_exactly(tiny_config, tmp_path):
+@pytest.mark.parametrize("engine", ["table", "stream"])
+def test_interrupted_run_reproduces_the_uninterrupted_loss_curve_exactly(tiny_config, tmp_path, engine):
     # Two sources in a weighted mixture, so the data position spans sampler, pack chunks and epochs.
+    tiny_config.data.engine = engine
+    tiny_config.data.shard_bytes = 1024  # stream: several shards per source
+    tiny_config.data.shuffle_window = 16
     import ml_collections
 
     from configs.demo import source
