@@ -2,8 +2,10 @@
 
 Supported families: Llama (2, 3, 3.1/3.2 with `llama3` RoPE scaling and tied embeddings), Mistral
 (sliding window), Qwen2/2.5 (q/k/v biases), Qwen3 (q/k norms), Gemma 2 (norm offset, embedding scale,
-attention and final logit soft-capping, sandwich norms, GeLU, alternating sliding-window layers); RoPE
-scalings linear, llama3, yarn and dynamic (jsft/models/rope.py).
+attention and final logit soft-capping, sandwich norms, GeLU, alternating sliding-window layers),
+Qwen3-MoE (top-k experts, `norm_topk_prob`, dense layers from `mlp_only_layers`/`decoder_sparse_step`)
+and Mixtral (top-k experts, sliding window); RoPE scalings linear, llama3, yarn and dynamic
+(jsft/models/rope.py).
 Anything in a config that would change the math and that jsft does not implement is refused by name.
 """
 
@@ -12,7 +14,21 @@ from __future__ import annotations
 from jsft.models.llama import LlamaConfig
 from jsft.models.rope import rope_scaling_problems
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "qwen3_moe", "mixtral")
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
+# Fields of other MoE families (Qwen2-MoE, DeepSeek, ...) that change the math; refused when set.
+_MOE_REFUSED = (
+    "shared_expert_intermediate_size",
+    "n_shared_experts",
+    "num_shared_experts",
+    "moe_shared_expert_intermediate_size",
+    "first_k_dense_replace",
+    "routed_scaling_factor",
+    "topk_group",
+    "n_group",
+    "scoring_func",
+    "topk_method",
+)
 
 
 GEMMA_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
@@ -75,8 +91,12 @@ def config_from_hf(hf: dict, **numerics: str) -> LlamaConfig:
         refuse.append("attention_bias=true")
     if family == "qwen2" and hf.get("use_sliding_window"):
         refuse.append("use_sliding_window=true")
-    if family == "qwen3" and hf.get("use_sliding_window"):
+    if family in ("qwen3", "qwen3_moe") and hf.get("use_sliding_window"):
         refuse.append("use_sliding_window=true")
+    if family in MOE_FAMILIES:
+        refuse += [f"{k}={hf[k]!r}" for k in _MOE_REFUSED if hf.get(k) not in (None, 0, 0.0, 1.0, False)]
+        if hf.get("router_jitter_noise"):
+            refuse.append(f"router_jitter_noise={hf['router_jitter_noise']} (training-time router noise)")
     if "quantization_config" in hf:
         refuse.append("quantization_config (quantized weights)")
     if refuse:
@@ -96,12 +116,39 @@ def config_from_hf(hf: dict, **numerics: str) -> LlamaConfig:
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2",
-        qk_norm=family == "qwen3",
-        sliding_window=int(hf.get("sliding_window") or 0) if family == "mistral" else 0,
+        qk_norm=family in ("qwen3", "qwen3_moe"),
+        sliding_window=int(hf.get("sliding_window") or 0) if family in ("mistral", "mixtral") else 0,
         **(_gemma2_fields(hf) if family == "gemma2" else {}),
-        **numerics,
+        **{**(_moe_fields(hf) if family in MOE_FAMILIES else {}), **numerics},
     )
     return cfg
+
+
+def _moe_fields(hf: dict) -> dict:
+    """Qwen3-MoE's and Mixtral's experts as LlamaConfig fields. The load-balancing coefficient is
+    the checkpoint's `router_aux_loss_coef` when its `output_router_logits` is set (when transformers
+    adds the loss in training), else 0; a run's config.model.router_aux_loss_coef overrides it."""
+    n = hf["num_hidden_layers"]
+    experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
+    if not experts:  # a Qwen3-MoE config without experts is a dense model
+        return {}
+    if hf["model_type"] == "mixtral":
+        dense, width, norm_topk = (), hf["intermediate_size"], True
+    else:
+        step = hf.get("decoder_sparse_step") or 1
+        only = set(hf.get("mlp_only_layers") or ())
+        dense = tuple(i for i in range(n) if i in only or (i + 1) % step)
+        width, norm_topk = hf["moe_intermediate_size"], bool(hf.get("norm_topk_prob", False))
+    return dict(
+        n_experts=experts,
+        experts_per_token=hf["num_experts_per_tok"],
+        moe_mlp_dim=width,
+        norm_topk_prob=norm_topk,
+        dense_layers=dense,
+        router_aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0)
+        if hf.get("output_router_logits")
+        else 0.0,
+    )
 
 
 def _gemma2_fields(hf: dict) -> dict:
@@ -142,21 +189,26 @@ def config_to_hf(
     """
     if family not in FAMILIES:
         raise UnsupportedCheckpoint(f"cannot export as {family!r}; jsft exports {FAMILIES}")
-    if (cfg.qkv_bias, cfg.qk_norm, cfg.post_norms) != (
+    if (cfg.qkv_bias, cfg.qk_norm, cfg.post_norms, bool(cfg.n_experts)) != (
         family == "qwen2",
-        family == "qwen3",
+        family in ("qwen3", "qwen3_moe"),
         family == "gemma2",
+        family in MOE_FAMILIES,
     ):
         raise UnsupportedCheckpoint(
-            f"this model (qkv_bias={cfg.qkv_bias}, qk_norm={cfg.qk_norm}, post_norms={cfg.post_norms}) "
-            f"is not a {family}"
+            f"this model (qkv_bias={cfg.qkv_bias}, qk_norm={cfg.qk_norm}, post_norms={cfg.post_norms}, "
+            f"n_experts={cfg.n_experts}) is not a {family}"
         )
+    if family == "mixtral" and (cfg.dense_layers or not cfg.norm_topk_prob):
+        raise UnsupportedCheckpoint("mixtral has no dense layers and always renormalises its top-k weights")
     arch = {
         "llama": "LlamaForCausalLM",
         "mistral": "MistralForCausalLM",
         "qwen2": "Qwen2ForCausalLM",
         "qwen3": "Qwen3ForCausalLM",
         "gemma2": "Gemma2ForCausalLM",
+        "qwen3_moe": "Qwen3MoeForCausalLM",
+        "mixtral": "MixtralForCausalLM",
     }[family]
     rope = {"rope_type": "default", **dict(cfg.rope_scaling)}
     if rope["rope_type"] == "dynamic":  # its math reads the top-level field, so that one is its own
@@ -184,17 +236,40 @@ def config_to_hf(
         "pad_token_id": pad_id,
         "max_position_embeddings": int(max_position_embeddings),
     }
-    if family in ("llama", "mistral", "qwen3"):
+    if family in ("llama", "mistral", "qwen3", "qwen3_moe"):
         out["attention_bias"] = False
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         out["sliding_window"] = cfg.sliding_window or None
-    if family in ("qwen2", "qwen3"):
+    if family in MOE_FAMILIES:
+        out.update(_moe_hf_fields(cfg, family))
+    if family in ("qwen2", "qwen3", "qwen3_moe"):
         out["use_sliding_window"] = False
         out["sliding_window"] = None
     if family == "gemma2":
         out.update(_gemma2_hf_fields(cfg))
         del out["hidden_act"]
     return out
+
+
+def _moe_hf_fields(cfg: LlamaConfig, family: str) -> dict:
+    """The experts' config.json fields; dense layers are written as `mlp_only_layers` (step 1)."""
+    out = dict(
+        num_experts_per_tok=cfg.experts_per_token,
+        router_aux_loss_coef=cfg.router_aux_loss_coef,
+        output_router_logits=cfg.router_aux_loss_coef > 0,
+    )
+    if family == "mixtral":
+        return dict(
+            out, num_local_experts=cfg.n_experts, intermediate_size=cfg.moe_mlp_dim, router_jitter_noise=0.0
+        )
+    return dict(
+        out,
+        num_experts=cfg.n_experts,
+        moe_intermediate_size=cfg.moe_mlp_dim,
+        norm_topk_prob=cfg.norm_topk_prob,
+        decoder_sparse_step=1,
+        mlp_only_layers=list(cfg.dense_layers),
+    )
 
 
 def _gemma2_hf_fields(cfg: LlamaConfig) -> dict:
