@@ -140,6 +140,7 @@ class LlamaConfig:
         self._check_moe()
 
     def _check_moe(self) -> None:
+        object.__setattr__(self, "dense_layers", tuple(self.dense_layers))  # hashable from a config list
         if not self.n_experts:
             if self.dense_layers or self.experts_per_token or self.moe_mlp_dim:
                 raise ValueError("dense_layers, experts_per_token and moe_mlp_dim need n_experts > 0")
