@@ -128,6 +128,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             head_dim="",
             layers="",
             seq="",
+            expert="",  # Mixture-of-Experts experts: replicated until an expert mesh axis exists
         )
     )
 

@@ -11,6 +11,8 @@ stacked entry is. Experts are stacked too ([L, E, ...]); HF stores one tensor pe
 transformers 5.24 writes them (its save reverts its in-memory fused `experts.gate_up_proj` to these):
 Qwen3-MoE `mlp.gate.weight` and `mlp.experts.{e}.{gate,up,down}_proj.weight`; Mixtral
 `block_sparse_moe.gate.weight` and `block_sparse_moe.experts.{e}.w1/w3/w2.weight` (gate/up/down).
+Import also reads transformers' in-memory layout (`mlp.gate.weight`, `mlp.experts.gate_up_proj`
+[E, 2F, D] and `mlp.experts.down_proj` [E, D, F]), which transformers loads too; export never writes it.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ MOE_LAYOUTS = {
     "block_sparse_moe": ("block_sparse_moe", "w1", "w3", "w2"),  # Mixtral
 }
 FAMILY_MOE_LAYOUT = {"mixtral": "block_sparse_moe"}
+FUSED = "fused"  # transformers' in-memory layout (import only)
 
 
 def specs(cfg: LlamaConfig, moe_layout: str = "mlp") -> list[Spec]:
@@ -103,12 +106,43 @@ def _mlp_specs() -> list[Spec]:
 
 
 def _moe_specs(layout: str) -> list[Spec]:
-    """The router [D, E] and the experts' [E, ...] weights, one HF tensor per expert."""
+    """The router [D, E] and the experts' [E, ...] weights, one HF tensor per expert (per layer when
+    `layout` is FUSED)."""
+    if layout == FUSED:
+        return _fused_moe_specs()
     module, *names = MOE_LAYOUTS[layout]
     layer = f"model.layers.{{i}}.{module}."
     return [Spec(("layers", "moe", "router"), layer + "gate.weight", _t, _t)] + [
         Spec(("layers", "moe", p), layer + f"experts.{{e}}.{hf_name}.weight", _t, _t)
         for p, hf_name in zip(("gate_proj", "up_proj", "down_proj"), names, strict=True)
+    ]
+
+
+def _fused_moe_specs() -> list[Spec]:
+    def fused_only(_x, _cfg):
+        raise ValueError("jsft exports experts one tensor each (as transformers saves them), never fused")
+
+    experts = "model.layers.{i}.mlp.experts."
+    return [
+        Spec(("layers", "moe", "router"), "model.layers.{i}.mlp.gate.weight", _t, _t),
+        Spec(
+            ("layers", "moe", "gate_proj"),
+            experts + "gate_up_proj",
+            lambda w, c: w[:, : c.moe_mlp_dim].transpose(0, 2, 1),
+            fused_only,
+        ),
+        Spec(
+            ("layers", "moe", "up_proj"),
+            experts + "gate_up_proj",
+            lambda w, c: w[:, c.moe_mlp_dim :].transpose(0, 2, 1),
+            fused_only,
+        ),
+        Spec(
+            ("layers", "moe", "down_proj"),
+            experts + "down_proj",
+            lambda w, c: w.transpose(0, 2, 1),
+            fused_only,
+        ),
     ]
 
 

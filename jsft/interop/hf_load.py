@@ -12,7 +12,7 @@ import numpy as np
 
 from jsft.interop.hf_config import UnsupportedCheckpoint
 from jsft.interop.hf_files import weight_files
-from jsft.interop.hf_keys import Spec, get_path, set_path, specs
+from jsft.interop.hf_keys import FUSED, Spec, get_path, set_path, specs
 from jsft.models.llama import LlamaConfig
 
 
@@ -44,8 +44,11 @@ def load_params(
     dtype = jnp.dtype(dtype or cfg.param_dtype)
     params: dict = {}
     used = set()
-    # Mixtral's experts as transformers writes them (block_sparse_moe.*), else mlp.* (Qwen3-MoE).
+    # Mixtral's experts as transformers writes them (block_sparse_moe.*), transformers' in-memory fused
+    # experts (either family), else one tensor per expert under mlp.* (Qwen3-MoE).
     layout = "block_sparse_moe" if any(".block_sparse_moe." in k for k in files) else "mlp"
+    if any(k.endswith(".experts.gate_up_proj") for k in files):
+        layout = FUSED
     for spec in specs(cfg, layout):
         sharding = get_path(shardings, spec.path) if shardings is not None else None
         if spec.per_layer:

@@ -181,6 +181,20 @@ def test_export_loads_in_transformers_with_identical_logits_and_reimports_bit_ex
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), params, again)
 
 
+def test_transformers_in_memory_fused_experts_load_to_the_same_params(family, tmp_path):
+    import shutil  # noqa: PLC0415
+
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    _, source, model, cfg, params = family
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}  # tied: two copies
+    assert any(k.endswith("experts.gate_up_proj") for k in state)  # transformers' own fused names
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    fused = hf.load_params(str(tmp_path), cfg)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), params, fused)
+
+
 def test_moe_fields_jsft_does_not_implement_are_refused_by_name():
     base = dict(COMMON, num_hidden_layers=2, intermediate_size=24, moe_intermediate_size=16, num_experts=4)
     with pytest.raises(hf.UnsupportedCheckpoint, match="shared_expert_intermediate_size=64"):
