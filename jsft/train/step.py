@@ -238,7 +238,6 @@ def make_train_step(
         x > 0 for x in (cfg.lora_dropout, cfg.neftune_alpha, cfg.dropout_embed, cfg.dropout_residual)
     )
     is_qsft = objective is not None and objective.name == "qsft"  # targets per micro-batch, Polyak
-    stacks_train = _stack_trains(cfg, layers_train)
 
     def loss_sums(train_params, frozen_params, micro, rng=None):
         params = trainable.merge(train_params, frozen_params)
@@ -280,12 +279,12 @@ def make_train_step(
         # Gradients stay float32 into the optimizer (float32 moments, also for bfloat16 parameters);
         # optax.apply_updates casts each update to its parameter's dtype.
         grads = jax.tree.map(lambda g: g / denom, grads)
-        grads = _in_layers(grads, stacks_train, lambda g, keep: g * keep.astype(g.dtype))
+        grads = _in_layers(grads, _stack_trains(cfg, layers_train), lambda g, keep: g * keep.astype(g.dtype))
         grad_norm = optax.tree.norm(grads)
         # A NaN/inf loss or gradient is never applied: the step counts, the state stays as it was.
         finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
 
-        update = _updater(tx, grads, stacks_train)
+        update = _updater(tx, grads, _stack_trains(cfg, layers_train))
         train_params, opt_state = apply_if_finite(finite, update, train_params, state.opt_state)
         params = trainable.merge(train_params, frozen_params)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

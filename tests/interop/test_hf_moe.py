@@ -215,3 +215,51 @@ def test_moe_fields_jsft_does_not_implement_are_refused_by_name():
         hf.config_to_hf(cfg, "mixtral", "float32", 1, 2)
     with pytest.raises(hf.UnsupportedCheckpoint, match="is not a qwen3"):
         hf.config_to_hf(cfg, "qwen3", "float32", 1, 2)
+
+
+SHARDED = r"""
+import sys, jax, numpy as np
+from jsft.interop import hf
+from jsft.models.registry import ModelDef
+from jsft.parallel import sharding
+from jsft.parallel.mesh import build_mesh
+d = sys.argv[1]
+cfg = hf.config_from_hf(hf.read_config(d))
+model = ModelDef.create(cfg)
+mesh = build_mesh((1, 2, 2))
+plain = hf.load_params(d, cfg)
+ids = np.random.default_rng(0).integers(0, 300, (4, 12))
+expected = np.asarray(jax.jit(model.apply)(plain, ids))
+for expert in ("", "tensor"):  # today's rule, and experts split over a mesh axis
+    rules = sharding.parse_rules(dict(batch="data,fsdp", embed="fsdp", mlp="tensor", heads="tensor",
+                                      kv_heads="tensor", vocab="tensor", head_dim="", layers="", seq="",
+                                      expert=expert))
+    shardings = sharding.param_shardings(model.abstract_params(), model.logical_axes(), mesh, rules)
+    sharded = hf.load_params(d, cfg, shardings)
+    for a, b, s in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain), jax.tree.leaves(shardings)):
+        assert a.sharding == s
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with sharding.use_rules(mesh, rules):
+        np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(sharded, ids)), expected, atol=2e-5)
+    print(expert or "-", shardings["layers"]["moe"]["gate_proj"].spec)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_experts_stream_into_their_shardings_and_run_sharded(tmp_path):
+    import sys  # noqa: PLC0415
+
+    from tests import zygote  # noqa: PLC0415
+    from tests.conftest import cpu_env  # noqa: PLC0415
+
+    _save_tiny("qwen3_moe", str(tmp_path))
+    r = zygote.run(
+        [sys.executable, "-c", SHARDED, str(tmp_path)],
+        env=cpu_env(4),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.splitlines()[-1] == "ok" and "P(None, 'tensor', 'fsdp', None)" in r.stdout
