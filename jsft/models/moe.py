@@ -15,6 +15,8 @@ weights are not renormalised again, as in Switch/GShard).
 
 `dispatch` is a pure function of (tokens, choices, weights, expert weights), shaped so that a later
 expert-parallel version can wrap it in `shard_map` (all-to-all before and after the grouped matmuls).
+On a mesh (sharding rules active) each batch shard routes and dispatches its own tokens inside a
+`shard_map` over the batch axes (`_per_batch_shard`), so the capacity counts a shard's tokens.
 
 Router losses (`router_losses`), over real (non-padding) tokens and every MoE layer, as transformers'
 `load_balancing_loss_func` with an attention mask computes the first:
@@ -31,12 +33,15 @@ K experts per token, A assignments (T * K).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jsft.parallel import sharding
 
 
 def route(logits_te: jax.Array, k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -179,23 +184,51 @@ class MoE(nnx.Module):
         """(output [B, T, D], this layer's `router_stats`); `real_bt` marks real tokens (what the
         router losses count; padding goes last under a capacity). `dropless` ignores the capacity
         factor (generation: a prefill's capacity would depend on its length)."""
-        b, t, d = x_btd.shape
-        dt = x_btd.dtype
-        x_td = x_btd.reshape(b * t, d)
-        real_t = real_bt.reshape(b * t)
-        logits_te = jnp.einsum("TD,DE->TE", x_td, self.router[...].astype(dt))
-        weights_tk, experts_tk, probs_te = route(logits_te, self.k, self.norm_topk_prob)
         factor = 0.0 if dropless else self.capacity_factor
-        cap = capacity(b * t, self.k, probs_te.shape[-1], factor) if factor > 0 else None
-        y_td = dispatch(
-            x_td,
-            experts_tk,
-            weights_tk,
-            self.gate_proj[...],
-            self.up_proj[...],
-            self.down_proj[...],
-            self.activation,
-            cap,
-            real_t > 0,
+        weights = (self.router[...], self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+        layer = functools.partial(
+            _layer, k=self.k, norm=self.norm_topk_prob, act=self.activation, factor=factor
         )
-        return y_td.reshape(b, t, d), router_stats(logits_te, probs_te, experts_tk, real_t)
+        return _per_batch_shard(layer, x_btd, real_bt, weights)
+
+
+def _layer(x_btd, real_bt, weights, *, k, norm, act, factor):
+    """Route and dispatch the tokens of [B, T, D] (all of them, or one batch shard's)."""
+    router, gate, up, down = weights
+    b, t, d = x_btd.shape
+    x_td = x_btd.reshape(b * t, d)
+    real_t = real_bt.reshape(b * t)
+    logits_te = jnp.einsum("TD,DE->TE", x_td, router.astype(x_td.dtype))
+    weights_tk, experts_tk, probs_te = route(logits_te, k, norm)
+    cap = capacity(b * t, k, probs_te.shape[-1], factor) if factor > 0 else None
+    y_td = dispatch(x_td, experts_tk, weights_tk, gate, up, down, act, cap, real_t > 0)
+    return y_td.reshape(b, t, d), router_stats(logits_te, probs_te, experts_tk, real_t)
+
+
+def _per_batch_shard(layer: Callable, x_btd, real_bt, weights):
+    """`layer` on each batch shard's own tokens when sharding rules are active (jsft.parallel.sharding):
+    a `shard_map` manual over the mesh axes that split the batch, automatic over the others (tensor
+    parallelism inside stays GSPMD's), the expert weights gathered over the batch axes as an FSDP
+    matmul would, and the router statistics summed over the shards. Without it GSPMD would gather
+    every shard's assignments to sort them globally, so every device would route and run the experts
+    for the whole batch. A capacity then holds per shard (GShard's groups)."""
+    active = sharding.active()
+    if active is None:
+        return layer(x_btd, real_bt, weights)
+    mesh, rules = active
+    axes = tuple(a for a in rules.get("batch", ()) if a in mesh.shape and mesh.shape[a] > 1)
+    if not axes or x_btd.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return layer(x_btd, real_bt, weights)
+    rows, whole = jax.sharding.PartitionSpec(axes), jax.sharding.PartitionSpec()
+
+    def shard(x, real, weights):
+        y, stats = layer(x, real, weights)
+        return y, jax.tree.map(lambda v: jax.lax.psum(v, axes), stats)
+
+    return jax.shard_map(
+        shard,
+        mesh=mesh,
+        in_specs=(rows, rows, (whole,) * 4),
+        out_specs=(rows, whole),
+        axis_names=frozenset(axes),
+    )(x_btd, real_bt, weights)

@@ -242,6 +242,25 @@ for expert in ("", "tensor"):  # today's rule, and experts split over a mesh axi
     with sharding.use_rules(mesh, rules):
         np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(sharded, ids)), expected, atol=2e-5)
     print(expert or "-", shardings["layers"]["moe"]["gate_proj"].spec)
+# A train step on the mesh equals the unsharded one; each batch shard sorts only its own assignments.
+import optax
+from jsft.train.state import TrainState
+from jsft.train.step import make_train_step
+batch = dict(inputs=ids, targets=np.roll(ids, -1, 1), positions=np.broadcast_to(np.arange(12), (4, 12)),
+             segment_ids=np.ones((4, 12), np.int32), loss_mask=np.ones((4, 12), np.int32))
+tx = optax.sgd(1.0)
+step = jax.jit(make_train_step(model, tx, optax.constant_schedule(1.0)))
+ref, _ = step(TrainState.create(plain, tx, jax.random.key(1)), batch)
+with sharding.use_rules(mesh, rules):
+    state = TrainState.create(sharded, tx, jax.random.key(1))
+    placed = jax.device_put(batch, sharding.batch_sharding(mesh, rules))
+    new, _ = step(state, placed)
+    hlo = step.lower(state, placed).compile().as_text()
+for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(ref.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+sorts = [line for line in hlo.splitlines() if " sort(" in line]
+sorted_sizes = {line.split("sort(")[0].split("(s32[")[1].split("]")[0] for line in sorts}
+assert sorted_sizes == {"48"}, sorted_sizes  # 2 of 4 rows x 12 tokens x 2 experts, not all 96
 print("ok")
 """
 
