@@ -72,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.on_changed_data = "error"
     config.data.tokenizer = ""  # .model (SentencePiece) or HF tokenizer dir; empty: train one
     config.data.vocab_size = 512  # size of the tokenizer trained when none is given
-    config.data.template = "plain"  # plain | chatml | llama3 | hf (the tokenizer's chat_template)
+    config.data.template = "plain"  # plain | chatml | llama3 | gemma | hf (the tokenizer's chat_template)
     config.data.separator = "\n"  # plain template: between prompt and response
     config.data.train_on = "all_assistant"  # or last_assistant
     # Assistants' thinking (`reasoning_content`, or `<think>...</think>` before the reply): True trains
@@ -105,6 +105,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.init_std = 0.02
     config.model.param_dtype = "float32"
     config.model.compute_dtype = "float32"
+    # What each layer keeps for the backward: none | full | save_dots | save_dots_except_mlp |
+    # save_attention_out | offload (save_dots' activations in host memory) | dots | dots_no_batch.
     config.model.remat = "none"
     # auto (GPU: pallas_gpu, cudnn where it takes the model and rows; TPU: splash; else flash) | flash |
     # pallas_gpu | cudnn | splash | chunked | reference | xla_sdpa: jsft/models/attention.py

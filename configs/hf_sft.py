@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of a local Hugging Face checkpoint (Llama, Mistral, Qwen2/3, Gemma 2).
+"""Supervised fine-tuning of a local Hugging Face checkpoint (Llama, Mistral, Qwen2/3, Gemma 2/3).
 
     python -m jsft.main --config configs/hf_sft.py --workdir workdirs/qwen_sft \\
         --config.model.hf_path=/models/Qwen2.5-0.5B-Instruct \\

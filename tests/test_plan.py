@@ -79,3 +79,46 @@ def test_the_plan_names_the_kernel_of_its_figures_and_what_each_accelerator_runs
     line = plan.attention_line("splash", dataclasses.replace(arch, attention="flash"))
     assert line.endswith("model.attention=splash is refused on GPUs, splash on TPUs")
     assert "figures with flash" in line
+
+
+OFFLOAD_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, "REPO")
+from configs import demo
+from jsft.modes import plan
+out = {}
+for remat in ("save_dots", "offload"):
+    config = demo.get_config()
+    config.model.vocab_size = 512
+    config.mesh.shape = (1, 4, 1)
+    config.model.remat = remat
+    rows = {}
+    plan.run_plan(config, plan_rows=rows)
+    out[remat] = rows
+out["tokens"] = config.data.batch_size // config.optim.grad_accum_steps * config.data.seq_len
+out["itemsize"] = {"float32": 4, "bfloat16": 2}[config.model.compute_dtype]
+print(json.dumps(out))
+"""
+
+
+def test_offload_moves_save_dots_activations_to_the_host_in_the_plan():
+    r = zygote.run(
+        [sys.executable, "-c", OFFLOAD_SCRIPT.replace("REPO", REPO)],
+        cwd=REPO,
+        env=cpu_env(4),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    dots, offload = out["save_dots"], out["offload"]
+    # The demo model: 4 layers, d_model 128, 4 heads and 2 KV heads of 32, MLP 384. Kept per token and
+    # layer: q and the attention output (2 x 4 x 32), k and v (2 x 2 x 32), o_proj (128), gate and up
+    # (2 x 384); over 4 devices.
+    host = 4 * out["tokens"] * (2 * 4 * 32 + 2 * 2 * 32 + 128 + 2 * 384) * out["itemsize"] // 4
+    assert offload["host memory: offloaded activations (from shapes)"] == host > 0
+    act = "activations + workspace (XLA temp - gradients)"
+    assert offload[act] == max(dots[act] - host, 0)
+    assert offload["peak per device"] == dots["peak per device"] - host
+    assert "host memory: offloaded activations (from shapes)" not in dots

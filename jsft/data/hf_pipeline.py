@@ -9,7 +9,8 @@ builds its own normalizer, pre-tokenizer, decoder and BPE options. For the famil
   qwen2, qwen3  Qwen2Tokenizer: NFC, Qwen's split regex (digits one by one), byte-level BPE. A qwen2
                 checkpoint always gets it (transformers overrides a hub `tokenizer_class` there); a
                 qwen3 one unless tokenizer_config.json names another class.
-  gemma2        GemmaTokenizer: spaces to "▁", byte-fallback BPE with `unk_token`.
+  gemma2, gemma3, gemma3_text
+                GemmaTokenizer: spaces to "▁", byte-fallback BPE with `unk_token`.
   llama         tokenizer.json as written, unless tokenizer_config.json names LlamaTokenizer and the
                 file is not byte-level: then Metaspace (prepend "▁" to the first piece only, unless
                 `legacy`), byte-fallback BPE, no normalizer.
@@ -38,6 +39,8 @@ REGISTERED = {
     "qwen3": "Qwen2Tokenizer",
     "gemma": "GemmaTokenizer",
     "gemma2": "GemmaTokenizer",
+    "gemma3": "GemmaTokenizer",
+    "gemma3_text": "GemmaTokenizer",
     "mistral": AS_WRITTEN,
 }
 # Model types whose hub `tokenizer_class` transformers overrides with the registered class.

@@ -14,6 +14,10 @@ learns to stop; tool results are never trained.
   llama3  `<|begin_of_text|><|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>`; tools in
           the system turn, calls as Llama 3.1's `{"name": ..., "parameters": ...}`, results as
           `ipython` turns
+  gemma   `<bos><start_of_turn>user\ncontent<end_of_turn>\n<start_of_turn>model\nreply<end_of_turn>\n`
+          (Gemma 2, 3): no system role, so a system prompt opens the first user turn followed by a
+          blank line, as Gemma's own template does; turn contents are stripped; it has no tool format and
+          refuses records with tools, tool calls or tool turns
   hf      the Jinja2 `chat_template` of a Hugging Face tokenizer, rendered as `transformers` renders
           it; trained spans from its `{% generation %}` markers, else located (jinja_template.py)
 
@@ -143,8 +147,37 @@ class Llama3Template:
         return segs
 
 
+@dataclasses.dataclass(frozen=True)
+class GemmaTemplate:
+    special_tokens: tuple[str, ...] = ("<start_of_turn>", "<end_of_turn>")
+    end_of_turn: str | None = "<end_of_turn>"
+
+    def segments(self, conv: Conversation, tok: Tokenizer, generation_prompt: bool = False) -> list[Segment]:
+        if conv.tools or any(m.tool_calls or m.role == "tool" for m in conv.messages):
+            raise BadRecord(
+                "the record has tools, tool calls or tool turns, which config.data.template='gemma' cannot "
+                "write (Gemma has no tool format); set config.data.template to 'chatml', 'llama3' or 'hf'"
+            )
+        msgs = conv.messages
+        has_system = bool(msgs) and msgs[0].role == "system"
+        system = msgs[0].content + "\n\n" if has_system else ""  # not stripped, as Gemma's template
+        msgs = msgs[1:] if has_system else msgs
+        segs: list[Segment] = [([tok.bos_id], False)] if tok.bos_id is not None else []
+        for i, m in enumerate(msgs):
+            role = "model" if m.role == "assistant" else m.role
+            prefix = system if i == 0 else ""
+            segs.append((f"<start_of_turn>{role}\n{prefix}", False))
+            if m.role == "assistant":
+                segs += [(_thinking(m) + m.content.strip() + "<end_of_turn>", True), ("\n", False)]
+            else:
+                segs.append((m.content.strip() + "<end_of_turn>\n", False))
+        if generation_prompt:
+            segs.append(("<start_of_turn>model\n", False))
+        return segs
+
+
 # What build_template returns; render, prompt_ids and stop_ids take any of them.
-Template = PlainTemplate | ChatMLTemplate | Llama3Template | JinjaTemplate
+Template = PlainTemplate | ChatMLTemplate | Llama3Template | GemmaTemplate | JinjaTemplate
 
 
 def _encode(tok: Tokenizer, piece: str | list[int]) -> list[int]:
@@ -201,11 +234,11 @@ def stop_ids(template: Template, tok: Tokenizer) -> list[int]:
     return sorted(ids)
 
 
-BUILTIN = {"plain": PlainTemplate, "chatml": ChatMLTemplate, "llama3": Llama3Template}
+BUILTIN = {"plain": PlainTemplate, "chatml": ChatMLTemplate, "llama3": Llama3Template, "gemma": GemmaTemplate}
 
 
 def build_template(name: str, separator: str = "\n", tokenizer: Any = None) -> Template:
-    """`name`: plain | chatml | llama3 | hf (the tokenizer's own Jinja chat template)."""
+    """`name`: plain | chatml | llama3 | gemma | hf (the tokenizer's own Jinja chat template)."""
     if name == "plain":
         return PlainTemplate(separator=separator)
     if name in BUILTIN:
@@ -217,7 +250,7 @@ def build_template(name: str, separator: str = "\n", tokenizer: Any = None) -> T
             raise DataError(
                 f"config.data.template='hf': the tokenizer {where} has no chat template (looked in "
                 f"{', '.join(CHAT_TEMPLATE_FILES)}); set config.data.template to a built-in "
-                "template (chatml, llama3 or plain), or use a tokenizer that has a chat template"
+                "template (chatml, gemma, llama3 or plain), or use a tokenizer that has a chat template"
             )
         template = JinjaTemplate(
             source,

@@ -18,7 +18,7 @@ Import also reads transformers' in-memory layout (`mlp.gate.weight`, `mlp.expert
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from jsft.models.llama import LlamaConfig
@@ -215,6 +215,40 @@ def _layer_specs(cfg: LlamaConfig, mlp: list[Spec]) -> list[Spec]:
                 )
             )
     return out
+
+
+# A Gemma3ForConditionalGeneration checkpoint holds its language model under a prefix (transformers
+# 5 saves the first layout, which the Hub's checkpoints have; 4.5x saved the second) beside a vision
+# tower and projector, which jsft does not import.
+LANGUAGE_MODEL_LAYOUTS = (
+    ("language_model.model.", "language_model.lm_head."),
+    ("model.language_model.", "lm_head."),
+)
+VISION_PREFIXES = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
+
+
+def checkpoint_layout(names: Iterable[str]) -> tuple[Callable[[str], str], tuple[str, ...]]:
+    """(spec name -> the name in a checkpoint with tensors `names`, prefixes of tensors to leave
+    unread): the identity and none for a plain causal LM; for an image-text Gemma 3 checkpoint, its
+    language model's prefix and the vision tower's prefixes."""
+    names = set(names)
+    for body, head in LANGUAGE_MODEL_LAYOUTS:
+        if body + "embed_tokens.weight" in names:
+
+            def rename(name, body=body, head=head):
+                return (
+                    body + name[len("model.") :]
+                    if name.startswith("model.")
+                    else head + name[len("lm_head.") :]
+                )
+
+            return rename, VISION_PREFIXES
+    return (lambda name: name), ()
 
 
 def get_path(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:

@@ -3,6 +3,7 @@ straight into its sharding."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from jsft.interop.hf_config import UnsupportedCheckpoint
 from jsft.interop.hf_files import weight_files
-from jsft.interop.hf_keys import FUSED, Spec, get_path, set_path, specs
+from jsft.interop.hf_keys import FUSED, Spec, checkpoint_layout, get_path, set_path, specs
 from jsft.models.llama import LlamaConfig
 
 
@@ -31,9 +32,11 @@ def load_params(
     from safetensors import safe_open  # noqa: PLC0415
 
     files = weight_files(directory)
+    rename, unread = checkpoint_layout(files)
     handles: dict[str, object] = {}
 
     def tensor(name: str) -> np.ndarray:
+        name = rename(name)
         if name not in files:
             raise UnsupportedCheckpoint(f"{directory}: tensor {name!r} is missing")
         path = files[name]
@@ -59,13 +62,25 @@ def load_params(
             names = [spec.hf]
             value = spec.to_jsft(tensor(spec.hf), cfg).astype(dtype)
             value = jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
-        used.update(names)
+        used.update(rename(n) for n in names)
         kept = on_leaf(spec.path, value) if on_leaf is not None else {spec.path[-1]: value}
         for name, leaf in kept.items():
             set_path(params, (*spec.path[:-1], name), leaf)
-    extra = sorted(k for k in files if k not in used and not k.endswith("rotary_emb.inv_freq"))
-    if cfg.tie_embeddings and "lm_head.weight" in extra:
-        extra.remove("lm_head.weight")  # some tied checkpoints store the shared matrix twice
+    vision = [k for k in files if k.startswith(unread)]
+    if vision:
+        logging.warning(  # a warning, so it shows: an export of this model will have no vision tower
+            "%s: an image-text checkpoint; its language model is imported, its vision tower and projector "
+            "(%d tensors) are not",
+            directory,
+            len(vision),
+        )
+    extra = sorted(
+        k
+        for k in files
+        if k not in used and not k.endswith("rotary_emb.inv_freq") and not k.startswith(unread)
+    )
+    if cfg.tie_embeddings and rename("lm_head.weight") in extra:
+        extra.remove(rename("lm_head.weight"))  # some tied checkpoints store the shared matrix twice
     if extra:
         raise UnsupportedCheckpoint(
             f"{directory}: tensors jsft would ignore (they change the model): "

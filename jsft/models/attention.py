@@ -21,9 +21,9 @@ position of t's example: no [T, S] array is needed to say it.
               no segment form (the private packed layout of jax 0.10 needs a Hopper GPU and mis-strides
               grouped-query keys, jax-ml/jax#39521).
   xla_sdpa    jax.nn.dot_product_attention's XLA path over a dense [B, 1, T, S] mask; no soft-cap.
-  splash      TPU splash attention (Pallas, block-sparse; jsft/models/splash.py); one window for all
-              layers.
-  auto        TPU: splash (flash with per-layer windows). GPU: cudnn where it takes the model and the
+  splash      TPU splash attention (Pallas, block-sparse; jsft/models/splash.py); per-layer windows
+              (Gemma 2, 3) as one kernel per distinct window, each layer switching to its own.
+  auto        TPU: splash. GPU: cudnn where it takes the model and the
               rows (half-precision compute, head size <= 128 and a multiple of 8, no soft-cap, one
               window, unpacked rows), else pallas_gpu. Elsewhere: flash.
 
@@ -222,10 +222,10 @@ def unusable(
             f"does not soft-cap attention logits (this model has attn_softcap={softcap}); use 'auto', "
             "'flash' or 'pallas_gpu'"
         )
-    if name in ("splash", "cudnn") and per_layer_windows:
+    if name == "cudnn" and per_layer_windows:
         return (
             "needs one attention window for every layer (its mask is fixed when the step is traced; this "
-            "model has per-layer windows); use 'auto', 'flash' or 'pallas_gpu'"
+            "model has per-layer windows); use 'auto' or 'pallas_gpu'"
         )
     if name == "cudnn" and dtype is not None and jnp.dtype(dtype).name not in CUDNN_DTYPES:
         return (
@@ -264,7 +264,7 @@ def resolve(
             return (
                 "cudnn" if known and not packed and not unusable("cudnn", platform, **model) else "pallas_gpu"
             )
-        return "splash" if platform == "tpu" and not per_layer_windows else "flash"
+        return "splash" if platform == "tpu" else "flash"
     why = unusable(name, platform, **model, interpret_ok=interpret_ok)
     if why:
         raise ValueError(f"config.model.attention={name!r} {why}")
@@ -281,9 +281,24 @@ def attend(
     softcap: float = 0.0,
     chunk: int = 128,
     static_window: int = 0,
+    layer_windows: tuple = (),
 ) -> jax.Array:
     """Self-attention with the kernel `name` (already resolved). `static_window`: the model's one
-    sliding window as a Python int (splash builds its mask from it; the others read `mask.window`)."""
+    sliding window as a Python int (splash builds its mask from it; the others read `mask.window`).
+    `layer_windows`: a model's per-layer windows; splash then builds one kernel per distinct window
+    (per layer type: Gemma's sliding and global layers) and each layer runs the one its traced
+    `mask.window` names, through `lax.switch` (only the chosen branch executes)."""
+    if name == "splash" and len(set(layer_windows)) > 1:
+        windows = sorted(set(layer_windows))
+        index = sum(jnp.where(jnp.asarray(mask.window) == w, i, 0) for i, w in enumerate(windows))
+
+        def one_window(w):
+            return lambda q, k, v, start: splash_attention(q, k, v, start, w, scale, softcap, chunk)
+
+        branches = [one_window(w) for w in windows]
+        return jax.lax.switch(index, branches, q_btnh, k_bskh, v_bskh, mask.start_bt)
+    if name == "splash" and layer_windows:
+        static_window = layer_windows[0]
     if name == "reference":
         return reference_attention(q_btnh, k_bskh, v_bskh, mask.dense(), scale, softcap)
     if name == "chunked":

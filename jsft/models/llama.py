@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jsft.models import attention, lora, moe, quant
 from jsft.models.rope import apply_rope, rope_scaling_problems, rope_tables
@@ -29,11 +30,36 @@ LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "heads", "kv_heads", "head_dim",
 ACTIVATION_AXES = ("batch", "seq", "embed")  # the residual stream between blocks
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
+# What a layer keeps for the backward (`model.remat`). The projections and the attention kernel's output
+# are named (`checkpoint_name`: q_proj ... down_proj, attention_out; a MoE layer's router logits and
+# expert matmuls), so a policy can keep exactly them.
+_POLICIES = jax.checkpoint_policies
+ATTENTION_SAVES = ("q_proj", "k_proj", "v_proj", "attention_out", "o_proj")
+MLP_SAVES = ("gate_proj", "up_proj", "down_proj")
+MOE_SAVES = ("router_logits", "expert_gate", "expert_up", "expert_down")  # jsft/models/moe.py's names
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: keep every activation (fastest, most memory)
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _POLICIES.nothing_saveable,  # keep only each layer's input; recompute the layer
+    # Keep every projection's output and the attention output: the backward recomputes only norms,
+    # RoPE and elementwise ops (the attention itself is never recomputed).
+    "save_dots": _POLICIES.save_only_these_names(*ATTENTION_SAVES, *MLP_SAVES, *MOE_SAVES),
+    # As save_dots, but the MLP (the widest activations, [B, T, mlp_dim] x 3; a MoE layer's router
+    # logits and experts' [T * k, moe_mlp_dim] x 2 and [T * k, D]) is recomputed.
+    "save_dots_except_mlp": _POLICIES.save_only_these_names(*ATTENTION_SAVES),
+    # Keep only what is costly to recompute at long context: the attention output.
+    "save_attention_out": _POLICIES.save_only_these_names("attention_out"),
+    # save_dots' residuals, moved to host memory after the forward and back for the backward
+    # (needs a `pinned_host` memory space: GPUs and TPUs have one, and so does XLA's CPU client).
+    "offload": _POLICIES.save_and_offload_only_these_names(
+        names_which_can_be_saved=(),
+        names_which_can_be_offloaded=(*ATTENTION_SAVES, *MLP_SAVES, *MOE_SAVES),
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
+    # JAX's own dot policies, by their earlier jsft names: every matmul output (attention's QK^T and
+    # PV included, [B, N, T, S]), or those without batch dimensions (the projections).
+    "dots": _POLICIES.dots_saveable,
+    "dots_no_batch": _POLICIES.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -68,6 +94,10 @@ class LlamaConfig:
     activation: str = "silu"
     post_norms: bool = False
     layer_windows: tuple = ()  # per-layer sliding window (0: global); overrides sliding_window
+    # Gemma 3: the layers with a window (layer_windows) rotate with their own RoPE base and scaling;
+    # the others keep rope_theta/rope_scaling (0: every layer uses those).
+    local_rope_theta: float = 0.0
+    local_rope_scaling: tuple = ()
     init_std: float = 0.02
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
@@ -134,9 +164,14 @@ class LlamaConfig:
             raise ValueError(f"quant={self.quant!r} is not one of {('none', *quant.FORMATS)}")
         if self.lora_targets and self.lora_rank < 1:
             raise ValueError(f"lora_rank={self.lora_rank} must be >= 1 with LoRA targets")
-        problems = rope_scaling_problems(self.rope_scaling)
-        if problems:
-            raise ValueError(f"rope_scaling: {'; '.join(problems)}")
+        for name in ("rope_scaling", "local_rope_scaling"):
+            problems = rope_scaling_problems(getattr(self, name))
+            if problems:
+                raise ValueError(f"{name}: {'; '.join(problems)}")
+        if self.local_rope_theta and not any(self.layer_windows):
+            raise ValueError(
+                "local_rope_theta is the RoPE base of windowed layers, but layer_windows has none"
+            )
         self._check_moe()
 
     def _check_moe(self) -> None:
@@ -311,7 +346,7 @@ def _projector(module: nnx.Module, rng: jax.Array | None):
 
     def proj(name, spec, x):
         key = None if rng is None else jax.random.fold_in(rng, next(counter))
-        return lora.project(module, name, spec, x, module.cfg, key)
+        return checkpoint_name(lora.project(module, name, spec, x, module.cfg, key), name)
 
     return proj
 
@@ -375,7 +410,9 @@ class Attention(nnx.Module):
                 cfg.attn_softcap,
                 cfg.attention_chunk,
                 cfg.sliding_window,
+                cfg.layer_windows,
             )
+            out_btnh = checkpoint_name(out_btnh, "attention_out")
             return proj("o_proj", "BTNH,NHD->BTD", out_btnh), None
         k_lbskh, v_lbskh, layer, slots_bt = kv_cache
         rows_b1 = jnp.arange(x_btd.shape[0])[:, None]
@@ -525,7 +562,7 @@ class Llama(nnx.Module):
             x_btd = dropout(x_btd, cfg.dropout_embed, jax.random.fold_in(rng, cfg.n_layers + 1))
         start_bt = attention.Mask.from_segments(segment_ids_bt).start_bt
         # Each example's own length drives `dynamic` RoPE scaling (rope.py), packed or not.
-        cos, sin = rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, start_bt)
+        rope_for = self._rope(positions_bt, start_bt)
         windowed = bool(cfg.layer_windows or cfg.sliding_window)
         windows = jnp.asarray(cfg.layer_windows or (cfg.sliding_window,) * cfg.n_layers, jnp.int32)
 
@@ -539,7 +576,7 @@ class Llama(nnx.Module):
                 # A layer with a window (0: none) sees only the last `window` keys.
                 mask = attention.Mask(start_bt, window if windowed else 0, packed)
                 block = nnx.merge(layers_def, layer_state)
-                x_btd, _, layer_stats = block(x_btd, cos, sin, mask, rng=layer_rng, real_bt=real_bt)
+                x_btd, _, layer_stats = block(x_btd, *rope_for(window), mask, rng=layer_rng, real_bt=real_bt)
                 return constrain(x_btd, ACTIVATION_AXES), layer_stats
 
             if cfg.remat != "none":
@@ -563,6 +600,19 @@ class Llama(nnx.Module):
                 continue
             part = jax.tree.map(lambda x, a=first, b=end: x[a:b], layers_state)
             yield layers_def, part, slice(depth, depth + end - first), stack.sparse
+
+    def _rope(self, positions_bt: jax.Array, start_bt: jax.Array):
+        """window -> the (cos, sin) tables [B, T, H/2] of a layer with that window (a traced scalar
+        under the scan over layers): the local tables for a windowed layer when the model has them
+        (Gemma 3), else the global ones. Both sets are computed once, outside the scan."""
+        cfg = self.cfg
+        tables = rope_tables(positions_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, start_bt)
+        if not cfg.local_rope_theta:
+            return lambda window: tables
+        local = rope_tables(
+            positions_bt, cfg.head_dim, cfg.local_rope_theta, cfg.local_rope_scaling, start_bt
+        )
+        return lambda window: tuple(jnp.where(window > 0, a, b) for a, b in zip(local, tables, strict=True))
 
     def _embed(self, tokens_bt):
         dt = jnp.dtype(self.cfg.compute_dtype)
@@ -625,7 +675,7 @@ class Llama(nnx.Module):
         # `dynamic` RoPE scaling: a row's real tokens take the length max slot + 1 (a prefill: the
         # prompt's length, padding aside; a decode step: its position + 1), as transformers for one row.
         start_bt = attention.Mask.from_segments(is_token_bt.astype(jnp.int32)).start_bt
-        cos, sin = rope_tables(slots_bt, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, start_bt)
+        rope_for = self._rope(slots_bt, start_bt)
         windows = jnp.asarray(cfg.layer_windows or (cfg.sliding_window,) * cfg.n_layers, jnp.int32)
         carry = (self._embed(tokens_bt), cache["k"], cache["v"])
         for layers_def, layers_state, depth, _ in self._runs():
@@ -636,7 +686,7 @@ class Llama(nnx.Module):
                 layer_mask = mask_bts & ((window == 0) | (distance_bts < window))
                 block = nnx.merge(layers_def, layer_state)
                 x_btd, (k_lbskh, v_lbskh), _ = block(
-                    x_btd, cos, sin, layer_mask, (k_lbskh, v_lbskh, index, slots_bt)
+                    x_btd, *rope_for(window), layer_mask, (k_lbskh, v_lbskh, index, slots_bt)
                 )
                 return (x_btd, k_lbskh, v_lbskh), None
 

@@ -40,6 +40,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jsft.parallel import sharding
 
@@ -101,9 +102,13 @@ def dispatch(
     token_a = order_a // k
     # [A, D]: each token's row once per chosen expert, grouped by expert (dropped rows at the end)
     x_ad = x_td[token_a]
-    gate_af = jax.lax.ragged_dot(x_ad, gate_edf.astype(x_td.dtype), group_sizes_e)
-    up_af = jax.lax.ragged_dot(x_ad, up_edf.astype(x_td.dtype), group_sizes_e)
+    # Named for the remat policies (llama.MOE_SAVES): save_dots keeps them, save_dots_except_mlp not.
+    gate_af = checkpoint_name(
+        jax.lax.ragged_dot(x_ad, gate_edf.astype(x_td.dtype), group_sizes_e), "expert_gate"
+    )
+    up_af = checkpoint_name(jax.lax.ragged_dot(x_ad, up_edf.astype(x_td.dtype), group_sizes_e), "expert_up")
     y_ad = jax.lax.ragged_dot(activation(gate_af) * up_af, down_efd.astype(x_td.dtype), group_sizes_e)
+    y_ad = checkpoint_name(y_ad, "expert_down")
     kept_a = jnp.arange(t * k) < jnp.sum(group_sizes_e)  # dropped rows are zero already; weigh them 0 too
     w_a = jnp.where(kept_a, weights_tk.reshape(-1)[order_a], 0.0)
     y_td = jnp.zeros((t, x_td.shape[1]), jnp.float32).at[token_a].add(y_ad.astype(jnp.float32) * w_a[:, None])
@@ -198,7 +203,7 @@ def _layer(x_btd, real_bt, weights, *, k, norm, act, factor):
     b, t, d = x_btd.shape
     x_td = x_btd.reshape(b * t, d)
     real_t = real_bt.reshape(b * t)
-    logits_te = jnp.einsum("TD,DE->TE", x_td, router.astype(x_td.dtype))
+    logits_te = checkpoint_name(jnp.einsum("TD,DE->TE", x_td, router.astype(x_td.dtype)), "router_logits")
     weights_tk, experts_tk, probs_te = route(logits_te, k, norm)
     cap = capacity(b * t, k, probs_te.shape[-1], factor) if factor > 0 else None
     y_td = dispatch(x_td, experts_tk, weights_tk, gate, up, down, act, cap, real_t > 0)

@@ -9,8 +9,8 @@ soft-capping is the kernel's own `attn_logits_soft_cap`. Pallas kernels are not 
 under a mesh the kernel runs inside `shard_map` over the batch and key/value-head axes.
 
 Off TPU the kernel runs in Pallas interpret mode (slow; what the CPU tests check against the
-reference). It needs a window known at trace time: a model with per-layer windows is refused by
-`attention.resolve` (the `flash` kernel takes those).
+reference). It needs a window known at trace time: a model with per-layer windows runs one kernel
+per distinct window, each layer switching to its own (`attention.attend`).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jsft.models import attention
+from jsft.models.llama import LlamaConfig
 from jsft.parallel import sharding
 from jsft.parallel.mesh import resolve_shape
 from jsft.run import Run
@@ -114,6 +115,21 @@ def _compile_step(run: Run, model, tx, schedule, state, state_sharding):
         return step.lower(state, batch).compile().memory_analysis()
 
 
+def offloaded_bytes(cfg: LlamaConfig, tokens: int, devices: int) -> int:
+    """Per-device bytes that `model.remat=offload` keeps in host memory for one micro-batch of
+    `tokens` tokens: the activations save_dots keeps (the projections' outputs but down_proj's, and the
+    attention output: tests/models/test_llama.py checks that set), counted from their shapes, spread over
+    `devices` (batch over data/fsdp, heads and MLP features over tensor)."""
+    heads = 2 * cfg.n_heads * cfg.head_dim + 2 * cfg.n_kv_heads * cfg.head_dim  # q, attention out, k, v
+    per_token = heads + cfg.d_model + 2 * cfg.mlp_dim  # + o_proj, gate, up
+    total = cfg.n_layers * per_token
+    if cfg.n_experts:  # a MoE layer keeps router logits and k rows of expert gate, up and down instead
+        sparse = cfg.n_layers - len(cfg.dense_layers)
+        moe_per_token = cfg.n_experts + cfg.experts_per_token * (2 * cfg.moe_mlp_dim + cfg.d_model)
+        total += sparse * (moe_per_token - 2 * cfg.mlp_dim)
+    return total * tokens * jnp.dtype(cfg.compute_dtype).itemsize // devices
+
+
 def run_plan(
     config: ml_collections.ConfigDict, compile_step: bool = True, plan_rows: dict | None = None
 ) -> str:
@@ -149,6 +165,12 @@ def run_plan(
     analysis = _compile_step(run, model, tx, schedule, abstract, state_sharding) if compile_step else None
     if analysis is not None:
         temp = int(analysis.temp_size_in_bytes)
+        if config.model.remat == "offload":
+            # XLA's CPU compiler puts pinned_host buffers in the same memory and counts them in temp;
+            # on a GPU or TPU they live in host memory.
+            tokens = config.data.batch_size // config.optim.grad_accum_steps * config.data.seq_len
+            host = min(offloaded_bytes(model.config, tokens, mesh.size), temp)
+            temp -= host
         rows.append(("activations + workspace (XLA temp - gradients)", max(temp - grads - micro, 0)))
         peak = int(
             analysis.argument_size_in_bytes
@@ -159,6 +181,8 @@ def run_plan(
     else:
         peak = params + opt + grads + micro
     rows.append(("peak per device", peak))
+    if analysis is not None and config.model.remat == "offload":
+        rows.append(("host memory: offloaded activations (from shapes)", host))
     plan_rows.clear()
     plan_rows.update(rows)
 

@@ -1,4 +1,6 @@
 """Orbax checkpoints of the train state, the data iterator's position and the loop's own record.
+(~420 lines: save, restore and the three items' formats belong together; restore's error triage is
+already its own module.)
 
 Each checkpoint is a step directory holding three items:
   state   the TrainState pytree (orbax, sharded; restores onto any mesh)
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint._src.metadata import array_metadata_store
 
 from jsft.errors import ConfigError
 from jsft.parallel import multihost
@@ -39,6 +42,22 @@ from jsft.train import restore_errors
 from jsft.train.restore_errors import CheckpointError, CheckpointMismatch, CorruptCheckpoint
 
 __all__ = ["BestCheckpoint", "Checkpointer", "CheckpointError", "CheckpointMismatch", "CorruptCheckpoint"]
+
+# Orbax's replica-parallel save splits each replicated array into one slice per replica, so that every
+# replica writes a part. Each slice is an eager device op (one compiled program per shape): below this
+# many bytes per slice the slicing costs more than the parallel write saves, and one replica writes the
+# whole array. (A tiny run: 72 slice programs compiled at its first save; an 8B model's arrays are all
+# far above it.)
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _use_replica_parallel_for_large_arrays_only() -> None:
+    handler = ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
+        array_metadata_store=array_metadata_store.Store(),  # as orbax's default handler has
+    )
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
 
 # Two sets of per-dimension odd multipliers: each array gets two position-weighted sums mod 2**32.
 _PRIMES = ((2654435761, 2246822519, 3266489917, 668265263), (374761393, 3550635113, 1500450271, 2870177450))
@@ -109,6 +128,7 @@ class Checkpointer:
     def __init__(
         self, directory: str, keep: int, async_save: bool = True, retries: int = 3, retry_wait_s: float = 2.0
     ):
+        _use_replica_parallel_for_large_arrays_only()
         policies = ocp.checkpoint_managers.preservation_policy
         self._kept = _KeptSteps()
         options = ocp.CheckpointManagerOptions(

@@ -106,6 +106,8 @@ CASES = {
     "gemma2": ("gemma2", "GemmaTokenizer", "gemma", {}, "GemmaTokenizer"),
     "gemma2_metaspace_file": ("gemma2", "GemmaTokenizer", "gemma_metaspace", {}, "GemmaTokenizer"),
     "gemma2_as_written": ("gemma2", "PreTrainedTokenizerFast", "gemma_metaspace", {}, "TokenizersBackend"),
+    "gemma3": ("gemma3", "GemmaTokenizer", "gemma_metaspace", {}, "GemmaTokenizer"),
+    "gemma3_text_no_class": ("gemma3_text", None, "gemma", {}, "GemmaTokenizer"),
 }
 
 

@@ -46,6 +46,8 @@ def sp_chat_tokenizer(tmp_path_factory):
         "<|start_header_id|>",
         "<|end_header_id|>",
         "<|eot_id|>",
+        "<start_of_turn>",
+        "<end_of_turn>",
     )
     return train_sentencepiece(TEXTS, 320, str(tmp_path_factory.mktemp("sp") / "t.model"), special)
 
@@ -90,7 +92,9 @@ def test_plain_trains_exactly_the_response_and_eos(sp_chat_tokenizer):
     )
 
 
-@pytest.mark.parametrize("name,end", [("chatml", "<|im_end|>"), ("llama3", "<|eot_id|>")])
+@pytest.mark.parametrize(
+    "name,end", [("chatml", "<|im_end|>"), ("llama3", "<|eot_id|>"), ("gemma", "<end_of_turn>")]
+)
 def test_builtin_chat_templates_train_every_reply_and_its_end_token(sp_chat_tokenizer, name, end):
     tok, template = sp_chat_tokenizer, build_template(name)
     ids, mask = render(template, tok, CHAT)
@@ -103,6 +107,61 @@ def test_builtin_chat_templates_train_every_reply_and_its_end_token(sp_chat_toke
     context, _ = CHAT.split_last_turn()
     p = prompt_ids(template, tok, context)
     assert ids[: len(p)] == p and mask[len(p)] and not mask[len(p) - 1]
+
+
+def test_gemma_writes_gemmas_turns_with_the_system_prompt_in_the_first_user_turn(sp_chat_tokenizer, hf_dir):
+    template = build_template("gemma")
+    ids, mask = render(template, sp_chat_tokenizer, CHAT)
+    assert ids[0] == sp_chat_tokenizer.bos_id and not mask[0]
+    tok = load_tokenizer(str(hf_dir))  # byte-level: decoding gives back the exact text (and no BOS)
+    ids, mask = render(template, tok, CHAT)
+    assert tok.decode(ids) == (
+        "<start_of_turn>user\nBe brief.\n\nWhat is 2 + 2?<end_of_turn>\n"
+        "<start_of_turn>model\n4<end_of_turn>\n"
+        "<start_of_turn>user\nAnd 3 + 3?<end_of_turn>\n"
+        "<start_of_turn>model\nIt is 6.<end_of_turn>\n"
+    )
+    assert [tok.decode(r) for r in trained_runs(ids, mask)] == ["4<end_of_turn>", "It is 6.<end_of_turn>"]
+    context, _ = CHAT.split_last_turn()
+    assert tok.decode(prompt_ids(template, tok, context)).endswith(
+        "<start_of_turn>user\nAnd 3 + 3?<end_of_turn>\n<start_of_turn>model\n"
+    )
+    with pytest.raises(BadRecord, match="config.data.template='gemma' cannot write"):
+        render(template, tok, to_conversation(TOOL_CHAT, "chat", {}))
+
+
+# The string-content path of Gemma's tokenizer chat template (Gemma 2, 3), restated: BOS, no system
+# role (its text and a blank line open the first user turn), `model` for the assistant, trimmed turns.
+GEMMA_JINJA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{% set prefix = messages[0]['content'] + '\\n\\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for m in turns %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + (prefix if loop.first else '') + m['content'] | trim }}"
+    "{{ '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
+def test_hf_template_trains_exactly_what_builtin_gemma_trains(tmp_path):
+    from tests.conftest import save_chatml_bpe_tokenizer  # noqa: PLC0415
+
+    save_chatml_bpe_tokenizer(tmp_path, ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"))
+    config = {
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": GEMMA_JINJA,
+    }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(str(tmp_path))
+    hf_template, gemma = build_template("hf", tokenizer=tok), build_template("gemma")
+    assert hf_template.end_of_turn == "<end_of_turn>" and tok.bos_id == tok.token_id("<bos>")
+    for train_on in ("all_assistant", "last_assistant"):
+        assert render(hf_template, tok, CHAT, train_on) == render(gemma, tok, CHAT, train_on)
+    context, _ = CHAT.split_last_turn()
+    assert prompt_ids(hf_template, tok, context) == prompt_ids(gemma, tok, context)
+    assert stop_ids(hf_template, tok) == stop_ids(gemma, tok)
 
 
 def test_hf_jinja_template_masks_on_ids_and_matches_the_plain_render(hf_dir):
@@ -183,7 +242,7 @@ def test_empty_mask_is_a_bad_record_and_unknown_template_a_config_error(sp_chat_
     assert (
         message.startswith("config.data.template='hf': the tokenizer ") and sp_chat_tokenizer.path in message
     )
-    assert "has no chat template" in message and "chatml, llama3 or plain" in message
+    assert "has no chat template" in message and "chatml, gemma, llama3 or plain" in message
 
 
 def test_text_records_train_every_token(sp_chat_tokenizer):

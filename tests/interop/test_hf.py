@@ -32,6 +32,15 @@ COMMON = dict(
     max_position_embeddings=128,
     rms_norm_eps=1e-6,
 )
+GEMMA3 = dict(
+    head_dim=16,
+    query_pre_attn_scalar=24,
+    sliding_window=5,
+    sliding_window_pattern=2,
+    rope_theta=1_000_000.0,
+    rope_local_base_freq=10.0,
+    rope_scaling={"rope_type": "linear", "factor": 8.0},
+)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0)),
     "llama3_scaled_tied": (
@@ -65,6 +74,9 @@ FAMILIES = {
             tie_word_embeddings=True,
         ),
     ),
+    # Global layers rotate with rope_theta and a linear scaling, sliding ones with their own base; no
+    # soft-caps (as Gemma 3 ships), so every kernel takes it.
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", GEMMA3),
 }
 
 
@@ -101,12 +113,26 @@ def test_logits_match_transformers(family, kernel):
     try:
         attention.resolve(kernel, cfg.attn_softcap, per_layer_windows=bool(cfg.layer_windows))
     except ValueError as e:  # a kernel this family cannot use is refused, naming why (Gemma 2)
-        assert name == "gemma2" and ("soft-cap" in str(e) or "per-layer windows" in str(e)), e
+        assert (name, kernel) == ("gemma2", "xla_sdpa") and "soft-cap" in str(e), e
         return
     ids = np.random.default_rng(0).integers(0, 96, (2, 20))
     ours = np.asarray(ModelDef.create(dataclasses.replace(cfg, attention=kernel)).apply(params, ids))
     err = np.abs(ours - _hf_logits(model, ids)).max()
     print(f"{name} ({kernel}): max abs logit error {err:.2e}")
+    assert err < 1e-4
+
+
+def test_gemma3_logits_match_transformers_with_the_gpu_kernel_interpreted(tmp_path):
+    """pallas_gpu (Pallas interpret mode here) with Gemma 3's per-layer windows and two RoPE bases;
+    the other families' GPU-kernel equivalence is tests/models/test_attention.py's."""
+    model = _save_tiny("gemma3_text", str(tmp_path))
+    cfg = hf.config_from_hf(hf.read_config(str(tmp_path)))
+    ids = np.random.default_rng(0).integers(0, 96, (2, 20))
+    gpu_kernel = ModelDef.create(dataclasses.replace(cfg, attention="pallas_gpu"))
+    err = np.abs(
+        np.asarray(gpu_kernel.apply(hf.load_params(str(tmp_path), cfg), ids)) - _hf_logits(model, ids)
+    ).max()
+    print(f"gemma3_text (pallas_gpu, interpreted): max abs logit error {err:.2e}")
     assert err < 1e-4
 
 
@@ -153,6 +179,141 @@ def test_unsupported_architectures_and_pickle_checkpoints_are_refused(tmp_path):
     os.remove(tmp_path / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         hf.load_params(str(tmp_path), hf.config_from_hf(dict(model_type="llama", **COMMON)))
+
+
+def _save_tiny_gemma3_image_text(directory):
+    """A tiny Gemma3ForConditionalGeneration (a one-layer SigLIP tower on 28-pixel images)."""
+    torch.manual_seed(0)
+    text = dict(COMMON, **GEMMA3)
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    config = transformers.Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        boi_token_index=93,
+        eoi_token_index=94,
+        image_token_index=95,
+    )
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+def test_the_language_model_of_a_gemma3_image_text_checkpoint_imports_and_exports_as_gemma3_text(
+    tmp_path, caplog
+):
+    from safetensors.numpy import load_file, save_file  # noqa: PLC0415
+
+    src = tmp_path / "src"
+    model = _save_tiny_gemma3_image_text(str(src))
+    ids = np.random.default_rng(3).integers(0, 93, (2, 20))  # text only: no image tokens
+    want = _hf_logits(model, ids)
+    cfg = hf.config_from_hf(hf.read_config(str(src)))
+    assert cfg.local_rope_theta == 10.0 and cfg.layer_windows == (5, 0, 5)
+    with caplog.at_level("INFO"):
+        params = hf.load_params(str(src), cfg)
+    assert "vision tower and projector" in caplog.text
+    ours = np.asarray(ModelDef.create(cfg).apply(params, ids))
+    print(f"gemma3 image-text: max abs logit error {np.abs(ours - want).max():.2e}")
+    assert np.abs(ours - want).max() < 1e-4
+    # transformers 4.5x's layout (model.language_model.*, model.vision_tower.*) loads the same weights.
+    tensors = load_file(str(src / "model.safetensors"))
+    renamed = {re.sub(r"^language_model\.model\.", "model.language_model.", k): v for k, v in tensors.items()}
+    renamed = {
+        re.sub(r"^(vision_tower|multi_modal_projector)\.", r"model.\1.", k): v for k, v in renamed.items()
+    }
+    assert "model.vision_tower.post_layernorm.weight" in renamed
+    save_file(renamed, str(src / "model.safetensors"))
+    again = hf.load_params(str(src), cfg)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), params, again)
+    # Exported (as its source's model_type), it is a Gemma3ForCausalLM with the same logits.
+    hf.save_pretrained(str(tmp_path / "out"), params, cfg, "gemma3", bos_id=2, eos_id=1)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "gemma3_text"
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    assert type(reloaded).__name__ == "Gemma3ForCausalLM"
+    np.testing.assert_array_equal(_hf_logits(reloaded.eval(), ids), want)
+
+
+def test_gemma3_configs_in_older_layouts_give_the_same_model(tmp_path):
+    """transformers 5 writes per-layer-type `rope_parameters` and `layer_types`; Hub checkpoints of
+    transformers 4 have `rope_theta`, `rope_local_base_freq`, `rope_scaling` (global layers only) and
+    `sliding_window_pattern`. Both read as transformers reads them."""
+    _save_tiny("gemma3_text", str(tmp_path))
+    saved = hf.read_config(str(tmp_path))
+    older = {
+        k: v
+        for k, v in saved.items()
+        if k not in ("rope_parameters", "layer_types", "_sliding_window_pattern")
+    }
+    older.update(
+        rope_theta=1_000_000.0, rope_local_base_freq=10.0, rope_scaling={"rope_type": "linear", "factor": 8}
+    )
+    assert transformers.Gemma3TextConfig(**older).layer_types == saved["layer_types"]
+    assert hf.config_from_hf(older) == hf.config_from_hf(saved)
+    # Without any pattern, transformers makes every 6th layer global.
+    seven = {**older, "num_hidden_layers": 7, "sliding_window_pattern": None}
+    del seven["sliding_window_pattern"]
+    assert hf.config_from_hf(seven).layer_windows == (5,) * 5 + (0, 5)
+    assert hf.config_from_hf(seven).layer_windows == tuple(
+        5 if t == "sliding_attention" else 0 for t in transformers.Gemma3TextConfig(**seven).layer_types
+    )
+
+
+def test_a_gemma3_config_that_names_only_what_differs_reads_with_transformers_defaults():
+    """The Hub's image-text configs (google/gemma-3-4b-it) write a short `text_config` and leave the
+    rest to Gemma3TextConfig's defaults; jsft fills in the same values transformers does."""
+    short = {
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 34,
+    }
+    short.update(rope_scaling={"factor": 8.0, "rope_type": "linear"}, sliding_window=1024)
+    ours = hf.config_from_hf({"model_type": "gemma3", "text_config": short})
+    full = transformers.Gemma3Config(text_config=dict(short)).to_dict()
+    assert ours == hf.config_from_hf(full)
+    assert (ours.vocab_size, ours.head_dim, ours.query_scale, ours.n_kv_heads) == (262_208, 256, 256.0, 4)
+    assert ours.layer_windows == tuple(0 if (i + 1) % 6 == 0 else 1024 for i in range(34))
+    assert (ours.rope_theta, ours.local_rope_theta, dict(ours.rope_scaling)["factor"]) == (1e6, 1e4, 8.0)
+
+
+def test_gemma3_fields_jsft_does_not_implement_are_refused_by_name():
+    saved = dict(model_type="gemma3_text", **COMMON, **GEMMA3)
+    for field, value, match in [
+        ("attn_logit_softcapping", 50.0, "attn_logit_softcapping=50.0"),
+        ("use_bidirectional_attention", True, "use_bidirectional_attention=true"),
+        ("layer_types", ["sliding_attention", "chunked_attention", "full_attention"], "'chunked_attention'"),
+        ("sliding_window", None, "sliding_window=null with sliding_attention layers"),
+        ("hidden_activation", "gelu", "hidden_activation='gelu'"),
+        ("rope_parameters", {"rope_type": "default", "rope_theta": 1.0}, "one entry per layer type"),
+    ]:
+        with pytest.raises(hf.UnsupportedCheckpoint, match=re.escape(match)):
+            hf.config_from_hf({**saved, field: value})
+    with pytest.raises(hf.UnsupportedCheckpoint, match="rope_scaling with 'type' and no 'rope_type'"):
+        hf.config_from_hf({**saved, "rope_scaling": {"type": "linear", "factor": 8.0}})
+    with pytest.raises(hf.UnsupportedCheckpoint, match="rope_type='longrope'"):
+        hf.config_from_hf({**saved, "rope_scaling": {"rope_type": "longrope", "factor": 4.0}})
+    with pytest.raises(hf.UnsupportedCheckpoint, match="without text_config"):
+        hf.config_from_hf({"model_type": "gemma3"})
+    # Export: a model whose math the written config would not give is refused, naming why.
+    cfg = hf.config_from_hf(saved)
+    with pytest.raises(hf.UnsupportedCheckpoint, match="attn_softcap=50.0 cannot be exported as gemma3_text"):
+        hf.config_to_hf(dataclasses.replace(cfg, attn_softcap=50.0), "gemma3_text", "float32", 2, 1)
+    with pytest.raises(hf.UnsupportedCheckpoint, match="local_rope_theta=10.0.*is not a gemma2"):
+        hf.config_to_hf(dataclasses.replace(cfg, qk_norm=False), "gemma2", "float32", 2, 1)
+    with pytest.raises(ValueError, match="layer_windows has none"):
+        dataclasses.replace(cfg, layer_windows=(0, 0, 0))
 
 
 SHARDED_LOAD = r"""

@@ -85,19 +85,24 @@ def test_a_kernel_equals_the_reference_in_outputs_and_gradients(kernel, window, 
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["chunked", "flash"])
-def test_a_per_layer_window_traced_under_scan_equals_the_reference(kernel):
+@pytest.mark.parametrize("kernel", ["chunked", "flash", "splash"])
+def test_a_per_layer_window_traced_under_scan_equals_the_reference_in_outputs_and_gradients(kernel):
     q, k, v = _qkv()
     seg = _packed_segments()
+    windows = (0, 4, 11, 4)  # splash: one kernel per distinct window, each layer switching to its own
 
-    def run(kernel):
+    def run(kernel, q):
         def body(_, window):
             mask = attention.Mask(attention.Mask.from_segments(seg).start_bt, window)
-            return None, attention.attend(kernel, q, k, v, mask, 0.3, 0.0, 9)
+            return None, attention.attend(kernel, q, k, v, mask, 0.3, 0.0, 9, 0, windows)
 
-        return jax.lax.scan(body, None, jnp.asarray([0, 4, 11], jnp.int32))[1]
+        out = jax.lax.scan(body, None, jnp.asarray(windows, jnp.int32))[1]
+        return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape))), out
 
-    np.testing.assert_allclose(run(kernel), run("reference"), atol=1e-5, rtol=1e-5)
+    (_, got), grad = jax.value_and_grad(run, 1, has_aux=True)(kernel, q)
+    (_, want), ref_grad = jax.value_and_grad(run, 1, has_aux=True)("reference", q)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(grad, ref_grad, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kernel", ["chunked", "flash", "pallas_gpu", "splash", "xla_sdpa"])
@@ -148,7 +153,7 @@ def test_auto_takes_cudnn_on_gpus_only_where_it_takes_the_dtype_head_size_softca
     assert attention.resolve("auto", 0.0, "gpu", **{**half, "packed": True}) == "pallas_gpu"  # dense mask
     assert attention.resolve("auto", 0.0, "gpu") == "pallas_gpu"  # dtype and head size unknown
     assert attention.resolve("auto", 0.0, "tpu") == "splash"
-    assert attention.resolve("auto", 0.0, "tpu", per_layer_windows=True) == "flash"  # Gemma 2, 3
+    assert attention.resolve("auto", 0.0, "tpu", per_layer_windows=True) == "splash"  # Gemma 2, 3
     assert attention.resolve("auto", 0.0, "cpu") == "flash"
 
 
@@ -164,7 +169,6 @@ def test_auto_takes_cudnn_on_gpus_only_where_it_takes_the_dtype_head_size_softca
         ("cudnn", "gpu", {"head_dim": 256}, "heads up to 128 wide"),
         ("cudnn", "gpu", {"softcap": 50.0}, "does not soft-cap"),
         ("cudnn", "gpu", {"per_layer_windows": True}, "per-layer windows"),
-        ("splash", "tpu", {"per_layer_windows": True}, "per-layer windows"),
         ("xla_sdpa", "cpu", {"softcap": 50.0}, "does not soft-cap"),
         ("flash3", "cpu", {}, "is not one of"),
     ],

@@ -44,3 +44,30 @@ def test_logits_at_one_position_per_row_equal_those_of_the_full_prefill():
     assert last.shape == (3, 1, 64)
     np.testing.assert_allclose(last[:, 0], full[jnp.arange(3), lengths - 1], atol=1e-5)
     jax.tree.map(np.testing.assert_array_equal, cache, full_cache)  # the cache does not depend on it
+
+
+def test_cached_decoding_rotates_each_layer_type_with_its_own_rope_as_the_full_forward():
+    # Gemma 3: windowed layers rotate with a local base, global ones with rope_theta and a scaling.
+    cfg = LlamaConfig.tiny(
+        vocab_size=64,
+        n_layers=3,
+        layer_windows=(3, 0, 3),
+        rope_theta=1e6,
+        rope_scaling=(("rope_type", "linear"), ("factor", 8.0)),
+        local_rope_theta=10.0,
+        qk_norm=True,
+    )
+    model = ModelDef.create(cfg)
+    params = jax.jit(model.init)(jax.random.key(0))
+    module = model.module(params)
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 64)
+    full = model.apply(params, tokens)
+    is_token = jnp.ones((2, 8), jnp.bool_)
+    prefill, cache = module.cached_forward(
+        tokens[:, :8], jnp.zeros(2, jnp.int32), is_token, module.init_cache(2, 9)
+    )
+    np.testing.assert_allclose(prefill, full[:, :8], atol=1e-5)
+    step, _ = module.cached_forward(tokens[:, 8:], jnp.full(2, 8, jnp.int32), is_token[:, :1], cache)
+    np.testing.assert_allclose(step[:, 0], full[:, 8], atol=1e-5)
+    global_only = ModelDef.create(LlamaConfig(**{**cfg.__dict__, "local_rope_theta": 0.0}))
+    assert np.abs(global_only.apply(params, tokens) - full).max() > 1e-3  # the local base matters here

@@ -1,16 +1,20 @@
 """Mixture-of-Experts layers: grouped-matmul dispatch against a per-expert reference, the capacity
 factor's drops, the router losses, and MoE decoders (mixed dense/sparse stacks, KV-cache decoding)."""
 
+import contextlib
 import dataclasses
+import io
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 from jsft.models import attention, moe
-from jsft.models.llama import LlamaConfig
+from jsft.models.llama import REMAT_POLICIES, LlamaConfig
 from jsft.models.registry import ModelDef
 from jsft.models.rope import rope_tables
 
@@ -179,3 +183,38 @@ def test_moe_configs_that_cannot_work_are_refused_by_name():
         _moe_config(lora_rank=4, lora_targets=("attn.q_proj",))
     with pytest.raises(ValueError, match="need n_experts > 0"):
         LlamaConfig.tiny(dense_layers=(0,))
+
+
+# What the named policies keep of a MoE layer's expert matmuls ([layers, T * k, moe_mlp_dim]: expert_gate
+# and expert_up; save_dots_except_mlp recomputes them, as it does a dense MLP's).
+EXPERT_ACTIVATIONS_KEPT = {"save_dots": 2, "offload": 2, "save_dots_except_mlp": 0, "full": 0}
+
+
+@pytest.mark.parametrize(
+    "remat",
+    [
+        r if r in ("save_dots", "save_dots_except_mlp") else pytest.param(r, marks=pytest.mark.slow)
+        for r in REMAT_POLICIES
+        if r != "none"
+    ],
+)
+def test_every_remat_policy_gives_a_moe_model_the_gradients_of_none(remat):
+    cfg = _moe_config(n_layers=2, dense_layers=())
+    model, other = ModelDef.create(cfg), ModelDef.create(dataclasses.replace(cfg, remat=remat))
+    params = model.init(jax.random.key(0))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 8)))
+
+    def loss(m, p):
+        x, head, router = m.features_and_router(p, tokens)
+        return jnp.mean((x @ head) ** 2) + router["aux"] + router["z"]
+
+    g1 = jax.jit(jax.grad(lambda p: loss(model, p)))(params)
+    g2 = jax.jit(jax.grad(lambda p: loss(other, p)))(params)
+    assert np.abs(np.asarray(g1["layers"]["moe"]["router"])).max() > 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
+    if remat in EXPERT_ACTIVATIONS_KEPT:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_saved_residuals(lambda p: loss(other, p), params)
+        kept = re.findall(r"f32(?:<host>)?\[2,32,24\] output of scan", out.getvalue())
+        assert len(kept) == EXPERT_ACTIVATIONS_KEPT[remat], out.getvalue()

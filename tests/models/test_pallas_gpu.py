@@ -133,11 +133,17 @@ q, k, v = _qkv(b=4, t=40, n=4, k=2, h=8)
 mask = attention.Mask.from_segments(_packed_segments(b=4, t=40), 6)
 def loss(q, k, v):
     return jnp.sum(attention.attend("KERNEL", q, k, v, mask, 0.3, 0.0, 16, 6) ** 2)
-want = jax.value_and_grad(loss, (0, 1, 2))(q, k, v)
-with sharding.use_rules(mesh, rules):
-    got = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
-for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+def per_layer_loss(q, k, v):  # Gemma: a window per layer under the scan (splash: one kernel each)
+    def body(_, window):
+        layer_mask = attention.Mask(mask.start_bt, window)
+        return None, attention.attend("KERNEL", q, k, v, layer_mask, 0.3, 0.0, 16, 0, (6, 0))
+    return jnp.sum(jax.lax.scan(body, None, jnp.asarray([6, 0], jnp.int32))[1] ** 2)
+for fn in (loss, per_layer_loss):
+    want = jax.value_and_grad(fn, (0, 1, 2))(q, k, v)
+    with sharding.use_rules(mesh, rules):
+        got = jax.jit(jax.value_and_grad(fn, (0, 1, 2)))(q, k, v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 print("same")
 """
 
