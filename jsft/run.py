@@ -83,7 +83,7 @@ class Run:
         if local:
             os.makedirs(local, exist_ok=True)
         try:
-            mesh = build_mesh(config.mesh.shape, config.mesh.dcn_shape)
+            mesh = build_mesh(config.mesh.shape, config.mesh.dcn_shape, expert=config.mesh.get("expert", 1))
             rules = sharding.parse_rules(config.mesh.rules.to_dict())
         except ValueError as e:
             raise ConfigError(str(e)) from e

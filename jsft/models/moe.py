@@ -13,10 +13,18 @@ choices in order; padding tokens last), and the overflow is dropped: its rows mo
 where ragged_dot computes nothing, and the token keeps only its other experts' outputs (renormalised
 weights are not renormalised again, as in Switch/GShard).
 
-`dispatch` is a pure function of (tokens, choices, weights, expert weights), shaped so that a later
-expert-parallel version can wrap it in `shard_map` (all-to-all before and after the grouped matmuls).
 On a mesh (sharding rules active) each batch shard routes and dispatches its own tokens inside a
 `shard_map` over the batch axes (`_per_batch_shard`), so the capacity counts a shard's tokens.
+
+Expert parallelism (`dispatch_ep`): when the `expert` rule names a mesh axis that also splits the batch
+(config.mesh.expert > 1), each device holds E / n of the experts and 1 / n of the tokens. It sends
+every assignment to the device of its expert with one `all_to_all`, runs its local experts' grouped
+matmuls on what it received, and an `all_to_all` back returns the rows to their tokens. The buffers are
+static and dropless: each (source, destination) pair has room for all of a device's T * k assignments
+(the worst case, every one to the same device), so a device's send and receive buffers are n * T * k
+rows of D each, n times the one-device dispatch's [T * k, D], and the local grouped matmuls run over
+n * T * k rows, most of them empty (ragged_dot leaves rows past the groups untouched). Exact against
+one device; a capacity factor is refused with it.
 
 Router losses (`router_losses`), over real (non-padding) tokens and every MoE layer, as transformers'
 `load_balancing_loss_func` with an attention mask computes the first:
@@ -115,6 +123,50 @@ def dispatch(
     return y_td.astype(x_td.dtype)
 
 
+def dispatch_ep(
+    x_td: jax.Array,
+    experts_tk: jax.Array,
+    weights_tk: jax.Array,
+    gate_ldf: jax.Array,
+    up_ldf: jax.Array,
+    down_lfd: jax.Array,
+    activation: Callable[[jax.Array], jax.Array],
+    axis: str,
+) -> jax.Array:
+    """`dispatch` (dropless) inside a `shard_map` manual over `axis`, with this device's share of
+    the experts (L = E / n local ones, device i holding experts i * L ... i * L + L - 1): assignments
+    travel to their expert's device and back by all-to-all. Returns [T, D] in x's dtype."""
+    t, k = experts_tk.shape
+    n, n_local, a = jax.lax.axis_size(axis), gate_ldf.shape[0], t * k
+    experts_a = experts_tk.reshape(-1)
+    dest_a, rows_a = experts_a // n_local, jnp.arange(a)
+    # [n, A, D] / [n, A]: row a of block j holds assignment a if it goes to device j (else zeros and
+    # the local expert id L: no expert)
+    send_nad = jnp.zeros((n, a, x_td.shape[1]), x_td.dtype).at[dest_a, rows_a].set(x_td[rows_a // k])
+    send_na = jnp.full((n, a), n_local, jnp.int32).at[dest_a, rows_a].set(experts_a % n_local)
+    recv_nad = jax.lax.all_to_all(send_nad, axis, 0, 0)  # block i: what device i sent here
+    local_r = jax.lax.all_to_all(send_na, axis, 0, 0).reshape(-1)
+    order_r = jnp.argsort(local_r, stable=True)  # by local expert, empty rows last
+    group_sizes_l = jnp.bincount(local_r, length=n_local + 1)[:n_local].astype(jnp.int32)
+    x_rd = recv_nad.reshape(n * a, -1)[order_r]
+    gate_rf = checkpoint_name(
+        jax.lax.ragged_dot(x_rd, gate_ldf.astype(x_td.dtype), group_sizes_l), "expert_gate"
+    )
+    up_rf = checkpoint_name(jax.lax.ragged_dot(x_rd, up_ldf.astype(x_td.dtype), group_sizes_l), "expert_up")
+    y_rd = jax.lax.ragged_dot(activation(gate_rf) * up_rf, down_lfd.astype(x_td.dtype), group_sizes_l)
+    y_rd = checkpoint_name(y_rd, "expert_down")
+    y_nad = jnp.zeros_like(y_rd).at[order_r].set(y_rd).reshape(n, a, -1)
+    back_nad = jax.lax.all_to_all(y_nad, axis, 0, 0)  # block j: my rows that device j computed
+    y_ad = back_nad[dest_a, rows_a]
+    w_a = weights_tk.reshape(-1)
+    y_td = (
+        jnp.zeros((t, x_td.shape[1]), jnp.float32)
+        .at[rows_a // k]
+        .add(y_ad.astype(jnp.float32) * w_a[:, None])
+    )
+    return y_td.astype(x_td.dtype)
+
+
 def dense_reference(
     x_td: jax.Array,
     experts_tk: jax.Array,
@@ -197,14 +249,22 @@ class MoE(nnx.Module):
         return _per_batch_shard(layer, x_btd, real_bt, weights)
 
 
-def _layer(x_btd, real_bt, weights, *, k, norm, act, factor):
-    """Route and dispatch the tokens of [B, T, D] (all of them, or one batch shard's)."""
+def _layer(x_btd, real_bt, weights, *, k, norm, act, factor, expert_axis=None):
+    """Route and dispatch the tokens of [B, T, D] (all of them, or one batch shard's; with
+    `expert_axis`, the experts are this device's share and assignments travel by all-to-all)."""
     router, gate, up, down = weights
     b, t, d = x_btd.shape
     x_td = x_btd.reshape(b * t, d)
     real_t = real_bt.reshape(b * t)
     logits_te = checkpoint_name(jnp.einsum("TD,DE->TE", x_td, router.astype(x_td.dtype)), "router_logits")
     weights_tk, experts_tk, probs_te = route(logits_te, k, norm)
+    if expert_axis is not None:
+        if factor > 0:
+            raise ValueError(
+                f"capacity_factor={factor}: expert parallelism (config.mesh.expert > 1) is dropless only"
+            )
+        y_td = dispatch_ep(x_td, experts_tk, weights_tk, gate, up, down, act, expert_axis)
+        return y_td.reshape(b, t, d), router_stats(logits_te, probs_te, experts_tk, real_t)
     cap = capacity(b * t, k, probs_te.shape[-1], factor) if factor > 0 else None
     y_td = dispatch(x_td, experts_tk, weights_tk, gate, up, down, act, cap, real_t > 0)
     return y_td.reshape(b, t, d), router_stats(logits_te, probs_te, experts_tk, real_t)
@@ -225,6 +285,11 @@ def _per_batch_shard(layer: Callable, x_btd, real_bt, weights):
     if not axes or x_btd.shape[0] % math.prod(mesh.shape[a] for a in axes):
         return layer(x_btd, real_bt, weights)
     rows, whole = jax.sharding.PartitionSpec(axes), jax.sharding.PartitionSpec()
+    # Expert parallelism: the `expert` rule's mesh axis, when it splits the batch too and the experts.
+    ep = [a for a in rules.get("expert", ()) if a in axes and weights[1].shape[0] % mesh.shape[a] == 0]
+    experts = jax.sharding.PartitionSpec(ep[0]) if ep else whole
+    if ep:
+        layer = functools.partial(layer, expert_axis=ep[0])
 
     def shard(x, real, weights):
         y, stats = layer(x, real, weights)
@@ -233,7 +298,7 @@ def _per_batch_shard(layer: Callable, x_btd, real_bt, weights):
     return jax.shard_map(
         shard,
         mesh=mesh,
-        in_specs=(rows, rows, (whole,) * 4),
+        in_specs=(rows, rows, (whole, experts, experts, experts)),
         out_specs=(rows, whole),
         axis_names=frozenset(axes),
     )(x_btd, real_bt, weights)

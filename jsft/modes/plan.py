@@ -51,7 +51,7 @@ def devices_needed(mesh_cfg: ml_collections.ConfigDict) -> int:
         raise ValueError(
             f"config.mesh.shape={tuple(mesh_cfg.shape)}: --mode plan needs explicit sizes, no -1"
         )
-    return math.prod(resolve_shape(mesh_cfg.shape, math.prod(mesh_cfg.shape)))
+    return math.prod(resolve_shape(mesh_cfg.shape, math.prod(mesh_cfg.shape))) * mesh_cfg.get("expert", 1)
 
 
 def simulate_devices(config: ml_collections.ConfigDict) -> None:
