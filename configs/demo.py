@@ -125,10 +125,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict()
     config.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices
     config.mesh.dcn_shape = (1, 1, 1)  # the part of each axis across slices/nodes (slow network)
+    config.mesh.expert = 1  # expert-parallel axis (MoE): experts split over it, the batch too
     # Logical axis -> mesh axes ("" replicates). Dimensions not divisible by their axes are replicated.
     config.mesh.rules = ml_collections.ConfigDict(
         dict(
-            batch="data,fsdp",
+            batch="data,fsdp,expert",
             embed="fsdp",
             mlp="tensor",
             heads="tensor",
@@ -137,6 +138,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             head_dim="",
             layers="",
             seq="",
+            expert="expert",  # MoE experts; tokens reach them by all-to-all (jsft/models/moe.py)
         )
     )
 

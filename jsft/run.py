@@ -83,7 +83,7 @@ class Run:
         if local:
             os.makedirs(local, exist_ok=True)
         try:
-            mesh = build_mesh(config.mesh.shape, config.mesh.dcn_shape)
+            mesh = build_mesh(config.mesh.shape, config.mesh.dcn_shape, expert=config.mesh.get("expert", 1))
             rules = sharding.parse_rules(config.mesh.rules.to_dict())
         except ValueError as e:
             raise ConfigError(str(e)) from e
@@ -159,7 +159,15 @@ class Run:
         model or the platform cannot use is refused here, not at the first step."""
         cfg = self.config.model
         numerics = ("param_dtype", "compute_dtype", "remat", "attention", "attention_chunk")
-        numerics += tuple(k for k in ("dropout_embed", "dropout_residual") if k in cfg)
+        # Training choices a config may set over a checkpoint's (the MoE ones: jsft/models/moe.py)
+        optional = (
+            "dropout_embed",
+            "dropout_residual",
+            "router_aux_loss_coef",
+            "router_z_loss_coef",
+            "capacity_factor",
+        )
+        numerics += tuple(k for k in optional if k in cfg)
         try:
             if cfg.hf_path:
                 arch = hf.config_from_hf(hf.read_config(cfg.hf_path), **{k: cfg[k] for k in numerics})

@@ -57,7 +57,7 @@ def test_plan_mode_on_the_command_line_needs_no_workdir_and_refuses_minus_one():
         timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1} = 2 devices" in r.stdout
+    assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1, 'expert': 1} = 2 devices" in r.stdout
     r = zygote.run(
         base + ["--config.model.vocab_size=512"], cwd=REPO, capture_output=True, text=True, timeout=300
     )

@@ -5,9 +5,13 @@ Supported families: Llama (2, 3, 3.1/3.2 with `llama3` RoPE scaling and tied emb
 attention and final logit soft-capping, sandwich norms, GeLU, alternating sliding-window layers),
 Gemma 3 text models (Gemma 2's layout without attention soft-caps, plus q/k norms and a RoPE base and
 scaling per layer type; `gemma3_text`, and the language model of a `gemma3` image-text checkpoint,
-whose vision tower is not imported); RoPE scalings linear, llama3, yarn and dynamic
+whose vision tower is not imported),
+Qwen3-MoE (top-k experts, `norm_topk_prob`, dense layers from `mlp_only_layers`/`decoder_sparse_step`)
+and Mixtral (top-k experts, sliding window); RoPE scalings linear, llama3, yarn and dynamic
 (jsft/models/rope.py).
 Anything in a config that would change the math and that jsft does not implement is refused by name.
+Its ~410 lines are one table per direction (import, export) of nine families' fields and refusals;
+split per family they would repeat the shared Llama fields.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 from jsft.models.llama import LlamaConfig
 from jsft.models.rope import rope_scaling_problems
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "qwen3_moe", "mixtral")
 GEMMAS = ("gemma2", "gemma3_text")
 # transformers 5.24's Gemma3TextConfig defaults, for the fields a config.json may leave out (the
 # `text_config` of google/gemma-3-4b-it names six); RoPE's are in _gemma3_rope, the layer pattern's in
@@ -36,6 +40,20 @@ GEMMA3_TEXT_DEFAULTS = dict(
     sliding_window=4096,
 )
 LAYER_TYPES = ("sliding_attention", "full_attention")
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
+# Fields of other MoE families (Qwen2-MoE, DeepSeek, ...) that change the math; refused when set.
+_MOE_REFUSED = (
+    "shared_expert_intermediate_size",
+    "n_shared_experts",
+    "num_shared_experts",
+    "moe_shared_expert_intermediate_size",
+    "first_k_dense_replace",
+    "routed_scaling_factor",
+    "topk_group",
+    "n_group",
+    "scoring_func",
+    "topk_method",
+)
 
 
 GEMMA_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
@@ -106,13 +124,40 @@ def config_from_hf(hf: dict, **numerics: str) -> LlamaConfig:
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2",
-        qk_norm=family in ("qwen3", "gemma3_text"),
-        sliding_window=int(hf.get("sliding_window") or 0) if family == "mistral" else 0,
+        qk_norm=family in ("qwen3", "qwen3_moe", "gemma3_text"),
+        sliding_window=int(hf.get("sliding_window") or 0) if family in ("mistral", "mixtral") else 0,
         **(_gemma_fields(hf) if family in GEMMAS else {}),
         **(_gemma3_fields(hf) if family == "gemma3_text" else {}),
-        **numerics,
+        **{**(_moe_fields(hf) if family in MOE_FAMILIES else {}), **numerics},
     )
     return cfg
+
+
+def _moe_fields(hf: dict) -> dict:
+    """Qwen3-MoE's and Mixtral's experts as LlamaConfig fields. The load-balancing coefficient is
+    the checkpoint's `router_aux_loss_coef` when its `output_router_logits` is set (when transformers
+    adds the loss in training), else 0; a run's config.model.router_aux_loss_coef overrides it."""
+    n = hf["num_hidden_layers"]
+    experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
+    if not experts:  # a Qwen3-MoE config without experts is a dense model
+        return {}
+    if hf["model_type"] == "mixtral":
+        dense, width, norm_topk = (), hf["intermediate_size"], True
+    else:
+        step = hf.get("decoder_sparse_step") or 1
+        only = set(hf.get("mlp_only_layers") or ())
+        dense = tuple(i for i in range(n) if i in only or (i + 1) % step)
+        width, norm_topk = hf["moe_intermediate_size"], bool(hf.get("norm_topk_prob", False))
+    return dict(
+        n_experts=experts,
+        experts_per_token=hf["num_experts_per_tok"],
+        moe_mlp_dim=width,
+        norm_topk_prob=norm_topk,
+        dense_layers=dense,
+        router_aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0)
+        if hf.get("output_router_logits")
+        else 0.0,
+    )
 
 
 def _refusals(family: str, hf: dict) -> list[str]:
@@ -143,8 +188,12 @@ def _refusals(family: str, hf: dict) -> list[str]:
         refuse.append("mlp_bias=true")
     if hf.get("attention_bias") and family not in ("qwen2",):
         refuse.append("attention_bias=true")
-    if family in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+    if family in ("qwen2", "qwen3", "qwen3_moe") and hf.get("use_sliding_window"):
         refuse.append("use_sliding_window=true")
+    if family in MOE_FAMILIES:
+        refuse += [f"{k}={hf[k]!r}" for k in _MOE_REFUSED if hf.get(k) not in (None, 0, 0.0, 1.0, False)]
+        if hf.get("router_jitter_noise"):
+            refuse.append(f"router_jitter_noise={hf['router_jitter_noise']} (training-time router noise)")
     if "quantization_config" in hf:
         refuse.append("quantization_config (quantized weights)")
     return refuse
@@ -222,6 +271,29 @@ def _gemma_fields(hf: dict) -> dict:
     )
 
 
+def _exportable_as(cfg: LlamaConfig, family: str) -> str:
+    """The family `cfg` is exported as (`gemma3`: its language model, `gemma3_text`), or a refusal
+    when the model's features are not that family's."""
+    if family == "gemma3":  # an image-text source: jsft holds (and exports) its language model only
+        family = "gemma3_text"
+    if (cfg.qkv_bias, cfg.qk_norm, cfg.post_norms, bool(cfg.local_rope_theta), bool(cfg.n_experts)) != (
+        family == "qwen2",
+        family in ("qwen3", "qwen3_moe", "gemma3_text"),
+        family in GEMMAS,
+        family == "gemma3_text" and bool(cfg.local_rope_theta),
+        family in MOE_FAMILIES,
+    ):
+        raise UnsupportedCheckpoint(
+            f"this model (qkv_bias={cfg.qkv_bias}, qk_norm={cfg.qk_norm}, post_norms={cfg.post_norms}, "
+            f"local_rope_theta={cfg.local_rope_theta}, n_experts={cfg.n_experts}) is not a {family}"
+        )
+    if family == "gemma3_text" and cfg.attn_softcap:  # transformers' Gemma 3 would not apply it
+        raise UnsupportedCheckpoint(f"attn_softcap={cfg.attn_softcap} cannot be exported as gemma3_text")
+    if family == "mixtral" and (cfg.dense_layers or not cfg.norm_topk_prob):
+        raise UnsupportedCheckpoint("mixtral has no dense layers and always renormalises its top-k weights")
+    return family
+
+
 def config_to_hf(
     cfg: LlamaConfig,
     family: str,
@@ -239,20 +311,7 @@ def config_to_hf(
     """
     if family not in FAMILIES:
         raise UnsupportedCheckpoint(f"cannot export as {family!r}; jsft exports {FAMILIES}")
-    if family == "gemma3":  # an image-text source: jsft holds (and exports) its language model only
-        family = "gemma3_text"
-    if (cfg.qkv_bias, cfg.qk_norm, cfg.post_norms, bool(cfg.local_rope_theta)) != (
-        family == "qwen2",
-        family in ("qwen3", "gemma3_text"),
-        family in GEMMAS,
-        family == "gemma3_text" and bool(cfg.local_rope_theta),
-    ):
-        raise UnsupportedCheckpoint(
-            f"this model (qkv_bias={cfg.qkv_bias}, qk_norm={cfg.qk_norm}, post_norms={cfg.post_norms}, "
-            f"local_rope_theta={cfg.local_rope_theta}) is not a {family}"
-        )
-    if family == "gemma3_text" and cfg.attn_softcap:  # transformers' Gemma 3 would not apply it
-        raise UnsupportedCheckpoint(f"attn_softcap={cfg.attn_softcap} cannot be exported as gemma3_text")
+    family = _exportable_as(cfg, family)
     arch = {
         "llama": "LlamaForCausalLM",
         "mistral": "MistralForCausalLM",
@@ -260,6 +319,8 @@ def config_to_hf(
         "qwen3": "Qwen3ForCausalLM",
         "gemma2": "Gemma2ForCausalLM",
         "gemma3_text": "Gemma3ForCausalLM",
+        "qwen3_moe": "Qwen3MoeForCausalLM",
+        "mixtral": "MixtralForCausalLM",
     }[family]
     rope = {"rope_type": "default", **dict(cfg.rope_scaling)}
     if rope["rope_type"] == "dynamic":  # its math reads the top-level field, so that one is its own
@@ -287,11 +348,13 @@ def config_to_hf(
         "pad_token_id": pad_id,
         "max_position_embeddings": int(max_position_embeddings),
     }
-    if family in ("llama", "mistral", "qwen3"):
+    if family in ("llama", "mistral", "qwen3", "qwen3_moe"):
         out["attention_bias"] = False
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         out["sliding_window"] = cfg.sliding_window or None
-    if family in ("qwen2", "qwen3"):
+    if family in MOE_FAMILIES:
+        out.update(_moe_hf_fields(cfg, family))
+    if family in ("qwen2", "qwen3", "qwen3_moe"):
         out["use_sliding_window"] = False
         out["sliding_window"] = None
     if family in GEMMAS:
@@ -300,6 +363,27 @@ def config_to_hf(
     if family == "gemma3_text":
         out.update(_gemma3_hf_fields(cfg, rope))
     return out
+
+
+def _moe_hf_fields(cfg: LlamaConfig, family: str) -> dict:
+    """The experts' config.json fields; dense layers are written as `mlp_only_layers` (step 1)."""
+    out = dict(
+        num_experts_per_tok=cfg.experts_per_token,
+        router_aux_loss_coef=cfg.router_aux_loss_coef,
+        output_router_logits=cfg.router_aux_loss_coef > 0,
+    )
+    if family == "mixtral":
+        return dict(
+            out, num_local_experts=cfg.n_experts, intermediate_size=cfg.moe_mlp_dim, router_jitter_noise=0.0
+        )
+    return dict(
+        out,
+        num_experts=cfg.n_experts,
+        moe_intermediate_size=cfg.moe_mlp_dim,
+        norm_topk_prob=cfg.norm_topk_prob,
+        decoder_sparse_step=1,
+        mlp_only_layers=list(cfg.dense_layers),
+    )
 
 
 def _gemma3_hf_fields(cfg: LlamaConfig, rope: dict) -> dict:

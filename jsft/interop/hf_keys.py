@@ -2,8 +2,17 @@
 
 HF stores projections as [out, in] matrices; jsft keeps [in, out] with heads split out
 (q_proj [D, N, H], o_proj [N, H, D]) and layers stacked on a leading axis. `specs()` lists every
-parameter with its HF name and the two reshapes (for one layer); import and export both read this one
-table, so a family's key map is written once.
+parameter with its HF name and the two reshapes (for one layer, or one expert of one layer); import
+and export both read this one table, so a family's key map is written once.
+
+Mixture-of-Experts models: each stack of layers (`LlamaConfig.layer_stacks()`: `layers`, and
+`dense_layers` when dense and MoE layers mix) has its own specs, whose `layers` say which HF layer each
+stacked entry is. Experts are stacked too ([L, E, ...]); HF stores one tensor per expert, named as
+transformers 5.24 writes them (its save reverts its in-memory fused `experts.gate_up_proj` to these):
+Qwen3-MoE `mlp.gate.weight` and `mlp.experts.{e}.{gate,up,down}_proj.weight`; Mixtral
+`block_sparse_moe.gate.weight` and `block_sparse_moe.experts.{e}.w1/w3/w2.weight` (gate/up/down).
+Import also reads transformers' in-memory layout (`mlp.gate.weight`, `mlp.experts.gate_up_proj`
+[E, 2F, D] and `mlp.experts.down_proj` [E, D, F]), which transformers loads too; export never writes it.
 """
 
 from __future__ import annotations
@@ -23,11 +32,27 @@ class Spec:
     hf: str  # HF tensor name; `{i}` for per-layer tensors
     to_jsft: Callable  # (hf array, cfg) -> jsft array (one layer)
     to_hf: Callable  # (jsft array, cfg) -> hf array (one layer)
+    layers: tuple[int, ...] = ()  # per-layer specs: the HF layer of each entry of the stack
 
     @property
     def per_layer(self) -> bool:
-        """A stacked [L, ...] parameter, one HF tensor per layer."""
+        """A stacked [L, ...] parameter, one HF tensor per layer (and per expert with `{e}`)."""
         return "{i}" in self.hf
+
+    @property
+    def per_expert(self) -> bool:
+        """A stacked [L, E, ...] parameter, one HF tensor per layer and expert."""
+        return "{e}" in self.hf
+
+    def tensors(self, n_experts: int) -> list[tuple[str, tuple[int, ...]]]:
+        """(HF name, index into the jsft parameter) of every HF tensor of this parameter."""
+        if not self.per_layer:
+            return [(self.hf, ())]
+        if not self.per_expert:
+            return [(self.hf.format(i=i), (j,)) for j, i in enumerate(self.layers)]
+        return [
+            (self.hf.format(i=i, e=e), (j, e)) for j, i in enumerate(self.layers) for e in range(n_experts)
+        ]
 
 
 def _t(w, _cfg):
@@ -50,12 +75,81 @@ def _same(w, _cfg):
     return w
 
 
-def specs(cfg: LlamaConfig) -> list[Spec]:
-    """Every parameter of a model with `cfg`, in HF terms."""
-    layer = "model.layers.{i}."
+# Where a MoE layer's router and experts live: layout -> (module, gate, up, down expert names)
+MOE_LAYOUTS = {
+    "mlp": ("mlp", "gate_proj", "up_proj", "down_proj"),  # Qwen3-MoE
+    "block_sparse_moe": ("block_sparse_moe", "w1", "w3", "w2"),  # Mixtral
+}
+FAMILY_MOE_LAYOUT = {"mixtral": "block_sparse_moe"}
+FUSED = "fused"  # transformers' in-memory layout (import only)
+
+
+def specs(cfg: LlamaConfig, moe_layout: str = "mlp") -> list[Spec]:
+    """Every parameter of a model with `cfg`, in HF terms (experts named as `moe_layout` says)."""
     out = [
         Spec(("embed",), "model.embed_tokens.weight", _same, _same),
         Spec(("final_norm", "scale"), "model.norm.weight", _same, _same),
+    ]
+    for name, ids, sparse in cfg.layer_stacks():
+        layer_specs = _layer_specs(cfg, _moe_specs(moe_layout) if sparse else _mlp_specs())
+        out += [dataclasses.replace(s, path=(name, *s.path[1:]), layers=ids) for s in layer_specs]
+    if not cfg.tie_embeddings:
+        out.append(Spec(("lm_head",), "lm_head.weight", _t, _t))
+    return out
+
+
+def _mlp_specs() -> list[Spec]:
+    return [
+        Spec(("layers", "mlp", p), f"model.layers.{{i}}.mlp.{p}.weight", _t, _t)
+        for p in ("gate_proj", "up_proj", "down_proj")
+    ]
+
+
+def _moe_specs(layout: str) -> list[Spec]:
+    """The router [D, E] and the experts' [E, ...] weights, one HF tensor per expert (per layer when
+    `layout` is FUSED)."""
+    if layout == FUSED:
+        return _fused_moe_specs()
+    module, *names = MOE_LAYOUTS[layout]
+    layer = f"model.layers.{{i}}.{module}."
+    return [Spec(("layers", "moe", "router"), layer + "gate.weight", _t, _t)] + [
+        Spec(("layers", "moe", p), layer + f"experts.{{e}}.{hf_name}.weight", _t, _t)
+        for p, hf_name in zip(("gate_proj", "up_proj", "down_proj"), names, strict=True)
+    ]
+
+
+def _fused_moe_specs() -> list[Spec]:
+    def fused_only(_x, _cfg):
+        raise ValueError("jsft exports experts one tensor each (as transformers saves them), never fused")
+
+    experts = "model.layers.{i}.mlp.experts."
+    return [
+        Spec(("layers", "moe", "router"), "model.layers.{i}.mlp.gate.weight", _t, _t),
+        Spec(
+            ("layers", "moe", "gate_proj"),
+            experts + "gate_up_proj",
+            lambda w, c: w[:, : c.moe_mlp_dim].transpose(0, 2, 1),
+            fused_only,
+        ),
+        Spec(
+            ("layers", "moe", "up_proj"),
+            experts + "gate_up_proj",
+            lambda w, c: w[:, c.moe_mlp_dim :].transpose(0, 2, 1),
+            fused_only,
+        ),
+        Spec(
+            ("layers", "moe", "down_proj"),
+            experts + "down_proj",
+            lambda w, c: w.transpose(0, 2, 1),
+            fused_only,
+        ),
+    ]
+
+
+def _layer_specs(cfg: LlamaConfig, mlp: list[Spec]) -> list[Spec]:
+    """One layer's parameters (paths under `layers`; `specs` sets the stack), its MLP's from `mlp`."""
+    layer = "model.layers.{i}."
+    out = [
         Spec(("layers", "attn_norm", "scale"), layer + "input_layernorm.weight", _same, _same),
         Spec(
             ("layers", "attn", "q_proj"),
@@ -81,9 +175,7 @@ def specs(cfg: LlamaConfig) -> list[Spec]:
             lambda w, c: w.T.reshape(c.n_heads, c.head_dim, c.d_model),
             lambda x, c: x.reshape(c.n_heads * c.head_dim, c.d_model).T,
         ),
-        Spec(("layers", "mlp", "gate_proj"), layer + "mlp.gate_proj.weight", _t, _t),
-        Spec(("layers", "mlp", "up_proj"), layer + "mlp.up_proj.weight", _t, _t),
-        Spec(("layers", "mlp", "down_proj"), layer + "mlp.down_proj.weight", _t, _t),
+        *mlp,
     ]
     if cfg.post_norms:  # Gemma 2: HF's post_attention_layernorm is the norm *after* attention
         out += [
@@ -102,8 +194,6 @@ def specs(cfg: LlamaConfig) -> list[Spec]:
         out.append(
             Spec(("layers", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", _same, _same)
         )
-    if not cfg.tie_embeddings:
-        out.append(Spec(("lm_head",), "lm_head.weight", _t, _t))
     if cfg.qkv_bias:
         for name, n in (("q", "n_heads"), ("k", "n_kv_heads"), ("v", "n_kv_heads")):
             out.append(

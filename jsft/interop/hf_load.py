@@ -13,7 +13,7 @@ import numpy as np
 
 from jsft.interop.hf_config import UnsupportedCheckpoint
 from jsft.interop.hf_files import weight_files
-from jsft.interop.hf_keys import checkpoint_layout, get_path, set_path, specs
+from jsft.interop.hf_keys import FUSED, Spec, checkpoint_layout, get_path, set_path, specs
 from jsft.models.llama import LlamaConfig
 
 
@@ -47,11 +47,16 @@ def load_params(
     dtype = jnp.dtype(dtype or cfg.param_dtype)
     params: dict = {}
     used = set()
-    for spec in specs(cfg):
+    # Mixtral's experts as transformers writes them (block_sparse_moe.*), transformers' in-memory fused
+    # experts (either family), else one tensor per expert under mlp.* (Qwen3-MoE).
+    layout = "block_sparse_moe" if any(".block_sparse_moe." in k for k in files) else "mlp"
+    if any(k.endswith(".experts.gate_up_proj") for k in files):
+        layout = FUSED
+    for spec in specs(cfg, layout):
         sharding = get_path(shardings, spec.path) if shardings is not None else None
         if spec.per_layer:
-            names = [spec.hf.format(i=i) for i in range(cfg.n_layers)]
-            layers = (spec.to_jsft(tensor(n), cfg).astype(dtype) for n in names)
+            names = [name for name, _ in spec.tensors(cfg.n_experts)]
+            layers = (_one_layer(spec, i, tensor, cfg).astype(dtype) for i in spec.layers)
             value = _stack_layers(layers, sharding)
         else:
             names = [spec.hf]
@@ -82,6 +87,13 @@ def load_params(
             f"{extra[:8]}{' ...' if len(extra) > 8 else ''}"
         )
     return params
+
+
+def _one_layer(spec: Spec, i: int, tensor: Callable, cfg: LlamaConfig) -> np.ndarray:
+    """HF layer `i` of a stacked parameter in jsft layout ([E, ...]: its experts' tensors stacked)."""
+    if not spec.per_expert:
+        return spec.to_jsft(tensor(spec.hf.format(i=i)), cfg)
+    return np.stack([spec.to_jsft(tensor(spec.hf.format(i=i, e=e)), cfg) for e in range(cfg.n_experts)])
 
 
 def _stack_layers(layers, sharding) -> jax.Array:

@@ -24,7 +24,7 @@ import numpy as np
 
 from jsft.interop.hf_config import config_to_hf
 from jsft.interop.hf_files import copy_tokenizer_files, publish, staging_dir, write_json
-from jsft.interop.hf_keys import Spec, get_path, specs
+from jsft.interop.hf_keys import FAMILY_MOE_LAYOUT, Spec, get_path, specs
 from jsft.interop.safetensors_writer import SafetensorsWriter, TensorInfo
 from jsft.models.llama import LlamaConfig
 from jsft.parallel import multihost
@@ -32,34 +32,31 @@ from jsft.parallel import multihost
 
 @dataclasses.dataclass(frozen=True)
 class ExportTensor:
-    """One HF tensor of an export: what it is (`info`) and where it comes from (`spec`, `layer`)."""
+    """One HF tensor of an export: what it is (`info`) and where it comes from (`spec`, `index`)."""
 
     info: TensorInfo
     spec: Spec
-    layer: int | None  # the index into a stacked [L, ...] parameter; None for the others
+    index: tuple[int, ...]  # into the stacked parameter: (), (layer,) or (layer, expert)
+    layout: str = "mlp"  # the MoE key layout of hf_keys.specs
 
 
-def export_plan(params: dict, cfg: LlamaConfig, dtype: str) -> list[ExportTensor]:
+def export_plan(params: dict, cfg: LlamaConfig, dtype: str, family: str = "") -> list[ExportTensor]:
     """Every HF tensor of `params` in file order (embeddings, then layer by layer, then the final norm
     and head, as transformers orders them), from shapes alone: nothing is computed or moved."""
     dtype = jnp.dtype(dtype).name
+    layout = FAMILY_MOE_LAYOUT.get(family, "mlp")
     first, layered, last = [], [], []
-    for spec in specs(cfg):
+    for spec in specs(cfg, layout):
         leaf = get_path(params, spec.path)
-        one = jax.ShapeDtypeStruct(leaf.shape[1:] if spec.per_layer else leaf.shape, leaf.dtype)
+        one = jax.ShapeDtypeStruct(leaf.shape[spec.per_layer + spec.per_expert :], leaf.dtype)
         shape = tuple(jax.eval_shape(lambda x, s=spec: s.to_hf(x, cfg), one).shape)
-        if spec.per_layer:
-            layered.append((spec, shape))
-        else:
-            (first if spec.path == ("embed",) else last).append(
-                ExportTensor(TensorInfo(spec.hf, dtype, shape), spec, None)
-            )
-    per_layer = [
-        ExportTensor(TensorInfo(spec.hf.format(i=i), dtype, shape), spec, i)
-        for i in range(cfg.n_layers)
-        for spec, shape in layered
-    ]
-    return first + per_layer + last
+        for name, index in spec.tensors(cfg.n_experts):
+            item = ExportTensor(TensorInfo(name, dtype, shape), spec, index, layout)
+            if spec.per_layer:
+                layered.append((spec.layers[index[0]], len(layered), item))
+            else:
+                (first if spec.path == ("embed",) else last).append(item)
+    return first + [item for *_, item in sorted(layered, key=lambda x: x[:2])] + last
 
 
 def _replicated(spec: Spec, leaf) -> jax.sharding.Sharding | None:
@@ -73,19 +70,26 @@ def _replicated(spec: Spec, leaf) -> jax.sharding.Sharding | None:
 
 
 @functools.lru_cache(maxsize=512)
-def _gather_fn(hf_name: str, cfg: LlamaConfig, dtype: str, replicated: jax.sharding.Sharding | None):
-    """jit of (leaf[, layer]) -> the tensor `hf_name` in HF layout and `dtype`, placed `replicated`;
-    cached, so exporting again (or another model of the same shapes) does not trace again."""
-    spec = next(s for s in specs(cfg) if s.hf == hf_name)
+def _gather_fn(
+    path: tuple,
+    hf_name: str,
+    layout: str,
+    cfg: LlamaConfig,
+    dtype: str,
+    replicated: jax.sharding.Sharding | None,
+):
+    """jit of (leaf, *index) -> one HF tensor of the spec (`path`, `hf_name`) in HF layout and
+    `dtype`, placed `replicated`; cached, so exporting again (or another model of the same shapes)
+    does not trace again."""
+    spec = next(s for s in specs(cfg, layout) if (s.path, s.hf) == (path, hf_name))
 
-    def one_layer(x, i):
+    def one(x, *index):
+        for i in index:  # a layer, then an expert
+            x = jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
         # cast before the layout change: the gather then moves export-dtype bytes (exact either way)
-        return spec.to_hf(jax.lax.dynamic_index_in_dim(x, i, keepdims=False).astype(dtype), cfg)
-
-    def whole(x):
         return spec.to_hf(x.astype(dtype), cfg)
 
-    return jax.jit(one_layer if spec.per_layer else whole, out_shardings=replicated)
+    return jax.jit(one, out_shardings=replicated)
 
 
 def hf_arrays(
@@ -97,8 +101,8 @@ def hf_arrays(
     for item in plan:
         spec = item.spec
         leaf = get_path(params, spec.path)
-        gather = _gather_fn(spec.hf, cfg, item.info.dtype, _replicated(spec, leaf))
-        yield item.info, gather(leaf, np.int32(item.layer)) if spec.per_layer else gather(leaf)
+        gather = _gather_fn(spec.path, spec.hf, item.layout, cfg, item.info.dtype, _replicated(spec, leaf))
+        yield item.info, gather(leaf, *(np.int32(i) for i in item.index))
 
 
 def host_copy(value: jax.Array | np.ndarray) -> np.ndarray:
@@ -108,9 +112,10 @@ def host_copy(value: jax.Array | np.ndarray) -> np.ndarray:
     return np.asarray(value)
 
 
-def hf_tensors(params: dict, cfg: LlamaConfig, dtype: str) -> dict[str, np.ndarray]:
+def hf_tensors(params: dict, cfg: LlamaConfig, dtype: str, family: str = "") -> dict[str, np.ndarray]:
     """Every HF-named tensor on this host at once (small models and tests; exports stream instead)."""
-    return {info.name: np.array(host_copy(value)) for info, value in hf_arrays(params, cfg, dtype)}
+    plan = export_plan(params, cfg, dtype, family)
+    return {info.name: np.array(host_copy(value)) for info, value in hf_arrays(params, cfg, dtype, plan)}
 
 
 def save_pretrained(
@@ -141,7 +146,7 @@ def save_pretrained(
     staging = staging_dir(out_dir) if writes else ""
     files = []
     try:
-        files = _write_weights(staging if writes else None, params, cfg, dtype, max_shard_bytes)
+        files = _write_weights(staging if writes else None, params, cfg, dtype, max_shard_bytes, family)
         if writes:
             write_json(os.path.join(staging, "generation_config.json"), generation_config)
             files.append("generation_config.json")
@@ -158,9 +163,11 @@ def save_pretrained(
     return files
 
 
-def _write_weights(directory: str | None, params: dict, cfg: LlamaConfig, dtype: str, max_file_bytes: int):
+def _write_weights(
+    directory: str | None, params: dict, cfg: LlamaConfig, dtype: str, max_file_bytes: int, family: str
+):
     """Gather every tensor (on every process) and write them into `directory` (None: gather only)."""
-    plan = export_plan(params, cfg, dtype)
+    plan = export_plan(params, cfg, dtype, family)
     infos = [item.info for item in plan]
     with SafetensorsWriter(directory, infos, max_file_bytes) if directory else contextlib.nullcontext() as w:
         for info, value in hf_arrays(params, cfg, dtype, plan):

@@ -20,28 +20,31 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jsft.models import attention, lora, quant
+from jsft.models import attention, lora, moe, quant
 from jsft.models.rope import apply_rope, rope_scaling_problems, rope_tables
 from jsft.parallel.sharding import constrain
 
 # Logical axis names used on parameters; config.mesh.rules (jsft/parallel/sharding.py) map them to mesh axes.
-LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "layers")
+LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "layers", "expert")
 
 ACTIVATION_AXES = ("batch", "seq", "embed")  # the residual stream between blocks
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 # What a layer keeps for the backward (`model.remat`). The projections and the attention kernel's output
-# are named (`checkpoint_name`: q_proj ... down_proj, attention_out), so a policy can keep exactly them.
+# are named (`checkpoint_name`: q_proj ... down_proj, attention_out; a MoE layer's router logits and
+# expert matmuls), so a policy can keep exactly them.
 _POLICIES = jax.checkpoint_policies
 ATTENTION_SAVES = ("q_proj", "k_proj", "v_proj", "attention_out", "o_proj")
 MLP_SAVES = ("gate_proj", "up_proj", "down_proj")
+MOE_SAVES = ("router_logits", "expert_gate", "expert_up", "expert_down")  # jsft/models/moe.py's names
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: keep every activation (fastest, most memory)
     "full": _POLICIES.nothing_saveable,  # keep only each layer's input; recompute the layer
     # Keep every projection's output and the attention output: the backward recomputes only norms,
     # RoPE and elementwise ops (the attention itself is never recomputed).
-    "save_dots": _POLICIES.save_only_these_names(*ATTENTION_SAVES, *MLP_SAVES),
-    # As save_dots, but the MLP (the widest activations, [B, T, mlp_dim] x 3) is recomputed.
+    "save_dots": _POLICIES.save_only_these_names(*ATTENTION_SAVES, *MLP_SAVES, *MOE_SAVES),
+    # As save_dots, but the MLP (the widest activations, [B, T, mlp_dim] x 3; a MoE layer's router
+    # logits and experts' [T * k, moe_mlp_dim] x 2 and [T * k, D]) is recomputed.
     "save_dots_except_mlp": _POLICIES.save_only_these_names(*ATTENTION_SAVES),
     # Keep only what is costly to recompute at long context: the attention output.
     "save_attention_out": _POLICIES.save_only_these_names("attention_out"),
@@ -49,7 +52,7 @@ REMAT_POLICIES = {
     # (needs a `pinned_host` memory space: GPUs and TPUs have one, and so does XLA's CPU client).
     "offload": _POLICIES.save_and_offload_only_these_names(
         names_which_can_be_saved=(),
-        names_which_can_be_offloaded=(*ATTENTION_SAVES, *MLP_SAVES),
+        names_which_can_be_offloaded=(*ATTENTION_SAVES, *MLP_SAVES, *MOE_SAVES),
         offload_src="device",
         offload_dst="pinned_host",
     ),
@@ -118,6 +121,20 @@ class LlamaConfig:
     # is not offered: the fused kernels (flash, splash, cuDNN through XLA) do not expose it.
     dropout_embed: float = 0.0
     dropout_residual: float = 0.0
+    # Mixture of Experts (jsft/models/moe.py; Qwen3-MoE, Mixtral): with `n_experts` > 0 each layer's MLP
+    # is `n_experts` SwiGLU experts of width `moe_mlp_dim`, each token routed to `experts_per_token` of
+    # them (weights renormalised with `norm_topk_prob`), except the layers in `dense_layers`, which
+    # keep a dense MLP of width `mlp_dim` (Qwen3-MoE's mlp_only_layers / decoder_sparse_step).
+    # `capacity_factor` > 0 caps each expert's tokens (0: dropless). Training adds
+    # `router_aux_loss_coef` * the load-balancing loss and `router_z_loss_coef` * the router z-loss.
+    n_experts: int = 0
+    experts_per_token: int = 0
+    moe_mlp_dim: int = 0
+    norm_topk_prob: bool = True
+    dense_layers: tuple = ()
+    capacity_factor: float = 0.0
+    router_aux_loss_coef: float = 0.0
+    router_z_loss_coef: float = 0.0
 
     def __post_init__(self):
         if self.attention not in attention.IMPLEMENTATIONS:
@@ -155,6 +172,34 @@ class LlamaConfig:
             raise ValueError(
                 "local_rope_theta is the RoPE base of windowed layers, but layer_windows has none"
             )
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        object.__setattr__(self, "dense_layers", tuple(self.dense_layers))  # hashable from a config list
+        if not self.n_experts:
+            if self.dense_layers or self.experts_per_token or self.moe_mlp_dim:
+                raise ValueError("dense_layers, experts_per_token and moe_mlp_dim need n_experts > 0")
+            return
+        if not 1 <= self.experts_per_token <= self.n_experts:
+            raise ValueError(
+                f"experts_per_token={self.experts_per_token} must be in 1..n_experts={self.n_experts}"
+            )
+        if self.moe_mlp_dim < 1:
+            raise ValueError(f"moe_mlp_dim={self.moe_mlp_dim} must be >= 1 with n_experts > 0")
+        if any(not 0 <= i < self.n_layers for i in self.dense_layers) or len(set(self.dense_layers)) != len(
+            self.dense_layers
+        ):
+            raise ValueError(
+                f"dense_layers={self.dense_layers} must be distinct layers 0..{self.n_layers - 1}"
+            )
+        if len(self.dense_layers) == self.n_layers:
+            raise ValueError("every layer is in dense_layers; a dense model has n_experts=0")
+        if self.capacity_factor < 0:
+            raise ValueError(f"capacity_factor={self.capacity_factor} must be >= 0 (0: dropless)")
+        if self.is_peft:
+            raise ValueError("LoRA/QLoRA on Mixture-of-Experts models is not implemented yet")
+        if self.activation != "silu":
+            raise ValueError(f"activation={self.activation!r}: the experts are SwiGLU (silu) only")
 
     @classmethod
     def tiny(cls, vocab_size: int = 256, **overrides: Any) -> LlamaConfig:
@@ -208,11 +253,46 @@ class LlamaConfig:
         return bool(self.lora_targets) or self.quant != "none"
 
     def num_params(self) -> int:
+        """Every parameter (with MoE: every expert's)."""
+        return self._params(self.n_experts)
+
+    def active_params(self) -> int:
+        """Parameters one token uses (with MoE: its `experts_per_token` experts and the router), for
+        FLOPs and MFU; `num_params()` for a dense model."""
+        return self._params(self.experts_per_token)
+
+    def _params(self, experts: int) -> int:
         d, h = self.d_model, self.head_dim
         attn = d * h * (2 * self.n_heads + 2 * self.n_kv_heads)
         block = attn + 3 * d * self.mlp_dim + 2 * d
         head = 0 if self.tie_embeddings else self.vocab_size * d
-        return self.vocab_size * d + self.n_layers * block + d + head
+        n_moe = self.n_layers - len(self.dense_layers) if self.n_experts else 0
+        moe_block = attn + experts * 3 * d * self.moe_mlp_dim + d * self.n_experts + 2 * d
+        return self.vocab_size * d + (self.n_layers - n_moe) * block + n_moe * moe_block + d + head
+
+    def layer_stacks(self) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
+        """(params key, the layers it stacks in depth order, whether they are MoE) per stack of layers:
+        `layers` holds every layer of a dense model and the MoE layers of a MoE model; `dense_layers`
+        the dense layers of a MoE model that has some."""
+        every = tuple(range(self.n_layers))
+        if not self.n_experts:
+            return (("layers", every, False),)
+        sparse = tuple(i for i in every if i not in self.dense_layers)
+        dense = tuple(sorted(self.dense_layers))
+        return (("layers", sparse, True),) + ((("dense_layers", dense, False),) if dense else ())
+
+    def layer_runs(self) -> tuple[tuple[str, int, int, int], ...]:
+        """(stack, first, end within the stack, first layer in depth) per run of consecutive layers of
+        one stack, in depth order: the forward scans each run (one run unless dense and MoE layers mix)."""
+        where = {i: (name, j) for name, ids, _ in self.layer_stacks() for j, i in enumerate(ids)}
+        runs: list[list] = []
+        for i in range(self.n_layers):
+            name, j = where[i]
+            if runs and runs[-1][0] == name:
+                runs[-1][2] = j + 1
+            else:
+                runs.append([name, j, j + 1, i])
+        return tuple(tuple(r) for r in runs)
 
 
 def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
@@ -366,22 +446,27 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, sparse: bool = False):
         def norm():
             return RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs, offset=cfg.norm_offset)
 
-        self.attn_norm, self.attn, self.mlp_norm, self.mlp = (
-            norm(),
-            Attention(cfg, rngs),
-            norm(),
-            MLP(cfg, rngs),
-        )
+        def make_param(init, shape, axes):
+            return _param(rngs, init, shape, axes, cfg.param_dtype)
+
+        self.attn_norm, self.attn, self.mlp_norm = norm(), Attention(cfg, rngs), norm()
+        self.sparse = sparse
+        if sparse:  # Mixture of Experts: `moe` in place of `mlp`
+            self.moe = moe.MoE(cfg, make_param, ACTIVATIONS[cfg.activation])
+        else:
+            self.mlp = MLP(cfg, rngs)
         self.post_norms = cfg.post_norms
         self.dropout_residual = cfg.dropout_residual
         if cfg.post_norms:  # Gemma 2's "sandwich": the sublayer's output is normalised too
             self.post_attn_norm, self.post_mlp_norm = norm(), norm()
 
-    def __call__(self, x_btd, cos, sin, mask, kv_cache=None, rng=None):
+    def __call__(self, x_btd, cos, sin, mask, kv_cache=None, rng=None, real_bt=None):
+        """(x, kv as Attention returns it, router stats of a MoE layer (moe.router_stats) or None);
+        `real_bt` marks real tokens for the router (None: every token; decoding, which is dropless)."""
         attn_rng, mlp_rng = (None, None) if rng is None else jax.random.split(rng)
         rate = self.dropout_residual
         drop = (
@@ -392,8 +477,24 @@ class Block(nnx.Module):
         attn_btd, kv = self.attn(self.attn_norm(x_btd), cos, sin, mask, kv_cache, attn_rng)
         attn_btd = drop(self.post_attn_norm(attn_btd) if self.post_norms else attn_btd, 2)
         x_btd = x_btd + attn_btd
-        mlp_btd = self.mlp(self.mlp_norm(x_btd), mlp_rng)
-        return x_btd + drop(self.post_mlp_norm(mlp_btd) if self.post_norms else mlp_btd, 3), kv
+        stats = None
+        if self.sparse:
+            real = jnp.ones(x_btd.shape[:2], jnp.bool_) if real_bt is None else real_bt
+            mlp_btd, stats = self.moe(self.mlp_norm(x_btd), real, dropless=real_bt is None)
+        else:
+            mlp_btd = self.mlp(self.mlp_norm(x_btd), mlp_rng)
+        return x_btd + drop(self.post_mlp_norm(mlp_btd) if self.post_norms else mlp_btd, 3), kv, stats
+
+
+def _stacked_blocks(cfg: LlamaConfig, rngs: nnx.Rngs, n: int, sparse: bool) -> Block:
+    """`n` Blocks as one module whose parameters have a leading `layers` axis."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_layers(rngs):
+        return Block(cfg, rngs, sparse)
+
+    return make_layers(rngs)
 
 
 class Llama(nnx.Module):
@@ -409,12 +510,8 @@ class Llama(nnx.Module):
             cfg.param_dtype,
         )
 
-        @nnx.split_rngs(splits=cfg.n_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_layers(rngs):
-            return Block(cfg, rngs)
-
-        self.layers = make_layers(rngs)
+        for name, ids, sparse in cfg.layer_stacks():
+            setattr(self, name, _stacked_blocks(cfg, rngs, len(ids), sparse))
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs, offset=cfg.norm_offset)
         if not cfg.tie_embeddings:
             self.lm_head = _param(
@@ -441,6 +538,16 @@ class Llama(nnx.Module):
         """The final-normed hidden states [B, T, D] (compute dtype) that `head()` turns into logits;
         the training loss takes them directly (jsft/train/chunked_ce.py) so the [B, T, V] logits of
         the whole batch never exist."""
+        return self.features_and_router(tokens_bt, positions_bt, segment_ids_bt, rng)[0]
+
+    def features_and_router(
+        self,
+        tokens_bt: jax.Array,
+        positions_bt: jax.Array | None = None,
+        segment_ids_bt: jax.Array | None = None,
+        rng: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(`features`, router losses `moe.router_losses` over the real tokens: {} for a dense model)."""
         cfg = self.cfg
         b, t = tokens_bt.shape
         if positions_bt is None:
@@ -459,22 +566,40 @@ class Llama(nnx.Module):
         windowed = bool(cfg.layer_windows or cfg.sliding_window)
         windows = jnp.asarray(cfg.layer_windows or (cfg.sliding_window,) * cfg.n_layers, jnp.int32)
 
-        layers_def, layers_state = nnx.split(self.layers)
-
-        def one_layer(x_btd, layer):
-            layer_state, window, layer_rng = layer
-            # A layer with a window (0: none) sees only the last `window` keys.
-            mask = attention.Mask(start_bt, window if windowed else 0, packed)
-            block = nnx.merge(layers_def, layer_state)
-            x_btd, _ = block(x_btd, *rope_for(window), mask, rng=layer_rng)
-            return constrain(x_btd, ACTIVATION_AXES), None
-
-        policy = REMAT_POLICIES[cfg.remat]
-        if cfg.remat != "none":
-            one_layer = jax.checkpoint(one_layer, policy=policy, prevent_cse=False)
+        real_bt = segment_ids_bt > 0 if cfg.n_experts else None  # what the router losses count
         layer_rngs = None if rng is None else jax.random.split(rng, cfg.n_layers)
-        x_btd, _ = jax.lax.scan(one_layer, x_btd, (layers_state, windows, layer_rngs))
-        return self.final_norm(x_btd)
+        stats = []
+        for layers_def, layers_state, depth, sparse in self._runs():
+
+            def one_layer(x_btd, layer, layers_def=layers_def):
+                layer_state, window, layer_rng = layer
+                # A layer with a window (0: none) sees only the last `window` keys.
+                mask = attention.Mask(start_bt, window if windowed else 0, packed)
+                block = nnx.merge(layers_def, layer_state)
+                x_btd, _, layer_stats = block(x_btd, *rope_for(window), mask, rng=layer_rng, real_bt=real_bt)
+                return constrain(x_btd, ACTIVATION_AXES), layer_stats
+
+            if cfg.remat != "none":
+                one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            xs = (layers_state, windows, layer_rngs)
+            x_btd, layer_stats = jax.lax.scan(one_layer, x_btd, xs if depth is None else _slice(xs, depth))
+            if sparse:
+                stats.append(layer_stats)
+        if not stats:
+            return self.final_norm(x_btd), {}
+        stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *stats)  # [MoE layers, ...]
+        return self.final_norm(x_btd), moe.router_losses(stats, cfg.experts_per_token)
+
+    def _runs(self):
+        """(graphdef, state, depth slice (None: every layer), MoE?) per run of `cfg.layer_runs()`."""
+        for name, first, end, depth in self.cfg.layer_runs():
+            stack = getattr(self, name)
+            layers_def, layers_state = nnx.split(stack)
+            if end - first == self.cfg.n_layers:  # one run of every layer (dense models): no slicing
+                yield layers_def, layers_state, None, stack.sparse
+                continue
+            part = jax.tree.map(lambda x, a=first, b=end: x[a:b], layers_state)
+            yield layers_def, part, slice(depth, depth + end - first), stack.sparse
 
     def _rope(self, positions_bt: jax.Array, start_bt: jax.Array):
         """window -> the (cos, sin) tables [B, T, H/2] of a layer with that window (a traced scalar
@@ -552,23 +677,28 @@ class Llama(nnx.Module):
         start_bt = attention.Mask.from_segments(is_token_bt.astype(jnp.int32)).start_bt
         rope_for = self._rope(slots_bt, start_bt)
         windows = jnp.asarray(cfg.layer_windows or (cfg.sliding_window,) * cfg.n_layers, jnp.int32)
-        layers_def, layers_state = nnx.split(self.layers)
+        carry = (self._embed(tokens_bt), cache["k"], cache["v"])
+        for layers_def, layers_state, depth, _ in self._runs():
 
-        def one_layer(carry, layer):
-            x_btd, k_lbskh, v_lbskh = carry
-            layer_state, window, index = layer
-            layer_mask = mask_bts & ((window == 0) | (distance_bts < window))
-            block = nnx.merge(layers_def, layer_state)
-            x_btd, (k_lbskh, v_lbskh) = block(
-                x_btd, *rope_for(window), layer_mask, (k_lbskh, v_lbskh, index, slots_bt)
-            )
-            return (x_btd, k_lbskh, v_lbskh), None
+            def one_layer(carry, layer, layers_def=layers_def):
+                x_btd, k_lbskh, v_lbskh = carry
+                layer_state, window, index = layer
+                layer_mask = mask_bts & ((window == 0) | (distance_bts < window))
+                block = nnx.merge(layers_def, layer_state)
+                x_btd, (k_lbskh, v_lbskh), _ = block(
+                    x_btd, *rope_for(window), layer_mask, (k_lbskh, v_lbskh, index, slots_bt)
+                )
+                return (x_btd, k_lbskh, v_lbskh), None
 
-        (x_btd, k, v), _ = jax.lax.scan(
-            one_layer,
-            (self._embed(tokens_bt), cache["k"], cache["v"]),
-            (layers_state, windows, jnp.arange(cfg.n_layers)),
-        )
+            xs = (layers_state, windows, jnp.arange(cfg.n_layers))
+            carry, _ = jax.lax.scan(one_layer, carry, xs if depth is None else _slice(xs, depth))
+        x_btd, k, v = carry
         if logits_at_b is not None:  # [B, 1, D]: the hidden state of one token per row
             x_btd = x_btd[jnp.arange(b)[:, None], logits_at_b[:, None]]
         return self._logits(self.final_norm(x_btd)), {"k": k, "v": v, "valid": valid_bs}
+
+
+def _slice(xs: tuple, depth: slice) -> tuple:
+    """A run's part of per-layer scan inputs: its parameters as they are, the rest sliced by depth."""
+    state, *rest = xs
+    return (state, *(None if x is None else x[depth] for x in rest))

@@ -87,6 +87,20 @@ class ModelDef:
         module = self.module(params)
         return module.features(tokens, positions, segment_ids, rng), module.head()
 
+    def features_and_router(
+        self,
+        params: Params,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        rng: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        """`features` and the router losses of a Mixture-of-Experts model over its real tokens
+        (jsft.models.moe.router_losses: aux, z, load; {} for a dense model)."""
+        module = self.module(params)
+        x, router = module.features_and_router(tokens, positions, segment_ids, rng)
+        return x, module.head(), router
+
 
 def build_model(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> ModelDef:
     """From the `config.model` section; `vocab_size: 0` there means "the tokenizer's size".

@@ -51,7 +51,7 @@ def devices_needed(mesh_cfg: ml_collections.ConfigDict) -> int:
         raise ValueError(
             f"config.mesh.shape={tuple(mesh_cfg.shape)}: --mode plan needs explicit sizes, no -1"
         )
-    return math.prod(resolve_shape(mesh_cfg.shape, math.prod(mesh_cfg.shape)))
+    return math.prod(resolve_shape(mesh_cfg.shape, math.prod(mesh_cfg.shape))) * mesh_cfg.get("expert", 1)
 
 
 def simulate_devices(config: ml_collections.ConfigDict) -> None:
@@ -122,7 +122,12 @@ def offloaded_bytes(cfg: LlamaConfig, tokens: int, devices: int) -> int:
     `devices` (batch over data/fsdp, heads and MLP features over tensor)."""
     heads = 2 * cfg.n_heads * cfg.head_dim + 2 * cfg.n_kv_heads * cfg.head_dim  # q, attention out, k, v
     per_token = heads + cfg.d_model + 2 * cfg.mlp_dim  # + o_proj, gate, up
-    return cfg.n_layers * tokens * per_token * jnp.dtype(cfg.compute_dtype).itemsize // devices
+    total = cfg.n_layers * per_token
+    if cfg.n_experts:  # a MoE layer keeps router logits and k rows of expert gate, up and down instead
+        sparse = cfg.n_layers - len(cfg.dense_layers)
+        moe_per_token = cfg.n_experts + cfg.experts_per_token * (2 * cfg.moe_mlp_dim + cfg.d_model)
+        total += sparse * (moe_per_token - 2 * cfg.mlp_dim)
+    return total * tokens * jnp.dtype(cfg.compute_dtype).itemsize // devices
 
 
 def run_plan(

@@ -481,6 +481,9 @@ def _train_metrics(
     for key in fetched[0]:
         if key.startswith("loss/"):  # the objective's terms (train/loss/ce, train/loss/z, ...)
             logged[f"train/{key}"] = float(np.mean([m[key] for m in applied]))
+    if "moe/load" in fetched[0]:  # Mixture of Experts: each expert's share of the routed tokens
+        load = np.mean([m["moe/load"] for m in applied], axis=0)
+        logged.update({f"train/moe/load/{e}": float(v) for e, v in enumerate(load)})
     if len(data.source_names) > 1:
         loss_sums = np.sum([m["loss_sum_by_source"] for m in applied], axis=0)
         tokens = np.sum([m["target_tokens_by_source"] for m in applied], axis=0)

@@ -1,6 +1,8 @@
-"""The device mesh (data, fsdp, tensor) from the config, and multi-process start-up.
+"""The device mesh (data, fsdp, tensor, expert) from the config, and multi-process start-up.
 
-`config.mesh.shape` gives the three axis sizes; one may be -1 ("the rest of the devices").
+`config.mesh.shape` gives the sizes of data, fsdp and tensor; one may be -1 ("the rest of the devices").
+`config.mesh.expert` (default 1) is the expert-parallel axis, a field of its own so that 3-tuple shapes
+stay valid: experts are split over it, and the batch too (it is a data axis for every other layer).
 `config.mesh.dcn_shape` splits them between the slow network (DCN: across slices or nodes) and the
 fast interconnect (ICI/NVLink) via `mesh_utils.create_hybrid_device_mesh`; all ones means one slice.
 """
@@ -15,14 +17,15 @@ import jax
 import numpy as np
 from jax.experimental import mesh_utils
 
-AXES = ("data", "fsdp", "tensor")
+SHAPE_AXES = ("data", "fsdp", "tensor")  # sized by config.mesh.shape
+AXES = (*SHAPE_AXES, "expert")  # every mesh axis; those after SHAPE_AXES have a config field each
 
 
 def resolve_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
     """Fill in one -1 so that the sizes multiply to `n_devices`; refuse shapes that cannot fit."""
     shape = tuple(int(s) for s in shape)
-    if len(shape) != len(AXES):
-        raise ValueError(f"config.mesh.shape={shape} must name {len(AXES)} sizes for {AXES}")
+    if len(shape) != len(SHAPE_AXES):
+        raise ValueError(f"config.mesh.shape={shape} must name {len(SHAPE_AXES)} sizes for {SHAPE_AXES}")
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
         raise ValueError(f"config.mesh.shape={shape}: sizes must be >= 1, with at most one -1")
     known = math.prod(s for s in shape if s != -1)
@@ -36,11 +39,18 @@ def resolve_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
 
 
 def build_mesh(
-    shape: Sequence[int], dcn_shape: Sequence[int] = (1, 1, 1), devices: Sequence[jax.Device] | None = None
+    shape: Sequence[int],
+    dcn_shape: Sequence[int] = (1, 1, 1),
+    devices: Sequence[jax.Device] | None = None,
+    expert: int = 1,
 ) -> jax.sharding.Mesh:
+    """The mesh over AXES: `shape` sizes data, fsdp and tensor, `expert` the expert axis (config.mesh.expert,
+    within a slice: its all-to-alls stay on the fast interconnect)."""
     devices = list(jax.devices() if devices is None else devices)
-    dcn = tuple(int(s) for s in dcn_shape)
-    total = resolve_shape(shape, len(devices))
+    if expert < 1 or len(devices) % expert:
+        raise ValueError(f"config.mesh.expert={expert} must be >= 1 and divide the {len(devices)} devices")
+    dcn = (*(int(s) for s in dcn_shape), 1)
+    total = (*resolve_shape(shape, len(devices) // expert), expert)
     if math.prod(dcn) > 1:
         if any(t % d for t, d in zip(total, dcn, strict=True)):
             raise ValueError(f"config.mesh.dcn_shape={dcn} must divide config.mesh.shape={total}")

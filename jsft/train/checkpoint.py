@@ -1,4 +1,6 @@
 """Orbax checkpoints of the train state, the data iterator's position and the loop's own record.
+(~420 lines: save, restore and the three items' formats belong together; restore's error triage is
+already its own module.)
 
 Each checkpoint is a step directory holding three items:
   state   the TrainState pytree (orbax, sharded; restores onto any mesh)

@@ -1,4 +1,11 @@
-"""The pure train and eval steps: `train_step(state, batch) -> (state, metrics)`."""
+"""The pure train and eval steps: `train_step(state, batch) -> (state, metrics)`.
+
+Mixture-of-Experts models add `router_aux_loss_coef * aux + router_z_loss_coef * z` (jsft/models/moe.py)
+to each micro-batch's loss, weighted by its share of the loss weight (with one micro-batch: exactly
+the batch's loss plus the coefficient times the aux loss, as transformers), and log both terms
+(`train/loss/router_aux`, `train/loss/router_z`, unscaled) and each expert's share of the assignments
+(`train/moe/load/<e>`). Evaluation reports the cross-entropy alone.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ import optax
 from jsft.models.registry import ModelDef
 from jsft.parallel.sharding import constrain
 from jsft.train import qsft, trainable
-from jsft.train.chunked_ce import chunked_nll
+from jsft.train.chunked_ce import _logits, chunked_nll
 from jsft.train.losses import cross_entropy_sums, token_nll, token_weights
 from jsft.train.nonfinite import apply_if_finite
 from jsft.train.objectives import Objective
@@ -45,11 +52,39 @@ def batch_nll(
 ) -> jax.Array:
     """[B, T] float32 NLL of every target of `batch` (masking and weighting are the caller's);
     `rng` turns dropout on (training)."""
+    return _nll_and_router(model, params, batch, implementation, chunk, rng)[0]
+
+
+def _nll_and_router(model, params, batch, implementation, chunk, rng) -> tuple[jax.Array, dict]:
+    """(`batch_nll`, the router losses of a MoE model; {} for a dense one)."""
     args = (params, batch["inputs"], batch["positions"], batch["segment_ids"], rng)
+    softcap = model.config.final_softcap
+    if model.config.n_experts:
+        x_btd, head_dv, router = model.features_and_router(*args)
+        if implementation == "reference":
+            return token_nll(_logits(x_btd, head_dv, softcap)[0], batch["targets"]), router
+        return chunked_nll(x_btd, head_dv, batch["targets"], softcap, chunk), router
     if implementation == "reference":
-        return token_nll(model.apply(*args), batch["targets"])
+        return token_nll(model.apply(*args), batch["targets"]), {}
     x_btd, head_dv = model.features(*args)
-    return chunked_nll(x_btd, head_dv, batch["targets"], model.config.final_softcap, chunk)
+    return chunked_nll(x_btd, head_dv, batch["targets"], softcap, chunk), {}
+
+
+def _router_sums(sums: dict, router: dict, cfg) -> dict:
+    """A MoE micro-batch's sums with the router losses: added to `loss_sum` weighted by the
+    micro-batch's `weight_sum` (so the step's division leaves their weighted mean over micro-batches),
+    and logged the same way (unscaled), with the experts' load fractions."""
+    if not router:
+        return sums
+    w = jax.lax.stop_gradient(sums["weight_sum"])
+    penalty = cfg.router_aux_loss_coef * router["aux"] + cfg.router_z_loss_coef * router["z"]
+    return dict(
+        sums,
+        loss_sum=sums["loss_sum"] + w * penalty,
+        term_router_aux=w * jax.lax.stop_gradient(router["aux"]),
+        term_router_z=w * jax.lax.stop_gradient(router["z"]),
+        moe_load=w * router["load"],
+    )
 
 
 def _per_layer(layers_train: tuple[bool, ...], like: jax.Array) -> jax.Array:
@@ -57,11 +92,22 @@ def _per_layer(layers_train: tuple[bool, ...], like: jax.Array) -> jax.Array:
     return jnp.asarray(layers_train, jnp.float32).reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def _in_layers(tree: dict, layers_train: tuple[bool, ...] | None, fn: Callable) -> dict:
+def _stack_trains(cfg, layers_train: tuple[bool, ...] | None) -> dict[str, tuple[bool, ...]] | None:
+    """Per stack of layers (`layers`; MoE models may add `dense_layers`), whether each entry trains."""
+    if layers_train is None:
+        return None
+    return {name: tuple(layers_train[i] for i in ids) for name, ids, _ in cfg.layer_stacks()}
+
+
+def _in_layers(tree: dict, stacks_train: dict | None, fn: Callable) -> dict:
     """`fn(leaf, per-layer keep)` on the stacked layers' leaves of `tree`; other leaves as they are."""
-    if layers_train is None or "layers" not in tree:
+    if stacks_train is None:
         return tree
-    return {**tree, "layers": jax.tree.map(lambda x: fn(x, _per_layer(layers_train, x)), tree["layers"])}
+    out = dict(tree)
+    for name, train in stacks_train.items():
+        if name in tree:
+            out[name] = jax.tree.map(lambda x, t=train: fn(x, _per_layer(t, x)), tree[name])
+    return out
 
 
 def batch_terms(
@@ -75,14 +121,27 @@ def batch_terms(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """([B, T] per-token loss of `objective`, {term: [B, T]} to log), masking and weighting the
     caller's, as `batch_nll`."""
+    return _terms_and_router(model, params, batch, objective, implementation, chunk, rng)[:2]
+
+
+def _terms_and_router(model, params, batch, objective, implementation, chunk, rng) -> tuple:
+    """(*`batch_terms`, the router losses of a MoE model; {} for a dense one)."""
     args = (params, batch["inputs"], batch["positions"], batch["segment_ids"], rng)
-    if implementation == "reference":
+    softcap = model.config.final_softcap
+    router = {}
+    if model.config.n_experts:
+        x_btd, head_dv, router = model.features_and_router(*args)
+        if implementation == "reference":
+            terms = reference_terms(_logits(x_btd, head_dv, softcap)[0], batch["targets"], objective.terms)
+        else:
+            terms = chunked_terms(x_btd, head_dv, batch["targets"], softcap, chunk, objective.terms)
+    elif implementation == "reference":
         terms = reference_terms(model.apply(*args), batch["targets"], objective.terms)
     else:
         x_btd, head_dv = model.features(*args)
-        softcap = model.config.final_softcap
         terms = chunked_terms(x_btd, head_dv, batch["targets"], softcap, chunk, objective.terms)
-    return objective.combine(terms, batch.get("qsft_target"), model.config.vocab_size)
+    main, logged = objective.combine(terms, batch.get("qsft_target"), model.config.vocab_size)
+    return main, logged, router
 
 
 def objective_sums(
@@ -100,15 +159,16 @@ def objective_sums(
     (each term weighted like the loss) for logging. Plain CE keeps the CE-only kernel."""
     prompt_weight = objective.prompt_weight if objective is not None else 0.0
     if objective is None or objective.is_plain:
-        nll = batch_nll(model, params, micro, implementation, chunk, rng)
-        return cross_entropy_sums(nll, micro, normalization, num_sources, prompt_weight)
-    main, logged = batch_terms(model, params, micro, objective, implementation, chunk, rng)
+        nll, router = _nll_and_router(model, params, micro, implementation, chunk, rng)
+        sums = cross_entropy_sums(nll, micro, normalization, num_sources, prompt_weight)
+        return _router_sums(sums, router, model.config)
+    main, logged, router = _terms_and_router(model, params, micro, objective, implementation, chunk, rng)
     sums = cross_entropy_sums(main, micro, normalization, num_sources, prompt_weight)
     weights = token_weights(
         micro["loss_mask"], micro["segment_ids"], normalization, prompt_weight, micro.get("weight")
     )
     sums.update({f"term_{k}": jax.numpy.sum(jax.lax.stop_gradient(v) * weights) for k, v in logged.items()})
-    return sums
+    return _router_sums(sums, router, model.config)
 
 
 def qsft_targets(model: ModelDef, aux: dict, mb: dict, gamma: float, chunk: int) -> jax.Array:
@@ -121,18 +181,17 @@ def qsft_targets(model: ModelDef, aux: dict, mb: dict, gamma: float, chunk: int)
     return jax.lax.stop_gradient(targets)
 
 
-def _updater(
-    tx: optax.GradientTransformation, grads: dict, layers_train: tuple[bool, ...] | None
-) -> Callable:
+def _updater(tx: optax.GradientTransformation, grads: dict, stacks_train: dict | None) -> Callable:
     """(params, opt_state) -> the optimizer's update of them; frozen layers' slices keep their values."""
 
     def update(params, opt_state):
         updates, opt_state = tx.update(grads, opt_state, params)
         new = optax.apply_updates(params, updates)
-        if layers_train is not None and "layers" in new:
-            new["layers"] = jax.tree.map(
-                lambda n, o: jnp.where(_per_layer(layers_train, n) > 0, n, o), new["layers"], params["layers"]
-            )
+        for name, train in (stacks_train or {}).items():
+            if name in new:
+                new[name] = jax.tree.map(
+                    lambda n, o, t=train: jnp.where(_per_layer(t, n) > 0, n, o), new[name], params[name]
+                )
         return new, opt_state
 
     return update
@@ -151,6 +210,8 @@ def _step_metrics(
     }
     metrics.update({k: v for k, v in sums.items() if k.endswith("_by_source")})
     metrics.update({f"loss/{k[len('term_') :]}": v / denom for k, v in sums.items() if k.startswith("term_")})
+    if "moe_load" in sums:  # [E]: each expert's share of the routed assignments
+        metrics["moe/load"] = sums["moe_load"] / denom
     return metrics
 
 
@@ -218,12 +279,12 @@ def make_train_step(
         # Gradients stay float32 into the optimizer (float32 moments, also for bfloat16 parameters);
         # optax.apply_updates casts each update to its parameter's dtype.
         grads = jax.tree.map(lambda g: g / denom, grads)
-        grads = _in_layers(grads, layers_train, lambda g, keep: g * keep.astype(g.dtype))
+        grads = _in_layers(grads, _stack_trains(cfg, layers_train), lambda g, keep: g * keep.astype(g.dtype))
         grad_norm = optax.tree.norm(grads)
         # A NaN/inf loss or gradient is never applied: the step counts, the state stays as it was.
         finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
 
-        update = _updater(tx, grads, layers_train)
+        update = _updater(tx, grads, _stack_trains(cfg, layers_train))
         train_params, opt_state = apply_if_finite(finite, update, train_params, state.opt_state)
         params = trainable.merge(train_params, frozen_params)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

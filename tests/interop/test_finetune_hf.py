@@ -90,3 +90,60 @@ def test_finetune_an_imported_model_export_and_load_in_transformers(tiny_data_di
     assert tuned.config.max_position_embeddings == 128
     eos = tuned.generation_config.eos_token_id
     assert tok.convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])
+
+
+@pytest.mark.slow
+def test_finetune_an_imported_qwen3_moe_logs_router_terms_and_exports_as_qwen3_moe(tmp_path):
+    model_dir = tmp_path / "moe_tiny"
+    model_dir.mkdir()
+    save_chatml_bpe_tokenizer(model_dir)
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mlp_only_layers=[0],
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+    )
+    transformers.Qwen3MoeForCausalLM(config).save_pretrained(str(model_dir), safe_serialization=True)
+    write_jsonl(tmp_path / "train.jsonl", make_records(100, 5))
+    write_jsonl(tmp_path / "val.jsonl", make_records(8, 6))
+    wd, out = tmp_path / "wd", tmp_path / "exported"
+    base = [
+        sys.executable,
+        "-m",
+        "jsft.main",
+        f"--config={REPO}/tests/tiny_config.py:{tmp_path}",
+        f"--workdir={wd}",
+        f"--config.model.hf_path={model_dir}",
+        "--config.data.template=hf",
+        "--config.data.seq_len=64",
+        "--config.train.steps=4",
+        "--config.train.log_every_steps=2",
+    ]
+    r = zygote.run(base, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    logged = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
+    last = logged[-1]
+    assert last["train/loss/router_aux"] > 0.5 and last["train/loss/router_z"] > 0
+    loads = [last[f"train/moe/load/{e}"] for e in range(4)]
+    assert abs(sum(loads) - 1.0) < 1e-5
+    r = zygote.run(
+        base + ["--mode=export", f"--export_dir={out}", "--export_dtype=float32"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert tuned.config.model_type == "qwen3_moe" and tuned.config.mlp_only_layers == [0]
+    with torch.no_grad():
+        assert np.isfinite(tuned(torch.tensor([[1, 2, 3]])).logits.numpy()).all()

@@ -248,3 +248,62 @@ def test_a_nonfinite_step_is_never_applied(model):
     again, m = step(after, good)
     assert not bool(m["nonfinite"])
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(again.params))
+
+
+def _moe_model(**kw):
+    base = dict(n_layers=3, n_experts=4, experts_per_token=2, moe_mlp_dim=32, dense_layers=(1,))
+    return ModelDef.create(LlamaConfig.tiny(vocab_size=VOCAB, **{**base, **kw}))
+
+
+@pytest.mark.slow
+def test_a_moe_step_adds_the_router_losses_to_the_loss_and_its_gradient_and_logs_them():
+    model = _moe_model(n_layers=2, dense_layers=(), router_aux_loss_coef=0.5, router_z_loss_coef=0.01)
+    params = model.init(jax.random.key(0))
+    batch = packing.pack(_examples(6), 32)  # packed rows with padding at their ends
+    args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+
+    def parts(params):  # (CE over the targets, the coefficients times moe.router_losses), separately
+        x, head, router = model.features_and_router(params, *args)
+        nll = losses.token_nll(jnp.einsum("BTD,DV->BTV", x, head), batch["targets"])
+        s = losses.cross_entropy_sums(nll, batch)
+        return s["loss_sum"] / s["weight_sum"], 0.5 * router["aux"] + 0.01 * router["z"], router
+
+    @jax.jit
+    def reference(params):
+        ce_grads = jax.grad(lambda p: parts(p)[0])(params)
+        penalty_grads = jax.grad(lambda p: parts(p)[1])(params)
+        return parts(params), ce_grads, penalty_grads
+
+    (ce, penalty, router), ce_grads, penalty_grads = reference(params)
+    tx = optax.sgd(1.0)  # new params = params - gradient
+    state, m = jax.jit(make_train_step(model, tx, optax.constant_schedule(1.0)))(_state(model, tx), batch)
+    np.testing.assert_allclose(m["loss"], ce + penalty, rtol=1e-5)
+    np.testing.assert_allclose(m["loss/router_aux"], router["aux"], rtol=1e-5)
+    np.testing.assert_allclose(m["loss/router_z"], router["z"], rtol=1e-5)
+    np.testing.assert_allclose(m["moe/load"], router["load"], rtol=1e-5)
+    assert float(router["aux"]) > 0.5 and float(router["z"]) > 0
+    step_grads = jax.tree.map(lambda p, n: p - n, params, state.params)
+    expected = jax.tree.map(lambda a, b: a + b, ce_grads, penalty_grads)
+    jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=2e-4, atol=1e-6), step_grads, expected)
+    assert np.abs(penalty_grads["layers"]["moe"]["router"]).max() > 1e-3  # the router losses' share is real
+    # Evaluation reports the cross-entropy alone.
+    ev = jax.jit(make_eval_step(model))(params, batch)
+    np.testing.assert_allclose(ev["loss_sum"] / ev["weight_sum"], ce, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_frozen_layers_of_a_mixed_moe_model_stay_frozen_in_both_stacks():
+    model = _moe_model()  # layers 0 and 2 in `layers`, layer 1 in `dense_layers`
+    tx = optax.adam(1e-2)
+    batch = packing.pack(_examples(4), 32)
+    step = jax.jit(
+        make_train_step(model, tx, optax.constant_schedule(1e-2), layers_train=(False, False, True))
+    )
+    state = _state(model, tx)
+    after, _ = step(state, batch)
+    for stack, frozen in (("layers", [True, False]), ("dense_layers", [True])):
+        for before, now in zip(
+            jax.tree.leaves(state.params[stack]), jax.tree.leaves(after.params[stack]), strict=True
+        ):
+            for j, is_frozen in enumerate(frozen):
+                assert np.array_equal(before[j], now[j]) == is_frozen, (stack, j)
