@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Iterable
+from typing import Any
 
 import datasets
 import numpy as np
 
-from jsft.data import packing, sources
+from jsft.data import formats, packing, sources
 
 ON_BAD_RECORD = ("error", "skip")
 
@@ -121,6 +123,35 @@ def all_bad_error(name: str, path: str, bad: list[tuple[str, object]], count: in
         + "\nFix them (config.data.on_bad_record='skip' cannot help when every record is bad), or "
         f"check config.data.sources.{name}.format and .fields."
     )
+
+
+def first_good_format(
+    spec: sources.SourceSpec, fmt: str, rows: Iterable[tuple[str, Any, object]]
+) -> tuple[str | None, list[tuple[str, object]], int]:
+    """Walk a source's (where, record, why-bad) rows up to the first record that parses in `fmt`
+    (detected from the first readable record when "auto"): (that format, [], rows read), or, when no
+    record is good, (None, the first 10 bad rows' (where, why), rows read)."""
+    key = f"config.data.sources.{spec.name}"
+    bad, count = [], 0
+    for where, record, why in rows:
+        count += 1
+        if why is None and fmt == "auto":
+            try:
+                fmt = formats.detect_format(list(record), spec.fields)
+            except formats.BadRecord as e:
+                raise sources.DataError(
+                    f"source {spec.name!r} ({where}): {e}; name the format with {key}.format and the "
+                    f"columns it reads with {key}.fields"
+                ) from e
+        if why is None:
+            try:
+                formats.check_record(record, fmt, spec.fields)
+                return fmt, [], count
+            except formats.BadRecord as e:
+                why = e
+        if len(bad) < 10:
+            bad.append((where, why))
+    return None, bad, count
 
 
 def no_examples_error(src: TokenizedSource, path: str, seq_len: int, overlong: str) -> sources.DataError:

@@ -16,7 +16,7 @@ import datasets
 import ml_collections
 
 from jsft.data import formats, sources
-from jsft.data.examples import all_bad_error
+from jsft.data.examples import all_bad_error, first_good_format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,25 +73,10 @@ def _check_format(spec: sources.SourceSpec, fmt: str, table: datasets.Dataset, p
                 f"table has {columns}; name the columns to read with {key}.fields (e.g. "
                 f"{{{formats.FORMAT_FIELDS[fmt][0]!r}: <column>}}) or set {key}.format"
             )
-    bad = []
-    for where, record, why in _rows(table, path):
-        if why is None and fmt == "auto":
-            try:
-                fmt = formats.detect_format(list(record), spec.fields)
-            except formats.BadRecord as e:
-                raise sources.DataError(
-                    f"source {spec.name!r} ({where}): {e}; name the format with {key}.format and the "
-                    f"columns it reads with {key}.fields"
-                ) from e
-        if why is None:
-            try:
-                formats.check_record(record, fmt, spec.fields)
-                return fmt
-            except formats.BadRecord as e:
-                why = e
-        if len(bad) < 10:
-            bad.append((where, why))
-    raise all_bad_error(spec.name, path, bad, len(table))
+    found, bad, _ = first_good_format(spec, fmt, _rows(table, path))
+    if found is None:
+        raise all_bad_error(spec.name, path, bad, len(table))
+    return found
 
 
 def conversations(

@@ -23,7 +23,7 @@ import grain
 import numpy as np
 
 from jsft.data import formats, mixture, packing, shards, sources, tokenizing
-from jsft.data.examples import all_bad_error
+from jsft.data.examples import all_bad_error, first_good_format
 
 CHUNKS_AHEAD = 1 << 40  # the chunk range grain walks: endless in practice
 
@@ -265,25 +265,9 @@ def check_format(spec: sources.SourceSpec, planned: list[shards.Shard], reader: 
                 f"source {spec.name!r} ({spec.path}): format {fmt!r} needs the column(s) {missing}, but the "
                 f"table has {columns}; name the columns to read with {key}.fields or set {key}.format"
             )
-    bad, count = [], 0
-    for where, record, why in records(planned, reader):
-        count += 1
-        if why is None and fmt == "auto":
-            try:
-                fmt = formats.detect_format(list(record), spec.fields)
-            except formats.BadRecord as e:
-                raise sources.DataError(
-                    f"source {spec.name!r} ({where}): {e}; name the format with {key}.format and the "
-                    f"columns it reads with {key}.fields"
-                ) from e
-        if why is None:
-            try:
-                formats.check_record(record, fmt, spec.fields)
-                return fmt
-            except formats.BadRecord as e:
-                why = e
-        if len(bad) < 10:
-            bad.append((where, why))
+    found, bad, count = first_good_format(spec, fmt, records(planned, reader))
+    if found is not None:
+        return found
     if not count:
         raise sources.DataError(
             f"{spec.path}: the file holds no records; add records to it or point the source elsewhere"
