@@ -16,6 +16,25 @@ from tests.conftest import make_records, save_chatml_bpe_tokenizer, write_jsonl 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _main(tmp_path, model_dir, *extra):
+    """`jsft.main` on tests/tiny_config.py over tmp_path's data, with the HF model and its template;
+    asserts it succeeded. The workdir is tmp_path / "wd"."""
+    args = [
+        sys.executable,
+        "-m",
+        "jsft.main",
+        f"--config={REPO}/tests/tiny_config.py:{tmp_path}",
+        f"--workdir={tmp_path / 'wd'}",
+        f"--config.model.hf_path={model_dir}",
+        "--config.data.template=hf",
+        "--config.data.seq_len=64",
+        *extra,
+    ]
+    r = zygote.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
 def _hf_model_dir(d):
     save_chatml_bpe_tokenizer(d)
     torch.manual_seed(0)
@@ -39,34 +58,15 @@ def test_finetune_an_imported_model_export_and_load_in_transformers(tiny_data_di
     write_jsonl(tmp_path / "train.jsonl", make_records(200, 5))
     write_jsonl(tmp_path / "val.jsonl", make_records(8, 6))
     wd, out = tmp_path / "wd", tmp_path / "exported"
-    base = [
-        sys.executable,
-        "-m",
-        "jsft.main",
-        f"--config={REPO}/tests/tiny_config.py:{tmp_path}",
-        f"--workdir={wd}",
-        f"--config.model.hf_path={model_dir}",
-        "--config.data.template=hf",
-        "--config.data.seq_len=64",
-        "--config.train.steps=8",
-        "--config.optim.lr=0.003",
-    ]
-    r = zygote.run(base, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    train = ["--config.train.steps=8", "--config.optim.lr=0.003"]
+    _main(tmp_path, model_dir, *train)
     losses = [
         json.loads(x)["train/loss"]
         for x in (wd / "metrics.jsonl").read_text().splitlines()
         if "train/loss" in x
     ]
     assert losses[-1] < losses[0]
-    r = zygote.run(
-        base + ["--mode=export", f"--export_dir={out}", "--export_dtype=float32"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    _main(tmp_path, model_dir, *train, "--mode=export", f"--export_dir={out}", "--export_dtype=float32")
     assert {
         "config.json",
         "generation_config.json",
@@ -116,33 +116,14 @@ def test_finetune_an_imported_qwen3_moe_logs_router_terms_and_exports_as_qwen3_m
     write_jsonl(tmp_path / "train.jsonl", make_records(100, 5))
     write_jsonl(tmp_path / "val.jsonl", make_records(8, 6))
     wd, out = tmp_path / "wd", tmp_path / "exported"
-    base = [
-        sys.executable,
-        "-m",
-        "jsft.main",
-        f"--config={REPO}/tests/tiny_config.py:{tmp_path}",
-        f"--workdir={wd}",
-        f"--config.model.hf_path={model_dir}",
-        "--config.data.template=hf",
-        "--config.data.seq_len=64",
-        "--config.train.steps=4",
-        "--config.train.log_every_steps=2",
-    ]
-    r = zygote.run(base, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    train = ["--config.train.steps=4", "--config.train.log_every_steps=2"]
+    _main(tmp_path, model_dir, *train)
     logged = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
     last = logged[-1]
     assert last["train/loss/router_aux"] > 0.5 and last["train/loss/router_z"] > 0
     loads = [last[f"train/moe/load/{e}"] for e in range(4)]
     assert abs(sum(loads) - 1.0) < 1e-5
-    r = zygote.run(
-        base + ["--mode=export", f"--export_dir={out}", "--export_dtype=float32"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    _main(tmp_path, model_dir, *train, "--mode=export", f"--export_dir={out}", "--export_dtype=float32")
     tuned = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     assert tuned.config.model_type == "qwen3_moe" and tuned.config.mlp_only_layers == [0]
     with torch.no_grad():
