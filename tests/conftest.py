@@ -47,6 +47,17 @@ def write_jsonl(path, records) -> str:
     return str(path)
 
 
+def packed_row(*examples, pad: int = 0):
+    """(tokens [1, T], segment ids, positions) of one row packing `examples` (token arrays) one after
+    another, then `pad` padding tokens (segment 0, position 0)."""
+    import numpy as np  # noqa: PLC0415
+
+    tokens = np.concatenate([*examples, np.zeros(pad, np.int64)])[None]
+    segs = np.array([[i + 1 for i, e in enumerate(examples) for _ in e] + [0] * pad])
+    pos = np.array([[p for e in examples for p in range(len(e))] + [0] * pad])
+    return tokens, segs, pos
+
+
 def make_records(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     out = []

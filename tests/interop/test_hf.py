@@ -18,6 +18,7 @@ from jsft.interop import hf  # noqa: E402
 from jsft.models import attention  # noqa: E402
 from jsft.models.registry import ModelDef  # noqa: E402
 from tests import zygote  # noqa: E402
+from tests.conftest import packed_row  # noqa: E402
 from tests.data.test_templates import hf_dir  # noqa: E402, F401  (the fixture)
 
 jax.config.update("jax_default_matmul_precision", "float32")
@@ -140,9 +141,7 @@ def test_a_packed_row_matches_each_example_alone(family):
     _, _, model, cfg, params = family
     rng = np.random.default_rng(1)
     a, b = rng.integers(0, 96, 11), rng.integers(0, 96, 7)
-    row = np.concatenate([a, b, np.zeros(2, np.int64)])[None]
-    segs = np.array([[1] * 11 + [2] * 7 + [0] * 2])
-    pos = np.array([list(range(11)) + list(range(7)) + [0, 0]])
+    row, segs, pos = packed_row(a, b, pad=2)
     packed = np.asarray(ModelDef.create(cfg).apply(params, row, pos, segs))[0]
     assert np.abs(packed[:11] - _hf_logits(model, a[None])[0]).max() < 1e-4
     assert np.abs(packed[11:18] - _hf_logits(model, b[None])[0]).max() < 1e-4

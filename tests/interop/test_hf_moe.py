@@ -14,6 +14,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss
 
 from jsft.interop import hf  # noqa: E402
 from jsft.models.registry import ModelDef  # noqa: E402
+from tests.conftest import packed_row  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "float32")
 
@@ -144,9 +145,7 @@ def test_a_packed_row_matches_each_example_alone_in_logits_and_aux_loss(family):
     _, _, model, cfg, params = family
     rng = np.random.default_rng(1)
     a, b = rng.integers(0, VOCAB, 11), rng.integers(0, VOCAB, 7)
-    row = np.concatenate([a, b, np.zeros(2, np.int64)])[None]
-    segs = np.array([[1] * 11 + [2] * 7 + [0] * 2])
-    pos = np.array([list(range(11)) + list(range(7)) + [0, 0]])
+    row, segs, pos = packed_row(a, b, pad=2)
     model_def = ModelDef.create(cfg)
     packed = np.asarray(jax.jit(model_def.apply)(params, row, pos, segs))[0]
     out_a, out_b = _hf(model, a[None]), _hf(model, b[None])

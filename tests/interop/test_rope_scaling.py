@@ -18,6 +18,7 @@ from jsft.interop import hf  # noqa: E402
 from jsft.models.llama import LlamaConfig  # noqa: E402
 from jsft.models.registry import ModelDef  # noqa: E402
 from jsft.models.rope import rope_frequencies  # noqa: E402
+from tests.conftest import packed_row  # noqa: E402
 from tests.interop.test_hf import COMMON as HF_COMMON  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "float32")
@@ -92,9 +93,7 @@ def test_a_packed_row_gives_each_example_what_it_gets_alone(case):
     _, _, model, cfg, params = case
     rng = np.random.default_rng(1)
     a, b = rng.integers(0, 96, 40), rng.integers(0, 96, 12)
-    row = np.concatenate([a, b, np.zeros(4, np.int64)])[None]
-    segs = np.array([[1] * 40 + [2] * 12 + [0] * 4])
-    pos = np.array([list(range(40)) + list(range(12)) + [0] * 4])
+    row, segs, pos = packed_row(a, b, pad=4)
     packed = np.asarray(ModelDef.create(cfg).apply(params, row, pos, segs))[0]
     err_a = np.abs(packed[:40] - _hf_logits(model, a[None])[0]).max()
     err_b = np.abs(packed[40:52] - _hf_logits(model, b[None])[0]).max()
