@@ -125,6 +125,25 @@ def all_bad_error(name: str, path: str, bad: list[tuple[str, object]], count: in
     )
 
 
+def check_format_and_columns(
+    spec: sources.SourceSpec, fmt: str, columns: list[str] | None, path: str
+) -> None:
+    """DataError unless `fmt` is "auto" or a known format whose fields are among a table's named
+    `columns` (None: the records are not a table of named columns, so each record is checked alone)."""
+    key = f"config.data.sources.{spec.name}"
+    if fmt != "auto" and fmt not in formats.FORMATS:
+        raise sources.DataError(f"{key}.format={fmt!r} is not one of {('auto',) + formats.FORMATS}")
+    if fmt == "auto" or columns is None:
+        return
+    missing = [c for c in (spec.fields.get(n, n) for n in formats.FORMAT_FIELDS[fmt]) if c not in columns]
+    if missing:
+        raise sources.DataError(
+            f"source {spec.name!r} ({path}): format {fmt!r} needs the column(s) {missing}, but the "
+            f"table has {columns}; name the columns to read with {key}.fields (e.g. "
+            f"{{{formats.FORMAT_FIELDS[fmt][0]!r}: <column>}}) or set {key}.format"
+        )
+
+
 def first_good_format(
     spec: sources.SourceSpec, fmt: str, rows: Iterable[tuple[str, Any, object]]
 ) -> tuple[str | None, list[tuple[str, object]], int]:

@@ -16,7 +16,7 @@ import datasets
 import ml_collections
 
 from jsft.data import formats, sources
-from jsft.data.examples import all_bad_error, first_good_format
+from jsft.data.examples import all_bad_error, check_format_and_columns, first_good_format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,19 +60,9 @@ def _check_format(spec: sources.SourceSpec, fmt: str, table: datasets.Dataset, p
     """The source's format (detected from its first readable record when "auto"), once a record
     parses in it: a source of only bad records fails here, before a tokenizer is trained on nothing.
     Reads up to the first good record (all of them only when none is good)."""
-    key = f"config.data.sources.{spec.name}"
-    if fmt != "auto" and fmt not in formats.FORMATS:
-        raise sources.DataError(f"{key}.format={fmt!r} is not one of {('auto',) + formats.FORMATS}")
-    columns = [c for c in table.column_names if c != sources.ROW_COLUMN]
-    if fmt != "auto" and sources.ROW_COLUMN in table.column_names:  # a table with named columns
-        missing = [spec.fields.get(n, n) for n in formats.FORMAT_FIELDS[fmt]]
-        missing = [c for c in missing if c not in columns]
-        if missing:
-            raise sources.DataError(
-                f"source {spec.name!r} ({path}): format {fmt!r} needs the column(s) {missing}, but the "
-                f"table has {columns}; name the columns to read with {key}.fields (e.g. "
-                f"{{{formats.FORMAT_FIELDS[fmt][0]!r}: <column>}}) or set {key}.format"
-            )
+    named = sources.ROW_COLUMN in table.column_names  # a table with named columns
+    columns = [c for c in table.column_names if c != sources.ROW_COLUMN] if named else None
+    check_format_and_columns(spec, fmt, columns, path)
     found, bad, _ = first_good_format(spec, fmt, _rows(table, path))
     if found is None:
         raise all_bad_error(spec.name, path, bad, len(table))

@@ -23,7 +23,7 @@ import grain
 import numpy as np
 
 from jsft.data import formats, mixture, packing, shards, sources, tokenizing
-from jsft.data.examples import all_bad_error, first_good_format
+from jsft.data.examples import all_bad_error, check_format_and_columns, first_good_format
 
 CHUNKS_AHEAD = 1 << 40  # the chunk range grain walks: endless in practice
 
@@ -251,20 +251,12 @@ def records(
 def check_format(spec: sources.SourceSpec, planned: list[shards.Shard], reader: shards.Reader) -> str:
     """The source's format (detected from its first readable record when "auto"), once a record parses
     in it; reads the file from its start up to that record (all of it only when none is good)."""
-    key = f"config.data.sources.{spec.name}"
-    fmt = spec.format
-    if fmt != "auto" and fmt not in formats.FORMATS:
-        raise sources.DataError(f"{key}.format={fmt!r} is not one of {('auto',) + formats.FORMATS}")
-    if fmt != "auto" and planned[0].kind == "parquet":  # named columns: checked before any row is read
+    fmt, columns = spec.format, None
+    if fmt in formats.FORMATS and planned[0].kind == "parquet":  # named columns: checked before any row
         import pyarrow.parquet as pq  # noqa: PLC0415
 
         columns = pq.ParquetFile(spec.path).schema_arrow.names
-        missing = [c for c in (spec.fields.get(n, n) for n in formats.FORMAT_FIELDS[fmt]) if c not in columns]
-        if missing:
-            raise sources.DataError(
-                f"source {spec.name!r} ({spec.path}): format {fmt!r} needs the column(s) {missing}, but the "
-                f"table has {columns}; name the columns to read with {key}.fields or set {key}.format"
-            )
+    check_format_and_columns(spec, fmt, columns, spec.path)
     found, bad, count = first_good_format(spec, fmt, records(planned, reader))
     if found is not None:
         return found
